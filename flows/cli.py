@@ -1,0 +1,98 @@
+"""The `emoprune` command line: run a stage or the whole pipeline, check params, open the MLflow UI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Evolutionary multi-objective channel pruning (EMO-DIR) as a DVC + Prefect + MLflow pipeline.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+
+
+class Stage(str, Enum):
+    prepare = "prepare"
+    pretrain = "pretrain"
+    prune = "prune"
+    finetune = "finetune"
+    export = "export"
+    report = "report"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pruning.channels import UnsupportedLayerError
+    from tasks.checkpoints import CheckpointError
+    from tasks.config import ConfigError
+    from tasks.datasets import DataError
+
+    return (ConfigError, DataError, CheckpointError, UnsupportedLayerError)
+
+
+def _load(params: Path):
+    from tasks.config import ConfigError, load_params
+
+    try:
+        return load_params(params)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command()
+def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
+    """Validate a params file and print the resolved settings."""
+    p = _load(params)
+    Console().print_json(p.model_dump_json())
+
+
+@app.command()
+def stage(name: Stage = typer.Argument(..., help="stage to run"),
+          params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+    """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
+    _load(params)  # bad params fail here, before Prefect or any heavy work starts
+    from flows.stages import stage_flow
+
+    try:
+        stage_flow(name.value, str(params))
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+@app.command()
+def run(force: bool = typer.Option(False, help="rerun every stage even if DVC finds it up to date"),
+        project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml")) -> None:
+    """Bring the whole pipeline up to date: `dvc repro` stage by stage inside one Prefect flow and one MLflow parent run."""
+    _load(project / "params.yaml")
+    from flows.stages import pipeline_flow
+
+    try:
+        result = pipeline_flow(str(project), force)
+    except _user_errors() as e:
+        _fail(str(e))
+    except RuntimeError as e:
+        _fail(str(e), code=1)
+    Console().print("up to date: no stage ran" if result["up_to_date"] else f"stages run: {', '.join(result['ran']) or 'none'}")
+
+
+@app.command()
+def ui(port: int = typer.Option(5000, help="port for the MLflow UI"),
+       params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store")) -> None:
+    """Open the MLflow UI on the project's tracking store."""
+    p = _load(params)
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", p.tracking.uri, "--port", str(port)], check=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Channel groups from Torch-Pruning's dependency graph, and the two ways to remove channels: masking and physical pruning."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+__all__ = [
+    "ChannelGroup",
+    "KeepScheme",
+    "channel_groups",
+    "classifier_layer",
+    "count_flops_params",
+    "group_importance",
+    "keep_by_importance",
+    "mask_channels",
+    "prune_channels",
+    "pruned_copy",
+]
+
+# group name (module path of the group's root layer) -> sorted indices of the output channels kept
+KeepScheme = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Layers whose output channels must be pruned together (residual additions and depthwise convs couple them).
+
+    `name` is the module path of the group's root layer, `channels` its number of output channels and
+    `layers` every module path the group touches.
+    """
+
+    name: str
+    channels: int
+    layers: tuple[str, ...]
+
+
+class UnsupportedLayerError(ValueError):
+    """A model holds a layer the channel-dependency graph cannot prune through."""
+
+
+def classifier_layer(model: nn.Module) -> nn.Module:
+    """The last Linear layer, taken as the classifier: its outputs are the classes and never pruned."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UnsupportedLayerError("the model has no nn.Linear classifier; pass the output layer explicitly")
+    return linears[-1]
+
+
+def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    was_training = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        model.train(was_training)
+
+
+def _out_fn(module: nn.Module):
+    if isinstance(module, nn.Linear):
+        return tp.prune_linear_out_channels
+    if _is_depthwise(module):
+        return tp.prune_depthwise_conv_out_channels
+    return tp.prune_conv_out_channels
+
+
+def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
+    ignored = list(ignored) if ignored is not None else [classifier_layer(model)]
+    dg = _dependency_graph(model, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    order = {m: i for i, m in enumerate(names)}
+    name_order = {n: i for i, n in enumerate(names.values())}
+    out = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        producers = [
+            d.target.module
+            for d, _ in group
+            if d.target.module in names and dg.is_out_channel_pruning_fn(d.handler)
+            and isinstance(d.target.module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(d.target.module)
+        ]
+        if not producers:  # e.g. a depthwise conv's own group: it follows its producer's group
+            continue
+        # Named after its first producing layer in definition order, so names read like the model.
+        first = min(producers, key=order.__getitem__)
+        layers = tuple(sorted({names[d.target.module] for d, _ in group if d.target.module in names}, key=name_order.__getitem__))
+        out.append((ChannelGroup(names[first], len(group[0].idxs), layers), group))
+    out.sort(key=lambda item: name_order[item[0].name])
+    return dg, out
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def channel_groups(
+    model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None
+) -> list[ChannelGroup]:
+    """The prunable channel groups of `model`, in the dependency graph's (deterministic) order.
+
+    >>> groups = channel_groups(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32))
+    >>> groups[0].name, groups[0].channels
+    ('conv1', 16)
+    """
+    return [g for g, _ in _groups(model, example_input, ignored)[1]]
+
+
+def group_importance(
+    model: nn.Module, example_input: torch.Tensor, p: int = 1, ignored: Sequence[nn.Module] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-channel Lp group magnitude of every channel group (Torch-Pruning's GroupMagnitudeImportance)."""
+    imp = tp.importance.GroupMagnitudeImportance(p=p)
+    return {g.name: imp(group).detach().cpu() for g, group in _groups(model, example_input, ignored)[1]}
+
+
+def keep_by_importance(importance: Mapping[str, torch.Tensor], keep_counts: Mapping[str, int]) -> KeepScheme:
+    """Keep the `keep_counts[name]` most important channels of each group (ties broken by index)."""
+    scheme: KeepScheme = {}
+    for name, scores in importance.items():
+        n = len(scores)
+        k = int(keep_counts.get(name, n))
+        if not 1 <= k <= n:
+            raise ValueError(f"group {name!r}: cannot keep {k} of {n} channels (allowed: 1..{n})")
+        order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+        scheme[name] = sorted(order[:k])
+    return scheme
+
+
+def _check_scheme(groups: Mapping[str, ChannelGroup], scheme: Mapping[str, Sequence[int]]) -> None:
+    for name, kept in scheme.items():
+        if name not in groups:
+            raise ValueError(f"scheme names group {name!r}, which the model does not have; groups: {', '.join(groups)}")
+        n = groups[name].channels
+        if not kept or min(kept) < 0 or max(kept) >= n or len(set(kept)) != len(kept):
+            raise ValueError(f"group {name!r}: kept channels must be 1..{n} distinct indices in [0, {n}), got {list(kept)[:8]}...")
+
+
+def prune_channels(
+    model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]], ignored: Sequence[nn.Module] | None = None
+) -> nn.Module:
+    """Physically remove every channel not in `scheme` from `model` (in place) and return it.
+
+    >>> m = build_model("resnet20", 10); x = torch.zeros(1, 3, 32, 32)
+    >>> prune_channels(m, x, {"conv1": list(range(8))}).conv1.out_channels
+    8
+    """
+    dg, groups = _groups(model, example_input, ignored)
+    by_name = {g.name: (g, group) for g, group in groups}
+    _check_scheme({n: g for n, (g, _) in by_name.items()}, scheme)
+    modules = dict(model.named_modules())
+    for name, kept in scheme.items():
+        n = by_name[name][0].channels
+        drop = sorted(set(range(n)) - set(kept))
+        if drop:
+            root = modules[name]
+            dg.get_pruning_group(root, _out_fn(root), drop).prune()
+    return model
+
+
+def pruned_copy(model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]]) -> nn.Module:
+    """A physically pruned deep copy; `model` is left untouched."""
+    return prune_channels(copy.deepcopy(model), example_input, scheme)
+
+
+def mask_channels(
+    model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]], ignored: Sequence[nn.Module] | None = None
+) -> nn.Module:
+    """Zero (in place) every parameter that produces a channel not in `scheme`: the same function as
+    the physically pruned model with unchanged tensor shapes, which is what a search evaluates cheaply."""
+    dg, groups = _groups(model, example_input, ignored)
+    by_name = {g.name: (g, group) for g, group in groups}
+    _check_scheme({n: g for n, (g, _) in by_name.items()}, scheme)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, kept in scheme.items():
+            n = by_name[name][0].channels
+            drop = sorted(set(range(n)) - set(kept))
+            if not drop:
+                continue
+            root = modules[name]
+            for dep, idxs in dg.get_pruning_group(root, _out_fn(root), drop):
+                if not dg.is_out_channel_pruning_fn(dep.handler):
+                    continue
+                layer = dep.target.module
+                idx = torch.as_tensor(list(idxs), dtype=torch.long)
+                for p in (getattr(layer, "weight", None), getattr(layer, "bias", None)):
+                    if isinstance(p, torch.Tensor) and p.dim() > 0:
+                        p.index_fill_(0, idx, 0.0)
+    return model
+
+
+def count_flops_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """(FLOPs, parameters) for one example, counted by Torch-Pruning's op counter: one counter everywhere.
+
+    FLOPs here are multiply-accumulates, as the CIFAR pruning papers report them.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            flops, params = tp.utils.count_ops_and_params(model, example_input[:1])
+    finally:
+        model.train(was_training)
+    return int(flops), int(params)

@@ -1,0 +1,71 @@
+"""ONNX export of a (pruned) model and its verification: checker, onnxruntime agreement with PyTorch, latency."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+__all__ = ["compare_with_torch", "export_onnx", "latency_ms", "session"]
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = 18) -> None:
+    """Export with torch's dynamo exporter, batch dimension dynamic, then run onnx.checker on the file."""
+    model = model.eval().cpu()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    x = example_input.expand(2, *example_input.shape[1:]).contiguous()  # batch 2: a size-1 dim would be specialised
+    torch.onnx.export(
+        model, (x,), str(path), input_names=["input"], output_names=["logits"],
+        dynamic_shapes={next(iter(_forward_arg_names(model))): {0: batch}},
+        opset_version=opset, dynamo=True, external_data=False, verbose=False,
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _forward_arg_names(model: nn.Module) -> list[str]:
+    import inspect
+
+    return [n for n in inspect.signature(model.forward).parameters if n != "self"]
+
+
+def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def compare_with_torch(model: nn.Module, sess: ort.InferenceSession, loader: Iterable) -> dict[str, float]:
+    """Max absolute logit difference and top-1 agreement of onnxruntime vs PyTorch (CPU) over `loader`."""
+    model = model.eval().cpu()
+    name = sess.get_inputs()[0].name
+    max_diff, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        for x, _ in loader:
+            ref = model(x).numpy()
+            out = sess.run(None, {name: x.numpy()})[0]
+            max_diff = max(max_diff, float(np.abs(out - ref).max()))
+            agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            total += len(x)
+    return {"max_abs_diff": max_diff, "top1_agreement": agree / total, "images": total}
+
+
+def latency_ms(sess: ort.InferenceSession, example_input: torch.Tensor, batch_size: int, repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall time (ms) of one onnxruntime call on a batch of `batch_size`."""
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch_size, *example_input.shape[1:]), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)

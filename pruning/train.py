@@ -1,0 +1,134 @@
+"""Training and evaluation loops shared by pretraining and finetuning: SGD with a cosine schedule, optional distillation."""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from pruning.distill import Distiller
+
+__all__ = ["TrainConfig", "evaluate", "fit", "predict", "resolve_device", "seed_everything"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cpu`, `cuda` and `cuda:N` are taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), disable=not enabled, transient=False,
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of `model` over `loader`, on the CPU."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy in [0, 1] and mean cross-entropy."""
+    logits, labels = predict(model, loader, device)
+    return {"acc": (logits.argmax(1) == labels).float().mean().item(), "loss": F.cross_entropy(logits, labels).item()}
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    loss_fn: Distiller | None = None,
+    teacher: nn.Module | None = None,
+    val_loader: Iterable | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> list[dict[str, float]]:
+    """Train `model` in place for `config.epochs` epochs; returns the per-epoch metrics.
+
+    With `teacher`, its logits on each batch go to `loss_fn` (a Distiller); the teacher stays frozen.
+    The model with the best validation accuracy is NOT substituted: the last epoch's model is the result,
+    so the test split never influences it and the val split stays honest for later stages.
+    """
+    loss_fn = (loss_fn or Distiller()).to(device)
+    model.to(device)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + [p for p in loss_fn.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
+    steps = max(1, config.epochs * len(train_loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    history: list[dict[str, float]] = []
+    with _progress(progress) as bar:
+        task = bar.add_task(description, total=config.epochs, status="")
+        for epoch in range(config.epochs):
+            model.train()
+            total, correct, loss_sum = 0, 0, 0.0
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                out = model(x)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                loss = loss_fn(out, t_out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.item() * len(y)
+                correct += (out.argmax(1) == y).sum().item()
+                total += len(y)
+            metrics = {"train_loss": loss_sum / total, "train_acc": correct / total, "lr": sched.get_last_lr()[0]}
+            metrics.update(_extra_metrics(loss_fn))
+            if val_loader is not None:
+                val = evaluate(model, val_loader, device)
+                metrics.update(val_acc=val["acc"], val_loss=val["loss"])
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            status = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_acc"))
+            bar.update(task, advance=1, status=status)
+    return history
+
+
+def _extra_metrics(loss_fn: nn.Module) -> dict[str, float]:
+    report = getattr(loss_fn, "metrics", None)
+    return report() if callable(report) else {}

@@ -1,0 +1,155 @@
+"""params.yaml as typed, validated settings: one section per stage, checked once at load."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pruning.methods import METHODS
+from pruning.models import build_model
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the key, the bad value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrackingParams(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = Field("emoprune", min_length=1)
+    registered_model: str = Field("emoprune", min_length=1)
+
+
+class DataParams(_Section):
+    source: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    root: Optional[str] = None
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="digits only: it has no test split of its own")
+    image_size: int = Field(32, ge=8, le=1024)
+    augment: Literal["auto", "none", "crop", "crop-flip", "imagenet"] = "auto"
+    batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(0, ge=0)
+    limit_train: Optional[int] = Field(None, ge=10, description="keep only this many training images (smoke runs)")
+    materialize: Literal["auto", "yes", "no"] = "auto"
+
+    @field_validator("root")
+    @classmethod
+    def _root_nonempty(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.strip():
+            raise ValueError("must be a path or null")
+        return v
+
+
+class ModelParams(_Section):
+    name: str = "resnet20"
+    checkpoint: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        build_model(v, num_classes=2)  # raises ValueError naming what is allowed
+        return v
+
+
+class TrainParams(_Section):
+    epochs: int = Field(30, ge=0)
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
+
+
+class PruneParams(_Section):
+    method: str = "uniform"
+    target: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of FLOPs (or params) removed")
+    metric: Literal["flops", "params"] = "flops"
+    round_to: int = Field(1, ge=1, le=64)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHODS)}")
+        return v
+
+
+class FinetuneParams(TrainParams):
+    epochs: int = Field(15, ge=0)
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    kd: Literal["none", "kd"] = "kd"
+    kd_temperature: float = Field(4.0, gt=0.0, le=100.0)
+    kd_alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class ExportParams(_Section):
+    opset: int = Field(18, ge=13, le=23)
+    latency_repeats: int = Field(50, ge=3)
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+
+    @field_validator("latency_batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"batch sizes must be >= 1, got {v}")
+        return v
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    tracking: TrackingParams = TrackingParams()
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    pretrain: TrainParams = TrainParams()
+    prune: PruneParams = PruneParams()
+    finetune: FinetuneParams = FinetuneParams()
+    export: ExportParams = ExportParams()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"unknown device {v!r}; allowed: auto, cpu, cuda, cuda:N")
+        return v
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r}); check the spelling against params.yaml's sections")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key} = {e.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; every problem raises ConfigError with the key and the allowed values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,21 @@
+"""Where each stage reads and writes, relative to the project root (the folder holding dvc.yaml)."""
+from pathlib import Path
+
+PREPARED = Path("data/prepared")
+BASE = Path("models/base.pt")
+PRUNED_INIT = Path("models/pruned_init.pt")
+PRUNED = Path("models/pruned.pt")
+BASE_ONNX = Path("models/base.onnx")
+PRUNED_ONNX = Path("models/pruned.onnx")
+SCHEME = Path("artifacts/scheme.json")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+SUMMARY = METRICS / "summary.json"
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"
+
+
+def history_file(stage: str) -> Path:
+    return PLOTS / f"{stage}_history.csv"

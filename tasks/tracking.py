@@ -1,0 +1,59 @@
+"""MLflow bookkeeping: one run per stage, nested under the pipeline's parent run when there is one."""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import mlflow
+
+from tasks.config import Params
+
+PARENT_ENV = "EMOPRUNE_PARENT_RUN_ID"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def connect(params: Params) -> None:
+    mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_experiment(params.tracking.experiment)
+
+
+def pipeline_run_name(params: Params) -> str:
+    return f"{params.data.source}-{params.model.name}-{params.prune.method}-{params.prune.target:g}"
+
+
+@contextmanager
+def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for `stage`, logging the params of `sections`; nested under $EMOPRUNE_PARENT_RUN_ID if set."""
+    connect(params)
+    parent = os.environ.get(PARENT_ENV) or None
+    tags = {"emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params)}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    dump = params.model_dump()
+    logged = {"seed": params.seed, "device": params.device}
+    for s in sections:
+        logged.update(flatten(dump[s], s + "."))
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
+        mlflow.log_params({k: ("null" if v is None else v) for k, v in logged.items()})
+        yield run
