@@ -1,0 +1,51 @@
+"""Shared fixtures: a real Prefect test server, a tmp SQLite MLflow store and tiny pipeline params."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before Prefect or MLflow are imported anywhere: keep their state out of the user's home.
+_STATE = Path(tempfile.mkdtemp(prefix="emoprune-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.pop("EMOPRUNE_PARENT_RUN_ID", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API server for the whole session; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def tiny_params(tmp: Path, **overrides) -> dict:
+    """params.yaml content for a run of seconds: 150 digits images, 1-2 epochs, few latency repeats."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    params["data"].update(limit_train=150, batch_size=64)
+    params["pretrain"]["epochs"] = 2
+    params["finetune"]["epochs"] = 1
+    params["export"].update(latency_repeats=3, latency_batch_sizes=[1, 8])
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".") if "." in dotted else (None, dotted)
+        (params[section] if section else params)[key] = value
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

@@ -1,0 +1,88 @@
+"""Channel groups, masking and physical pruning agree; the uniform baseline reaches its target."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.channels import (
+    channel_groups, count_flops_params, group_importance, keep_by_importance, mask_channels, prune_channels, pruned_copy,
+)
+from pruning.methods import Target, Uniform
+from pruning.models import build_model
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _trained_like(name: str) -> nn.Module:
+    """A model whose BatchNorm layers hold non-trivial statistics, so zeroed channels really matter."""
+    torch.manual_seed(0)
+    model = build_model(name, 10)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "mobilenetv2", "torchvision:resnet18"])
+def test_physically_pruned_equals_masked(name):
+    model = _trained_like(name)
+    groups = channel_groups(model, X[:1])
+    keep = keep_by_importance(group_importance(model, X[:1]), {g.name: max(1, g.channels // 3) for g in groups})
+    pruned = pruned_copy(model, X[:1], keep)
+    masked = mask_channels(copy.deepcopy(model), X[:1], keep)
+    with torch.no_grad():
+        out_pruned, out_masked, out_orig = pruned(X), masked(X), model(X)
+    assert torch.allclose(out_pruned, out_masked, atol=1e-4), (out_pruned - out_masked).abs().max()
+    assert not torch.allclose(out_orig, out_masked, atol=1e-2)  # the pruning did change the function
+    base_flops, base_params = count_flops_params(model, X)
+    flops, params = count_flops_params(pruned, X)
+    assert flops < 0.5 * base_flops and params < 0.5 * base_params
+
+
+def test_residual_channels_share_one_group():
+    groups = {g.name: g for g in channel_groups(build_model("resnet20", 10), X[:1])}
+    assert len(groups) == 12  # stem+stage1 chain, stage2 chain, stage3 chain, and 9 inner convs
+    stem = groups["conv1"]
+    assert {"layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2", "layer2.0.conv1"} <= set(stem.layers)
+    assert "layer2.0.conv2" not in stem.layers and "fc" not in groups
+
+
+def test_keep_by_importance_keeps_the_largest():
+    keep = keep_by_importance({"g": torch.tensor([0.1, 5.0, 0.3, 2.0])}, {"g": 2})
+    assert keep == {"g": [1, 3]}
+    with pytest.raises(ValueError, match="cannot keep 0 of 4"):
+        keep_by_importance({"g": torch.ones(4)}, {"g": 0})
+
+
+def test_bad_schemes_are_rejected():
+    model = build_model("resnet20", 10)
+    with pytest.raises(ValueError, match="does not have"):
+        prune_channels(model, X[:1], {"nope": [0]})
+    with pytest.raises(ValueError, match=r"conv1.*\[0, 16\)"):
+        prune_channels(model, X[:1], {"conv1": [0, 99]})
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_uniform_reaches_the_target(target):
+    model = _trained_like("resnet20")
+    result = Uniform()(model, X[:1], Target(target))
+    assert target <= result.flops_reduction <= target + 0.03
+    pruned = pruned_copy(model, X[:1], result.scheme)
+    assert count_flops_params(pruned, X)[0] == result.flops
+    ratios = {len(result.scheme[g.name]) / g.channels for g in channel_groups(model, X[:1])}
+    assert max(ratios) - min(ratios) < 0.1  # one keep ratio everywhere (up to rounding)
+
+
+def test_uniform_params_target_and_unreachable_target():
+    model = _trained_like("resnet20")
+    assert Uniform()(model, X[:1], Target(0.4, "params")).params_reduction >= 0.4
+    with pytest.raises(ValueError, match="out of reach"):
+        Uniform()(model, X[:1], Target(0.9999))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        Target(1.0)

@@ -1,0 +1,69 @@
+"""params.yaml validation: every bad value is named with what is allowed; the CLI exits non-zero."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tasks.config import ConfigError, load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_default_params_file_is_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p.data.source == "digits"
+    assert p.prune.method == "uniform" and 0 < p.prune.target < 1
+
+
+@pytest.mark.parametrize(
+    "raw, key, allowed",
+    [
+        ({"prune": {"targte": 0.5}}, "prune.targte", "unknown key"),
+        ({"prune": {"target": 1.5}}, "prune.target", "less than 1"),
+        ({"prune": {"target": 0}}, "prune.target", "greater than 0"),
+        ({"data": {"batch_size": "many"}}, "data.batch_size", "valid integer"),
+        ({"data": {"source": "mnist"}}, "data.source", "'digits'"),
+        ({"model": {"name": "resnet21"}}, "model.name", "resnet20"),
+        ({"prune": {"method": "magic"}}, "prune.method", "uniform"),
+        ({"finetune": {"kd": "teacher"}}, "finetune.kd", "'none'"),
+        ({"device": "tpu"}, "device", "auto, cpu, cuda"),
+        ({"export": {"latency_batch_sizes": [1, 0]}}, "export.latency_batch_sizes", ">= 1"),
+        ({"bogus_section": {}}, "bogus_section", "unknown key"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(raw, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw, "p.yaml")
+    msg = str(err.value)
+    assert key in msg and allowed in msg, msg
+
+
+def test_non_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_params([1, 2])
+    bad = tmp_path / "params.yaml"
+    bad.write_text("prune: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_bad_params_before_any_work(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prune"]["target"] = 1.2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "prune", "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "prune.target" in out.stderr and "1.2" in out.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0
+    for command in ("stage", "run", "check", "ui"):
+        assert command in out.stdout

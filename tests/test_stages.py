@@ -1,0 +1,98 @@
+"""Each stage as a real Prefect flow on tiny settings, logging to a tmp SQLite MLflow store."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows.stages import STAGES, stage_flow
+from pruning.channels import count_flops_params
+from tasks import paths
+from tasks.checkpoints import load_model
+from tasks.io import read_json
+from tests.conftest import tiny_params, write_params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_server):
+    """A project folder where every stage has run once, in order, as Prefect flows."""
+    root = tmp_path_factory.mktemp("project")
+    params_path = write_params(root / "params.yaml", tiny_params(root))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    parent_client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = parent_client.create_experiment("emoprune")
+    parent = parent_client.create_run(exp, run_name="pipeline")
+    mp.setenv("EMOPRUNE_PARENT_RUN_ID", parent.info.run_id)
+    results = {name: stage_flow(name, str(params_path)) for name in STAGES}
+    yield root, results, parent.info.run_id
+    mp.undo()
+
+
+def test_prepare_writes_splits(project):
+    root, results, _ = project
+    meta = read_json(root / paths.PREPARED / "meta.json")
+    assert meta["counts"]["train"] == 150 and results["prepare"]["counts"] == meta["counts"]
+
+
+def test_pretrain_writes_a_usable_base_model(project):
+    root, results, _ = project
+    model, meta = load_model(root / paths.BASE)
+    assert meta["scheme"] is None and meta["model"] == "resnet20"
+    out = results["pretrain"]
+    assert 0.0 <= out["test_acc"] <= 1.0 and out["epochs"] == 2
+    assert out["flops"] == count_flops_params(model, torch.zeros(1, 3, 32, 32))[0]
+    assert len((root / paths.history_file("pretrain")).read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_prune_removes_the_target_fraction(project):
+    root, results, _ = project
+    out = results["prune"]
+    assert 0.5 <= out["flops_reduction"] <= 0.53
+    pruned, meta = load_model(root / paths.PRUNED_INIT)
+    assert count_flops_params(pruned, torch.zeros(1, 3, 32, 32))[0] == out["flops"]
+    scheme = read_json(root / paths.SCHEME)
+    assert scheme["keep"] == meta["scheme"]
+    assert all(1 <= g["kept"] < g["channels"] for g in scheme["groups"])
+
+
+def test_finetune_and_export(project):
+    root, results, _ = project
+    assert 0.0 <= results["finetune"]["test_acc"] <= 1.0
+    onnx = results["export"]
+    assert onnx["top1_agreement"] >= 0.999 and onnx["max_abs_diff"] < 1e-3
+    assert onnx["latency_ms_base_b8"] > 0 and onnx["latency_ms_pruned_b8"] > 0
+    assert (root / paths.PRUNED_ONNX).stat().st_size < (root / paths.BASE_ONNX).stat().st_size
+
+
+def test_summary_has_the_promised_keys(project):
+    root, _, _ = project
+    summary = json.loads((root / paths.SUMMARY).read_text())
+    assert {"test_acc", "flops", "params"} <= summary["base"].keys()
+    assert {"test_acc", "flops", "params", "flops_reduction", "params_reduction"} <= summary["pruned"].keys()
+    assert {"max_abs_diff", "top1_agreement", "latency_ms_base", "latency_ms_pruned"} <= summary["onnx"].keys()
+    for acc in (summary["base"]["test_acc"], summary["pruned"]["test_acc"]):
+        assert 0.0 <= acc <= 1.0
+    assert summary["pruned"]["flops"] < summary["base"]["flops"]
+    assert (root / paths.PLOTS / "channels.png").stat().st_size > 1000
+
+
+def test_mlflow_holds_nested_stage_runs_and_the_registered_model(project):
+    root, _, parent_id = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("emoprune")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(r.info.run_name for r in runs) == sorted(STAGES)
+    pretrain = next(r for r in runs if r.info.run_name == "pretrain")
+    assert pretrain.data.params["pretrain.epochs"] == "2"
+    assert len(client.get_metric_history(pretrain.info.run_id, "pretrain.val_acc")) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    version = client.get_model_version_by_alias("emoprune", "candidate")
+    assert float(version.tags["flops_reduction"]) >= 0.5
+    artifacts = {a.path for r in runs for a in client.list_artifacts(r.info.run_id, "models")}
+    assert {"models/base.pt", "models/pruned.pt", "models/pruned.onnx"} <= artifacts
+    model = mlflow.pytorch.load_model("models:/emoprune@candidate")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
