@@ -17,7 +17,10 @@ err = Console(stderr=True)
 class Stage(str, Enum):
     prepare = "prepare"
     pretrain = "pretrain"
-    prune = "prune"
+    selectors = "selectors"
+    search = "search"
+    constrain = "constrain"
+    rank = "rank"
     finetune = "finetune"
     export = "export"
     report = "report"
@@ -58,10 +61,10 @@ def stage(name: Stage = typer.Argument(..., help="stage to run"),
           params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
     _load(params)  # bad params fail here, before Prefect or any heavy work starts
-    from flows.stages import stage_flow
+    from flows.stages import run_stage
 
     try:
-        stage_flow(name.value, str(params))
+        run_stage(name.value, str(params))
     except _user_errors() as e:
         _fail(str(e))
 
@@ -80,6 +83,29 @@ def run(force: bool = typer.Option(False, help="rerun every stage even if DVC fi
     except RuntimeError as e:
         _fail(str(e), code=1)
     Console().print("up to date: no stage ran" if result["up_to_date"] else f"stages run: {', '.join(result['ran']) or 'none'}")
+
+
+@app.command()
+def scheme(target: float = typer.Option(..., help="fraction of FLOPs (or params) to remove, in (0, 1)"),
+           params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+    """Take another target from the finished search: rank again, no new search or constrained training."""
+    p = _load(params)
+    if not 0.0 < target < 1.0:
+        _fail(f"--target {target} is out of range; allowed: a fraction in (0, 1)")
+    from tasks.rank import scheme_for_target
+
+    try:
+        doc, doc_path, model_path = scheme_for_target(p, target)
+    except (*_user_errors(), ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    info = doc["info"]
+    Console().print(
+        f"{doc['method']} at target {target:g}: removes {doc['flops']['reduction']:.2%} of FLOPs "
+        f"({doc['flops']['pruned']:,} of {doc['flops']['base']:,}), {doc['params']['reduction']:.2%} of params; "
+        + (f"val acc predicted {info['predicted_val_acc']:.4f}, measured {info['measured_val_acc']:.4f}"
+           if "measured_val_acc" in info else f"search error {info.get('search_error', float('nan')):.4f}")
+        + f"\nscheme: {doc_path}\nmodel (not finetuned): {model_path}"
+    )
 
 
 @app.command()

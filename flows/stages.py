@@ -11,17 +11,38 @@ from typing import Callable
 import mlflow
 from prefect import flow, get_run_logger, task
 
-from tasks import export, finetune, prepare, pretrain, prune, report
-from tasks.config import load_params
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
+
+from tasks import constrain, export, finetune, prepare, pretrain, rank, report, search, selectors
+from tasks.config import Params, load_params
 from tasks.tracking import PARENT_ENV, connect, git_commit, pipeline_run_name
 
-STAGES: dict[str, Callable] = {
-    "prepare": prepare.run,
-    "pretrain": pretrain.run,
-    "prune": prune.run,
-    "finetune": finetune.run,
-    "export": export.run,
-    "report": report.run,
+@task(name="search-subnetwork", task_run_name="search-s{k}", cache_policy=NO_CACHE)
+def search_subnetwork_task(k: int, params_path: str, run_id: str) -> dict:
+    """NSGA-II on one sub-network: independent of the others, so the flow maps it over all K."""
+    return search.search_subnetwork(load_params(params_path), k, run_id)
+
+
+def _search_stage(params: Params, params_path: str) -> dict:
+    def mapper(ks, run_id):
+        futures = search_subnetwork_task.map(ks, params_path=unmapped(params_path), run_id=unmapped(run_id))
+        return [f.result() for f in futures]
+
+    return search.run(params, mapper)
+
+
+STAGES: dict[str, Callable[[Params, str], dict]] = {
+    "prepare": lambda p, _: prepare.run(p),
+    "pretrain": lambda p, _: pretrain.run(p),
+    "selectors": lambda p, _: selectors.run(p),
+    "search": _search_stage,
+    "constrain": lambda p, _: constrain.run(p),
+    "rank": lambda p, _: rank.run(p),
+    "finetune": lambda p, _: finetune.run(p),
+    "export": lambda p, _: export.run(p),
+    "report": lambda p, _: report.run(p),
 }
 
 
@@ -30,7 +51,14 @@ def stage_flow(name: str, params_path: str = "params.yaml") -> dict:
     """Run one stage in the current folder with the params in `params_path`."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; allowed: {', '.join(STAGES)}")
-    return STAGES[name](load_params(params_path))
+    return STAGES[name](load_params(params_path), params_path)
+
+
+def run_stage(name: str, params_path: str = "params.yaml") -> dict:
+    """`stage_flow` with a task runner sized for the stage: the search maps one task per sub-network."""
+    params = load_params(params_path)
+    workers = params.search.workers or params.divide.k
+    return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(name, params_path)
 
 
 def _dvc(*args: str, env: dict[str, str] | None = None, cwd: str | Path = ".") -> subprocess.CompletedProcess:

@@ -55,7 +55,8 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depen
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with torch.enable_grad():  # the graph is traced through autograd, even when a caller is in no_grad
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
 
@@ -69,7 +70,8 @@ def _out_fn(module: nn.Module):
 
 
 def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
-    ignored = list(ignored) if ignored is not None else [classifier_layer(model)]
+    if ignored is None:  # a classifier's outputs are the classes; a headless sub-network has none to protect
+        ignored = [classifier_layer(model)] if any(isinstance(m, nn.Linear) for m in model.modules()) else []
     dg = _dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
     order = {m: i for i, m in enumerate(names)}
@@ -160,9 +162,14 @@ def prune_channels(
     return model
 
 
-def pruned_copy(model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]]) -> nn.Module:
+def pruned_copy(model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]],
+                ignored: Sequence[nn.Module] | None = None) -> nn.Module:
     """A physically pruned deep copy; `model` is left untouched."""
-    return prune_channels(copy.deepcopy(model), example_input, scheme)
+    clone = copy.deepcopy(model)
+    if ignored is not None:  # the same layers, inside the copy
+        names = {m: n for n, m in model.named_modules()}
+        ignored = [clone.get_submodule(names[m]) for m in ignored]
+    return prune_channels(clone, example_input, scheme, ignored)
 
 
 def mask_channels(

@@ -5,15 +5,20 @@ registered in `METHODS` under its `prune.method` name.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
 
-from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, keep_by_importance, pruned_copy
+from pruning.channels import (
+    KeepScheme, channel_groups, classifier_layer, count_flops_params, group_importance, keep_by_importance, pruned_copy,
+)
 
-__all__ = ["METHODS", "PruningMethod", "PruningResult", "Target", "Uniform", "reduction_of"]
+__all__ = ["METHODS", "METHOD_NAMES", "GlobalMagnitude", "PruningMethod", "PruningResult", "RandomRatios", "Target", "Uniform", "reduction_of"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,30 @@ def _round_keep(channels: int, ratio: float, round_to: int) -> int:
     return max(min(round_to, channels), min(channels, k))
 
 
+def _largest_feasible(model: nn.Module, example_input: torch.Tensor, target: Target, scheme_at, hi: float = 1.0,
+                      tolerance: float = 1e-3) -> tuple[float, KeepScheme, int, int]:
+    """Bisection for the largest knob in [0, hi] whose scheme still reaches the target (reduction falls as the knob grows)."""
+    base = count_flops_params(model, example_input)
+    smallest = scheme_at(0.0)
+    achieved, flops, params = reduction_of(model, example_input, smallest, base, target.metric)
+    if achieved < target.reduction:
+        raise ValueError(
+            f"target {target.metric} reduction {target.reduction} is out of reach: the smallest model this method "
+            f"builds removes only {achieved:.4f}; allowed: a target below {achieved:.4f}"
+        )
+    best = (0.0, smallest, flops, params)
+    lo = 0.0
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        scheme = scheme_at(mid)
+        achieved, flops, params = reduction_of(model, example_input, scheme, base, target.metric)
+        if achieved >= target.reduction:
+            lo, best = mid, (mid, scheme, flops, params)
+        else:
+            hi = mid
+    return best
+
+
 class Uniform(PruningMethod):
     """One keep ratio in every channel group, channels ranked by L1 group magnitude; the ratio is the
     largest one that reaches the target (bisection: reduction falls monotonically as the ratio grows).
@@ -79,38 +108,93 @@ class Uniform(PruningMethod):
 
     name = "uniform"
 
-    def __init__(self, round_to: int = 1, p: int = 1, tolerance: float = 1e-3) -> None:
-        self.round_to, self.p, self.tolerance = round_to, p, tolerance
+    def __init__(self, round_to: int = 1, p: int = 1, **_: object) -> None:
+        self.round_to, self.p = round_to, p
 
     def __call__(self, model: nn.Module, example_input: torch.Tensor, target: Target) -> PruningResult:
         model = model.eval()
         groups = channel_groups(model, example_input)
         importance = group_importance(model, example_input, p=self.p)
-        base = count_flops_params(model, example_input)
 
         def scheme_at(ratio: float) -> KeepScheme:
             return keep_by_importance(importance, {g.name: _round_keep(g.channels, ratio, self.round_to) for g in groups})
 
-        lo, hi = 0.0, 1.0  # reduction(lo) >= target is the invariant once a feasible ratio is found
-        best: tuple[float, KeepScheme, int, int] | None = None
-        smallest = scheme_at(0.0)
-        achieved, flops, params = reduction_of(model, example_input, smallest, base, target.metric)
-        if achieved < target.reduction:
-            raise ValueError(
-                f"target {target.metric} reduction {target.reduction} is out of reach: keeping one channel per group "
-                f"removes only {achieved:.4f}; allowed: a target below {achieved:.4f}"
-            )
-        best = (0.0, smallest, flops, params)
-        while hi - lo > self.tolerance:
-            mid = (lo + hi) / 2
-            scheme = scheme_at(mid)
-            achieved, flops, params = reduction_of(model, example_input, scheme, base, target.metric)
-            if achieved >= target.reduction:
-                lo, best = mid, (mid, scheme, flops, params)
-            else:
-                hi = mid
-        ratio, scheme, flops, params = best
+        ratio, scheme, flops, params = _largest_feasible(model, example_input, target, scheme_at)
+        base = count_flops_params(model, example_input)
         return PruningResult(scheme, base[0], base[1], flops, params, info={"keep_ratio": ratio})
 
 
-METHODS: dict[str, type[PruningMethod]] = {Uniform.name: Uniform}
+class GlobalMagnitude(PruningMethod):
+    """Torch-Pruning's global pruning with group magnitude (L2) importance: channels of all groups compete
+    in one ranking, so layers lose different fractions; the global ratio is bisected to meet the target.
+
+    >>> GlobalMagnitude()(model, torch.zeros(1, 3, 32, 32), Target(0.5)).flops_reduction >= 0.5
+    True
+    """
+
+    name = "global-magnitude"
+
+    def __init__(self, round_to: int = 1, p: int = 2, max_pruning_ratio: float = 0.95, **_: object) -> None:
+        self.round_to, self.p, self.max_ratio = round_to, p, max_pruning_ratio
+
+    def _scheme(self, model: nn.Module, example_input: torch.Tensor, groups, ratio: float) -> KeepScheme:
+        if ratio <= 0:
+            return {g.name: list(range(g.channels)) for g in groups}
+        m = copy.deepcopy(model).eval()
+        names = {mod: n for n, mod in m.named_modules()}
+        pruner = tp.pruner.MetaPruner(
+            m, example_input, importance=tp.importance.GroupMagnitudeImportance(p=self.p), global_pruning=True,
+            pruning_ratio=ratio, max_pruning_ratio=self.max_ratio, ignored_layers=[classifier_layer(m)],
+            round_to=self.round_to if self.round_to > 1 else None,
+        )
+        dropped: dict[str, list[int]] = {}
+        for group in pruner.step(interactive=True):
+            by_layer = {names[dep.target.module]: list(idxs) for dep, idxs in group
+                        if dep.target.module in names and pruner.DG.is_out_channel_pruning_fn(dep.handler)}
+            for g in groups:
+                if g.name in by_layer:
+                    dropped[g.name] = by_layer[g.name]
+            group.prune()
+        return {g.name: sorted(set(range(g.channels)) - set(dropped.get(g.name, []))) for g in groups}
+
+    def __call__(self, model: nn.Module, example_input: torch.Tensor, target: Target) -> PruningResult:
+        model = model.eval()
+        groups = channel_groups(model, example_input)
+        # knob = 1 - global pruning ratio, so the reduction falls as the knob grows
+        knob, scheme, flops, params = _largest_feasible(
+            model, example_input, target, lambda keep: self._scheme(model, example_input, groups, self.max_ratio * (1 - keep)))
+        base = count_flops_params(model, example_input)
+        return PruningResult(scheme, base[0], base[1], flops, params, info={"global_ratio": self.max_ratio * (1 - knob)})
+
+
+class RandomRatios(PruningMethod):
+    """Random keep ratios per group (seeded), scaled together until the target is met; channels by L1.
+
+    >>> RandomRatios(seed=0)(model, torch.zeros(1, 3, 32, 32), Target(0.5)).flops_reduction >= 0.5
+    True
+    """
+
+    name = "random"
+
+    def __init__(self, round_to: int = 1, seed: int = 0, **_: object) -> None:
+        self.round_to, self.seed = round_to, seed
+
+    def __call__(self, model: nn.Module, example_input: torch.Tensor, target: Target) -> PruningResult:
+        model = model.eval()
+        groups = channel_groups(model, example_input)
+        importance = group_importance(model, example_input, p=1)
+        rng = np.random.default_rng(self.seed)
+        shape = {g.name: float(rng.uniform(0.1, 1.0)) for g in groups}
+        top = 1.0 / min(shape.values())
+
+        def scheme_at(scale: float) -> KeepScheme:
+            return keep_by_importance(importance, {g.name: _round_keep(g.channels, min(1.0, scale * shape[g.name]), self.round_to) for g in groups})
+
+        scale, scheme, flops, params = _largest_feasible(model, example_input, target, scheme_at, hi=top)
+        base = count_flops_params(model, example_input)
+        return PruningResult(scheme, base[0], base[1], flops, params, info={"scale": scale, "shape": shape})
+
+
+# One-shot methods that the rank stage runs directly; EMO-DIR and whole-emo go through search stages.
+METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Uniform, GlobalMagnitude, RandomRatios)}
+METHOD_NAMES = ("emo-dir", "whole-emo", *METHODS)

@@ -91,8 +91,11 @@ def fit(
         teacher = copy.deepcopy(teacher).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad] + [p for p in loss_fn.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:  # e.g. DynamicKD's entropy controller: learnt, never decayed towards 0
+        groups.append({"params": loss_params, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
     steps = max(1, config.epochs * len(train_loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history: list[dict[str, float]] = []

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pruning.methods import METHODS
+from pruning.methods import METHOD_NAMES
 from pruning.models import build_model
 
 SCHEMA_VERSION = 1
@@ -66,8 +66,43 @@ class TrainParams(_Section):
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
 
 
+class DivideParams(_Section):
+    k: int = Field(3, ge=1, le=64, description="number of sub-networks")
+    cache_train: int = Field(2000, ge=16, description="train samples whose boundary features are cached")
+    cache_val: int = Field(1000, ge=16, description="val samples whose boundary features are cached")
+
+
+class SelectorParams(_Section):
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(128, ge=1)
+
+
+class SearchParams(_Section):
+    pop_size: int = Field(16, ge=4)
+    generations: int = Field(8, ge=1)
+    levels: int = Field(10, ge=2, le=100, description="keep-ratio levels per channel group")
+    encoding: Literal["levels", "binary"] = "levels"
+    error: Literal["ce", "acc"] = "ce"
+    calib_samples: int = Field(256, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
+    workers: int = Field(0, ge=0, description="sub-networks searched at once; 0 = all")
+
+
+class ConstrainParams(_Section):
+    candidates: int = Field(6, ge=0, description="front members trained per sub-network, spread along the front; 0 = all")
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    lam: float = Field(1.0, ge=0.0, description="weight of the selector cross-entropy against the feature loss")
+    batch_size: int = Field(128, ge=1)
+
+
+class RankParams(_Section):
+    top_t: int = Field(10, ge=1, description="best knapsack combinations verified jointly")
+    max_overshoot: float = Field(0.02, ge=0.0, le=1.0, description="schemes removing more than target + this are passed over when others exist")
+
+
 class PruneParams(_Section):
-    method: str = "uniform"
+    method: str = "emo-dir"
     target: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of FLOPs (or params) removed")
     metric: Literal["flops", "params"] = "flops"
     round_to: int = Field(1, ge=1, le=64)
@@ -75,15 +110,15 @@ class PruneParams(_Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHODS)}")
+        if v not in METHOD_NAMES:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHOD_NAMES)}")
         return v
 
 
 class FinetuneParams(TrainParams):
     epochs: int = Field(15, ge=0)
     lr: float = Field(0.01, gt=0.0, le=10.0)
-    kd: Literal["none", "kd"] = "kd"
+    kd: Literal["none", "kd", "dynamickd"] = "kd"
     kd_temperature: float = Field(4.0, gt=0.0, le=100.0)
     kd_alpha: float = Field(0.9, ge=0.0, le=1.0)
 
@@ -109,6 +144,11 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     pretrain: TrainParams = TrainParams()
     prune: PruneParams = PruneParams()
+    divide: DivideParams = DivideParams()
+    selectors: SelectorParams = SelectorParams()
+    search: SearchParams = SearchParams()
+    constrain: ConstrainParams = ConstrainParams()
+    rank: RankParams = RankParams()
     finetune: FinetuneParams = FinetuneParams()
     export: ExportParams = ExportParams()
 

@@ -5,7 +5,7 @@ import time
 
 import mlflow
 
-from pruning.distill import Distiller, KDLoss
+from pruning.distill import Distiller, DynamicKDLoss, KDLoss
 from pruning.train import TrainConfig, fit, resolve_device, seed_everything
 from tasks import paths
 from tasks.checkpoints import load_model, save_model
@@ -18,6 +18,8 @@ from tasks.tracking import stage_run
 def distiller(p: FinetuneParams) -> Distiller:
     if p.kd == "kd":
         return KDLoss(p.kd_temperature, p.kd_alpha)
+    if p.kd == "dynamickd":
+        return DynamicKDLoss(p.kd_temperature, p.kd_alpha)
     return Distiller()
 
 

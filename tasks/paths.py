@@ -19,3 +19,12 @@ def metrics_file(stage: str) -> Path:
 
 def history_file(stage: str) -> Path:
     return PLOTS / f"{stage}_history.csv"
+
+FEATURES = Path("artifacts/features")
+SELECTORS = Path("models/selectors.pt")
+SEARCH = Path("artifacts/search")
+CANDIDATES = Path("artifacts/candidates")
+JOINT_FRONT = Path("artifacts/joint_front.json")
+GPIR_TABLE = Path("artifacts/gpir_table.json")
+CHECKPOINTS = Path(".emoprune/checkpoints")
+SCHEMES = Path("artifacts/schemes")

@@ -16,23 +16,24 @@ SUMMARY_SCHEMA = 1
 
 
 def summarize() -> dict:
-    pre, prune, fin, exp = (read_json(paths.metrics_file(s)) for s in ("pretrain", "prune", "finetune", "export"))
+    pre, ranked, fin, exp, search = (read_json(paths.metrics_file(s)) for s in ("pretrain", "rank", "finetune", "export", "search"))
     return {
         "schema_version": SUMMARY_SCHEMA,
-        "method": prune["method"],
-        "target": {"reduction": prune["target"], "metric": prune["metric"]},
+        "method": ranked["method"],
+        "target": {"reduction": ranked["target"], "metric": ranked["metric"]},
         "base": {"test_acc": pre["test_acc"], "val_acc": pre["val_acc"], "flops": pre["flops"], "params": pre["params"]},
         "pruned": {
             "test_acc": fin["test_acc"],
             "val_acc": fin["val_acc"],
-            "val_acc_before_finetune": prune["val_acc_before_finetune"],
-            "flops": prune["flops"],
-            "params": prune["params"],
-            "flops_reduction": prune["flops_reduction"],
-            "params_reduction": prune["params_reduction"],
+            "val_acc_before_finetune": ranked["val_acc_before_finetune"],
+            "flops": ranked["flops"],
+            "params": ranked["params"],
+            "flops_reduction": ranked["flops_reduction"],
+            "params_reduction": ranked["params_reduction"],
         },
         "onnx": {k: v for k, v in exp.items() if k.startswith(("max_abs", "top1", "latency"))},
-        "seconds": {"pretrain": pre["seconds"], "prune": prune["search_seconds"], "finetune": fin["seconds"]},
+        "search": {"evaluations": search["evaluations"], "seconds": search["seconds"]},
+        "seconds": {"pretrain": pre["seconds"], "search": search["seconds"], "rank": ranked["rank_seconds"], "finetune": fin["seconds"]},
     }
 
 
@@ -57,6 +58,65 @@ def plot_channels(scheme: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_fronts(path) -> bool:
+    """Each searched module's Pareto front after every generation (darker = later)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [read_json(f) for f in sorted(paths.SEARCH.glob("front_*.json"))]
+    if not docs:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "this method runs no evolutionary search", ha="center", va="center")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+        return False
+    fig, axes = plt.subplots(1, len(docs), figsize=(4 * len(docs), 3.4), squeeze=False)
+    for ax, doc in zip(axes[0], docs):
+        n = len(doc["fronts"])
+        for g, front in enumerate(doc["fronts"]):
+            xs, ys = zip(*front)
+            ax.plot(xs, ys, "o-", ms=3, lw=0.8, color=plt.cm.viridis(g / max(1, n - 1)), label=f"gen {g + 1}" if g in (0, n - 1) else None)
+        ax.set_title(f"{doc['tag']}: {doc['evaluations']} evaluations")
+        ax.set_xlabel("cost fraction kept")
+        ax.set_ylabel("selector error")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_joint_front(summary: dict, path) -> bool:
+    """The joint front of whole-network schemes from GPIR, the chosen scheme marked."""
+    if not paths.JOINT_FRONT.is_file() or summary["method"] != "emo-dir":
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = read_json(paths.JOINT_FRONT)
+    xs = [p["reduction"] for p in doc["front"]]
+    ys = [p["predicted_acc"] for p in doc["front"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(xs, ys, "o-", ms=3, label="joint front (predicted val acc)")
+    ax.axvline(summary["target"]["reduction"], color="grey", ls="--", lw=0.8, label="target")
+    ax.plot([summary["pruned"]["flops_reduction"]], [summary["pruned"]["val_acc_before_finetune"]], "r*", ms=12, label="chosen (measured)")
+    ax.set_xlabel(f"{doc['metric']} reduction")
+    ax.set_ylabel("val accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
 def register(params: Params, summary: dict) -> dict:
     """Log the finetuned model to MLflow and register it under `tracking.registered_model` with alias `candidate`."""
     model, meta = load_model(paths.PRUNED)
@@ -77,8 +137,13 @@ def run(params: Params) -> dict:
         summary = summarize()
         scheme = read_json(paths.SCHEME)
         plot_channels(scheme, paths.PLOTS / "channels.png")
+        plot_fronts(paths.PLOTS / "fronts.png")
+        plots = [paths.PLOTS / "channels.png", paths.PLOTS / "fronts.png"]
+        if plot_joint_front(summary, paths.PLOTS / "joint_front.png"):
+            plots.append(paths.PLOTS / "joint_front.png")
         log_metrics_flat(summary)
-        mlflow.log_artifact(str(paths.PLOTS / "channels.png"), "plots")
+        for plot in plots:
+            mlflow.log_artifact(str(plot), "plots")
         mlflow.log_dict(summary, "summary.json")
         summary["registered"] = register(params, summary)
         atomic_json(summary, paths.SUMMARY)

@@ -33,13 +33,17 @@ def prefect_server():
 
 
 def tiny_params(tmp: Path, **overrides) -> dict:
-    """params.yaml content for a run of seconds: 150 digits images, 1-2 epochs, few latency repeats."""
+    """params.yaml content for a run of seconds: 150 digits images, 1-2 epochs, a 2-generation search, few latency repeats."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     params["data"].update(limit_train=150, batch_size=64)
     params["pretrain"]["epochs"] = 2
     params["finetune"]["epochs"] = 1
     params["export"].update(latency_repeats=3, latency_batch_sizes=[1, 8])
+    params["divide"].update(k=3, cache_train=128, cache_val=96)
+    params["selectors"].update(epochs=2)
+    params["search"].update(pop_size=6, generations=2, calib_samples=64)
+    params["constrain"].update(candidates=2, epochs=1)
     for dotted, value in overrides.items():
         section, key = dotted.split(".") if "." in dotted else (None, dotted)
         (params[section] if section else params)[key] = value

@@ -10,7 +10,7 @@ from torch import nn
 from pruning.channels import (
     channel_groups, count_flops_params, group_importance, keep_by_importance, mask_channels, prune_channels, pruned_copy,
 )
-from pruning.methods import Target, Uniform
+from pruning.methods import METHODS, GlobalMagnitude, RandomRatios, Target, Uniform
 from pruning.models import build_model
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -86,3 +86,22 @@ def test_uniform_params_target_and_unreachable_target():
         Uniform()(model, X[:1], Target(0.9999))
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         Target(1.0)
+
+
+@pytest.mark.parametrize("name", ["uniform", "global-magnitude", "random"])
+@pytest.mark.parametrize("model_name", ["resnet20", "mobilenetv2"])
+def test_one_shot_baselines_reach_the_target(name, model_name):
+    model = _trained_like(model_name)
+    result = METHODS[name](seed=0)(model, X[:1], Target(0.5))
+    assert 0.5 <= result.flops_reduction <= 0.53
+    assert count_flops_params(pruned_copy(model, X[:1], result.scheme), X)[0] == result.flops
+
+
+def test_global_magnitude_prunes_layers_unevenly_and_random_depends_on_seed():
+    model = _trained_like("resnet20")
+    groups = channel_groups(model, X[:1])
+    g = GlobalMagnitude()(model, X[:1], Target(0.5))
+    ratios = [len(g.scheme[grp.name]) / grp.channels for grp in groups]
+    assert max(ratios) - min(ratios) > 0.1
+    a, b = RandomRatios(seed=0)(model, X[:1], Target(0.5)), RandomRatios(seed=1)(model, X[:1], Target(0.5))
+    assert a.scheme != b.scheme and RandomRatios(seed=0)(model, X[:1], Target(0.5)).scheme == a.scheme

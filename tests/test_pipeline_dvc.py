@@ -10,6 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from flows.stages import STAGES
 from tests.conftest import REPO, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def _run(root, env):
 def test_pipeline_runs_once_then_only_what_changed(repo):
     root, env = repo
     first = _run(root, env)
-    assert "stages run: prepare, pretrain, prune, finetune, export, report" in first.stdout, first.stdout[-2000:]
+    assert f"stages run: {', '.join(STAGES)}" in first.stdout, first.stdout[-2000:]
     for out in ("models/base.pt", "models/pruned.pt", "models/pruned.onnx", "metrics/summary.json", "dvc.lock"):
         assert (root / out).is_file(), out
 
@@ -54,21 +55,21 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`emoprune.kind` = 'pipeline'")
     assert len(parents) == 1 and parents[0].info.run_name == "digits-resnet20-uniform-0.5"
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted(["prepare", "pretrain", "prune", "finetune", "export", "report"])
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
 
     # nothing changed: no stage reruns, through the pipeline or bare `dvc repro`
     second = _run(root, env)
     assert "up to date: no stage ran" in second.stdout
     bare = _sh(sys.executable, "-m", "dvc", "repro", cwd=root, env=env)
     assert "Running stage" not in bare.stdout
-    assert len(client.search_runs([exp.experiment_id])) == 7
+    assert len(client.search_runs([exp.experiment_id])) == len(STAGES) + 1
 
-    # a prune param changes: prune and what follows rerun, data prep and pretraining do not
+    # another target: EMO-DIR ranks again from the same search; nothing before rank reruns
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["prune"]["target"] = 0.6
     write_params(root / "params.yaml", params)
     third = _run(root, env)
-    assert "stages run: prune, finetune, export, report" in third.stdout, third.stdout[-2000:]
+    assert "stages run: rank, finetune, export, report" in third.stdout, third.stdout[-2000:]
     summary = yaml.safe_load((root / "metrics/summary.json").read_text())
     assert summary["pruned"]["flops_reduction"] >= 0.6
 
@@ -77,7 +78,7 @@ def test_failed_stage_exits_non_zero_and_keeps_earlier_outputs(repo):
     root, env = repo
     base_before = (root / "models/base.pt").read_bytes()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["prune"]["target"] = 0.9999  # out of the search space's reach: the prune stage fails
+    params["prune"]["target"] = 0.9999  # beyond every candidate's reach: the rank stage fails
     write_params(root / "params.yaml", params)
     out = _sh(sys.executable, "-m", "flows.cli", "run", "--project", str(root), cwd=root, env=env, check=False)
     assert out.returncode != 0

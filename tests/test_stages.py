@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import mlflow
 import pytest
 import torch
@@ -48,15 +50,48 @@ def test_pretrain_writes_a_usable_base_model(project):
     assert len((root / paths.history_file("pretrain")).read_text().splitlines()) == 3  # header + 2 epochs
 
 
-def test_prune_removes_the_target_fraction(project):
+def test_selectors_cache_features_and_score_them(project):
     root, results, _ = project
-    out = results["prune"]
-    assert 0.5 <= out["flops_reduction"] <= 0.53
+    out = results["selectors"]
+    assert out["k"] == 3 and out["cached"] == {"train": 128, "val": 96}
+    assert sum(s["flops"] for s in out["subnetworks"]) < results["pretrain"]["flops"]
+    assert all(0.0 <= s["selector_val_acc"] <= 1.0 for s in out["subnetworks"])
+    x1 = np.load(root / "artifacts/features/val_x1.npy", mmap_mode="r")
+    assert x1.shape == (96, *out["subnetworks"][0]["out_shape"])
+
+
+def test_search_writes_one_nondominated_front_per_subnetwork(project):
+    root, results, _ = project
+    out = results["search"]
+    assert [r["tag"] for r in out["subnetworks"]] == ["s1", "s2", "s3"]
+    for k in (1, 2, 3):
+        doc = read_json(root / paths.SEARCH / f"front_s{k}.json")
+        pts = [(m["cost"], m["error"]) for m in doc["members"]]
+        assert pts and all(0 < c <= 1 for c, _ in pts)
+        for a in pts:  # no member dominates another
+            assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in pts)
+        assert len(doc["history"]) == 2 and doc["history"][-1]["hypervolume"] > 0
+
+
+def test_constrain_trains_candidates_along_each_front(project):
+    root, results, _ = project
+    index = read_json(root / paths.CANDIDATES / "index.json")
+    assert [len(s["candidates"]) for s in index["subnetworks"]] == [2, 2, 2]
+    assert all(np.isfinite(c["feature_mse"]) for s in index["subnetworks"] for c in s["candidates"])
+
+
+def test_rank_meets_the_target_and_the_model_has_the_predicted_flops(project):
+    root, results, _ = project
+    out = results["rank"]
+    assert 0.5 <= out["flops_reduction"]
     pruned, meta = load_model(root / paths.PRUNED_INIT)
-    assert count_flops_params(pruned, torch.zeros(1, 3, 32, 32))[0] == out["flops"]
+    flops = count_flops_params(pruned, torch.zeros(1, 3, 32, 32))[0]
+    assert flops == out["flops"]
     scheme = read_json(root / paths.SCHEME)
     assert scheme["keep"] == meta["scheme"]
-    assert all(1 <= g["kept"] < g["channels"] for g in scheme["groups"])
+    assert flops == out["base_flops"] - scheme["info"]["predicted_saving"]  # GPIR's prediction is exact for FLOPs
+    front = read_json(root / paths.JOINT_FRONT)["front"]
+    assert front == sorted(front, key=lambda p: p["reduction"])
 
 
 def test_finetune_and_export(project):

@@ -1,0 +1,155 @@
+"""`prune()`: EMO-DIR (or a baseline) on your own model and loaders, in memory, without DVC, Prefect or MLflow."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from pruning.channels import KeepScheme, count_flops_params, group_importance, pruned_copy
+from pruning.constrain import train_constrained
+from pruning.distill import DynamicKDLoss, KDLoss
+from pruning.divide import boundary_features, divide
+from pruning.gpir import check_reachable, impairment_table, joint_pareto, joint_scheme, merge_into, min_saving_for
+from pruning.methods import METHODS, Target
+from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search
+from pruning.selectors import train_selector
+from pruning.train import TrainConfig, fit, resolve_device, seed_everything
+
+__all__ = ["PruneResult", "prune"]
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module                 # physically pruned (and finetuned if asked)
+    scheme: KeepScheme               # channel group -> kept output channel indices, in the model's own names
+    flops: int
+    params: int
+    base_flops: int
+    base_params: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1 - self.flops / self.base_flops
+
+
+def prune(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    target: float,
+    *,
+    method: Literal["emo-dir", "whole-emo", "uniform", "global-magnitude", "random"] = "emo-dir",
+    metric: Literal["flops", "params"] = "flops",
+    k: int = 3,
+    cache_train: int = 2000,
+    cache_val: int = 1000,
+    selector_epochs: int = 10,
+    pop_size: int = 16,
+    generations: int = 8,
+    levels: int = 10,
+    encoding: Literal["levels", "binary"] = "levels",
+    calib_samples: int = 256,
+    candidates: int = 6,
+    constrain_epochs: int = 3,
+    constrain_lr: float = 0.01,
+    lam: float = 1.0,
+    top_t: int = 10,
+    max_overshoot: float = 0.02,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 0.01,
+    kd: Literal["none", "kd", "dynamickd"] = "kd",
+    seed: int = 0,
+    device: str = "auto",
+) -> PruneResult:
+    """Prune `model` (left untouched) to remove `target` of its FLOPs (or parameters).
+
+    The loaders yield (images, labels) batches: train feeds the feature caches, selectors, constrained
+    training and finetuning; val scores candidates and ranks schemes. Keep your test split out of both.
+
+    >>> result = prune(model, torch.zeros(1, 3, 32, 32), train_loader, val_loader, target=0.5)
+    >>> result.flops_reduction, result.scheme["layer1.0.conv1"][:4]
+    (0.503, [0, 2, 3, 5])
+    """
+    target_ = Target(target, metric)
+    dev = resolve_device(device)
+    seed_everything(seed)
+    base = copy.deepcopy(model).cpu().eval()
+    x1 = example_input[:1].cpu()
+    base_flops, base_params = count_flops_params(base, x1)
+    info: dict = {"method": method}
+    if method in METHODS:
+        result = METHODS[method](seed=seed)(base, x1, target_)
+        pruned, scheme = pruned_copy(base, x1, result.scheme), result.scheme
+        info.update(result.info)
+    elif method in ("emo-dir", "whole-emo"):
+        subs, head = divide(base, x1, k)
+        tr, ytr = boundary_features(subs, train_loader, device=dev, max_samples=cache_train)
+        va, yva = boundary_features(subs, val_loader, device=dev, max_samples=cache_val)
+        num_classes = int(base(x1).shape[1])
+        search = dict(pop_size=pop_size, seed=seed, metric=metric)
+        if method == "whole-emo":
+            scorer = Scorer(nn.Identity(), tr[0][:calib_samples], va[0], yva, device=dev)
+            space = SearchSpace(tuple(prunable_groups(base, x1)), levels, encoding)
+            front = run_search(base, x1, scorer, space=space, generations=generations * k, **search)
+            best = front.members[choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)]
+            scheme = front.space.decode(best.genes, _importance(base, x1))
+            pruned = pruned_copy(base, x1, scheme)
+            info.update(evaluations=front.evaluations, search_error=best.error)
+        else:
+            selectors = [train_selector(tr[s.index], ytr, num_classes, epochs=selector_epochs, seed=seed + s.index, device=dev)
+                         for s in subs[:-1]] + [head]
+            modules, cands, schemes, evaluations = [], [], [], 0
+            previous: list[nn.Module] = []
+            for sub, selector in zip(subs, selectors):
+                ex = torch.zeros(1, *sub.in_shape)
+                scorer = Scorer(selector, tr[sub.index - 1][:calib_samples], va[sub.index - 1], yva, device=dev)
+                space = SearchSpace(tuple(prunable_groups(sub.module, ex)), levels, encoding)
+                front = run_search(sub.module, ex, scorer, space=space, generations=generations, **search)
+                evaluations += front.evaluations
+                importance = _importance(sub.module, ex)
+                preds = [subs[sub.index - 2].module, *previous] if sub.index > 1 else []
+                trained, sch = [], []
+                for j, member in enumerate(front.spread(candidates)):
+                    local = space.decode(member.genes, importance)
+                    cand = pruned_copy(sub.module, ex, local)
+                    train_constrained(cand, tr[sub.index - 1], tr[sub.index], ytr, selector, predecessors=preds,
+                                      predecessor_inputs=tr[sub.index - 2] if sub.index > 1 else None, lam=lam,
+                                      epochs=constrain_epochs, lr=constrain_lr, seed=seed + 100 * sub.index + j, device=dev)
+                    trained.append(cand.cpu().eval())
+                    sch.append(local)
+                modules.append(trained)
+                schemes.append(sch)
+                cands.append([(m, _cost(count_flops_params(m, ex), metric)) for m in trained])
+                previous = trained
+            base_costs = [_cost((s.flops, s.params), metric) for s in subs]
+            total = _cost((base_flops, base_params), metric)
+            base_acc, table = impairment_table(subs, head, cands, base_costs, va, yva, device=dev)
+            check_reachable(table, min_saving_for(target, total), total, target)
+            best = joint_scheme(subs, head, table, modules, base_acc, min_saving_for(target, total), top_t, va, yva, device=dev,
+                                max_saving=min_saving_for(min(1.0, target + max_overshoot), total))
+            chosen = {i + 1: (modules[i][row - 1], schemes[i][row - 1]) for i, row in enumerate(best.choice) if row > 0}
+            pruned, scheme = merge_into(base, x1, subs, chosen)
+            info.update(evaluations=evaluations, predicted_val_acc=best.predicted_acc, measured_val_acc=best.measured_acc,
+                        choice=list(best.choice), joint_front=joint_pareto(table, base_acc, total))
+    else:
+        raise ValueError(f"unknown method {method!r}; allowed: emo-dir, whole-emo, {', '.join(METHODS)}")
+    if finetune_epochs > 0:
+        loss = {"kd": KDLoss(), "dynamickd": DynamicKDLoss()}.get(kd)
+        fit(pruned, train_loader, TrainConfig(epochs=finetune_epochs, lr=finetune_lr), dev, loss_fn=loss,
+            teacher=base if loss is not None else None, val_loader=val_loader, progress=False)
+    pruned = pruned.cpu().eval()
+    flops, params = count_flops_params(pruned, x1)
+    return PruneResult(pruned, scheme, flops, params, base_flops, base_params, info)
+
+
+def _importance(module: nn.Module, example: torch.Tensor):
+    return group_importance(module, example)
+
+
+def _cost(flops_params: tuple[int, int], metric: str) -> int:
+    return flops_params[0] if metric == "flops" else flops_params[1]

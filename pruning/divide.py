@@ -1,0 +1,384 @@
+"""Divide a CNN into K sequential sub-networks of about equal FLOPs at block boundaries, plus its classifier head."""
+from __future__ import annotations
+
+import copy as copy_module
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .channels import count_flops_params
+from .models import MobileNetV2Cifar, ResNetCifar, VGGCifar
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "SubNetwork",
+    "assemble",
+    "balanced_partition",
+    "blocks",
+    "boundary_features",
+    "divide",
+    "replace",
+    "source_name",
+]
+
+SUPPORTED_MODELS = (
+    "ResNetCifar",
+    "VGGCifar",
+    "MobileNetV2Cifar",
+    "torchvision ResNet (resnet18/34/50/101/152, resnext, wide_resnet)",
+    "torchvision MobileNetV2",
+    "torchvision VGG (vgg11..vgg19, with or without BN)",
+)
+
+# A block made of several of the model's modules (a stem, a VGG conv-bn-relu[-maxpool] unit) is an
+# nn.Sequential of those modules, positionally keyed, and named by their qualified names joined with this.
+_JOIN = "+"
+
+Block = tuple[str, nn.Module]
+
+
+@dataclass
+class SubNetwork:
+    """Sub-network S_k (1-based `index`): `module` maps X_{k-1} to X_k.
+
+    `module` is an nn.Sequential of the blocks named `block_names` (positionally keyed: child i is block
+    `block_names[i]`); `flops`/`params` are count_flops_params' counts for one sample; `in_shape` and
+    `out_shape` are the per-sample shapes of X_{k-1} and X_k (without the batch dimension).
+    """
+
+    index: int
+    module: nn.Module
+    block_names: list[str]
+    flops: int
+    params: int
+    in_shape: tuple[int, ...] = field(default=())
+    out_shape: tuple[int, ...] = field(default=())
+
+
+def _sequential(*modules: nn.Module, names: Sequence[str] | None = None) -> nn.Sequential:
+    """An nn.Sequential wrapping existing modules, in train mode only if they all are (a fresh Sequential
+    is in train mode, and a later .train(was_training) on it would switch eval-mode children to train)."""
+    seq = nn.Sequential(OrderedDict(zip(names, modules))) if names is not None else nn.Sequential(*modules)
+    seq.training = all(m.training for m in modules)
+    return seq
+
+
+def _chain(model: nn.Module, names: Sequence[str]) -> Block:
+    """One block from several modules of `model`, in order; a single module stays itself."""
+    mods = [model.get_submodule(n) for n in names]
+    if len(mods) == 1:
+        return names[0], mods[0]
+    return _JOIN.join(names), _sequential(*mods)
+
+
+def _head(*modules: nn.Module) -> nn.Module:
+    return _sequential(*modules)
+
+
+def _conv_units(model: nn.Module, prefix: str, seq: nn.Sequential) -> list[Block]:
+    """Group a plain feature Sequential into conv units: each Conv2d with the layers following it."""
+    units: list[list[str]] = []
+    for name, m in seq.named_children():
+        if isinstance(m, nn.Conv2d) or not units:
+            units.append([])
+        units[-1].append(f"{prefix}.{name}")
+    return [_chain(model, u) for u in units]
+
+
+def _split(model: nn.Module) -> tuple[list[Block], nn.Module, int]:
+    """(blocks, head, number of leading stem blocks that must stay with the next block)."""
+    import torchvision
+
+    tvm = torchvision.models
+    if isinstance(model, ResNetCifar):
+        stem = _chain(model, ["conv1", "bn1", "relu"])
+        body = [(f"{layer}.{i}", b) for layer in ("layer1", "layer2", "layer3") for i, b in enumerate(getattr(model, layer))]
+        return [stem, *body], _head(model.pool, nn.Flatten(1), model.fc), 1
+    if isinstance(model, tvm.ResNet):
+        stem = _chain(model, ["conv1", "bn1", "relu", "maxpool"])
+        layers = ("layer1", "layer2", "layer3", "layer4")
+        body = [(f"{layer}.{i}", b) for layer in layers for i, b in enumerate(getattr(model, layer))]
+        return [stem, *body], _head(model.avgpool, nn.Flatten(1), model.fc), 1
+    if isinstance(model, (MobileNetV2Cifar, tvm.MobileNetV2)):
+        # features.0 is the stem, then the inverted residual blocks, then the last 1x1 conv.
+        feats = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+        pool = model.pool if isinstance(model, MobileNetV2Cifar) else nn.AdaptiveAvgPool2d((1, 1))
+        return feats, _head(pool, nn.Flatten(1), model.classifier), 1
+    if isinstance(model, VGGCifar):
+        return _conv_units(model, "features", model.features), _head(model.pool, nn.Flatten(1), model.classifier), 0
+    if isinstance(model, tvm.VGG):
+        return _conv_units(model, "features", model.features), _head(model.avgpool, nn.Flatten(1), model.classifier), 0
+    raise ValueError(
+        f"cannot divide a {type(model).__name__} into blocks; supported models: {', '.join(SUPPORTED_MODELS)}"
+    )
+
+
+def blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
+    """The model's ordered atomic blocks (qualified name, module) and its head (pool, flatten, classifier).
+
+    Applying the blocks in order and then the head computes model(x). The modules are the model's own;
+    a block made of several modules (the stem, a VGG conv unit) is an nn.Sequential of them named by
+    their qualified names joined with "+".
+
+    >>> bl, head = blocks(build_model("resnet20", 10))
+    >>> [n for n, _ in bl][:3]
+    ['conv1+bn1+relu', 'layer1.0', 'layer1.1']
+    """
+    bl, head, _ = _split(model)
+    return bl, head
+
+
+def _part_sum(prefix: list[int], a: int, b: int) -> int:
+    return prefix[b] - prefix[a]
+
+
+def balanced_partition(costs: Sequence[int], k: int) -> list[tuple[int, int]]:
+    """Cut `costs` into `k` non-empty contiguous parts, as (start, stop) index ranges, minimising the
+    largest part sum; among those, the sum of squared part sums (exact DP, ties to the earliest cut).
+
+    >>> balanced_partition([1, 1, 1, 3], 2)
+    [(0, 3), (3, 4)]
+    """
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut {n} items into k={k} non-empty parts (allowed: 1..{n})")
+    prefix = [0, *itertools.accumulate(int(c) for c in costs)]
+    inf = float("inf")
+    # Phase 1: the smallest achievable maximum part sum.
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for j in range(1, k + 1):
+        for i in range(j, n - (k - j) + 1):
+            best[j][i] = min(max(best[j - 1][p], _part_sum(prefix, p, i)) for p in range(j - 1, i))
+    bound = best[k][n]
+    # Phase 2: among partitions whose every part is <= bound, the smallest sum of squares.
+    sq = [[inf] * (n + 1) for _ in range(k + 1)]
+    arg = [[-1] * (n + 1) for _ in range(k + 1)]
+    sq[0][0] = 0
+    for j in range(1, k + 1):
+        for i in range(j, n - (k - j) + 1):
+            for p in range(j - 1, i):
+                s = _part_sum(prefix, p, i)
+                if s <= bound and sq[j - 1][p] + s * s < sq[j][i]:
+                    sq[j][i], arg[j][i] = sq[j - 1][p] + s * s, p
+    parts, i = [], n
+    for j in range(k, 0, -1):
+        p = arg[j][i]
+        parts.append((p, i))
+        i = p
+    return parts[::-1]
+
+
+def _training_flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for m, t in flags:
+        m.training = t
+
+
+def divide(
+    model: nn.Module, example_input: torch.Tensor, k: int, copy: bool = False
+) -> tuple[list[SubNetwork], nn.Module]:
+    """Cut `model` into `k` sub-networks of about equal FLOPs at block boundaries, and return them with the head.
+
+    The stem always stays with the block after it, so k ranges over 1..(number of blocks - 1) for
+    models with a stem (ResNets, MobileNetV2) and 1..(number of blocks) for VGG. The sub-networks
+    share the model's modules unless `copy=True`, which divides a deep copy (head included).
+
+    >>> subs, head = divide(build_model("resnet56", 10), torch.zeros(1, 3, 32, 32), k=3)
+    >>> [s.block_names[0] for s in subs]
+    ['conv1+bn1+relu', 'layer2.0', 'layer3.0']
+    """
+    if copy:
+        model = copy_module.deepcopy(model)
+    bl, head, n_stem = _split(model)
+    n_units = len(bl) - n_stem if len(bl) > n_stem else len(bl)
+    if not isinstance(k, int) or not 1 <= k <= n_units:
+        stem_note = " (the stem stays with the first block)" if n_stem else ""
+        raise ValueError(
+            f"k={k} sub-networks requested, but {type(model).__name__} has {len(bl)} blocks, "
+            f"so k must be in 1..{n_units}{stem_note}"
+        )
+    # Eval mode (BN statistics untouched) for the model and the new wrappers, restored afterwards.
+    flags = [f for mod in (model, head, *(b for _, b in bl)) for f in _training_flags(mod)]
+    for mod in (model, head, *(b for _, b in bl)):
+        mod.eval()
+    try:
+        x = example_input[:1]
+        flops, params, shapes = [], [], [tuple(x.shape[1:])]
+        with torch.no_grad():
+            for _, b in bl:
+                f, p = count_flops_params(b, x)
+                x = b(x)
+                flops.append(f)
+                params.append(p)
+                shapes.append(tuple(x.shape[1:]))
+    finally:
+        _restore_flags(flags)
+    # Cut over units: the stem block is merged with the block after it.
+    m = min(n_stem, len(bl) - 1)
+    unit_flops = [sum(flops[: m + 1]), *flops[m + 1 :]]
+    subs = []
+    for idx, (a, b) in enumerate(balanced_partition(unit_flops, k), start=1):
+        a, b = (a + m if a > 0 else 0), b + m
+        names = [n for n, _ in bl[a:b]]
+        module = _sequential(*(mod for _, mod in bl[a:b]))
+        subs.append(SubNetwork(idx, module, names, sum(flops[a:b]), sum(params[a:b]), shapes[a], shapes[b]))
+    return subs, head
+
+
+def _check_order(subnetworks: Sequence[SubNetwork]) -> None:
+    got = [s.index for s in subnetworks]
+    if not got or got != list(range(1, len(got) + 1)):
+        raise ValueError(f"sub-networks must be S_1..S_K in order, got indices {got}")
+
+
+def assemble(subnetworks: Sequence[SubNetwork], head: nn.Module) -> nn.Module:
+    """A Sequential applying S_1..S_K then the head (children "s1".."sK", "head"): model(x) again.
+
+    >>> subs, head = divide(model, x, k=2)
+    >>> torch.allclose(assemble(subs, head)(x), model(x))
+    True
+    """
+    _check_order(subnetworks)
+    parts = [(f"s{s.index}", s.module) for s in subnetworks]
+    return _sequential(*(mod for _, mod in parts), head, names=[*(n for n, _ in parts), "head"])
+
+
+def replace(subnetworks: Sequence[SubNetwork], head: nn.Module, k: int, new_module: nn.Module) -> nn.Module:
+    """assemble() with sub-network `k` (1-based) replaced by `new_module` (e.g. its pruned version).
+
+    >>> pruned = replace(subs, head, 2, pruned_s2)
+    >>> pruned.s2 is pruned_s2
+    True
+    """
+    _check_order(subnetworks)
+    if not 1 <= k <= len(subnetworks):
+        raise ValueError(f"k={k} is not a sub-network index; allowed: 1..{len(subnetworks)}")
+    swapped = [s if s.index != k else SubNetwork(k, new_module, s.block_names, s.flops, s.params, s.in_shape, s.out_shape)
+               for s in subnetworks]
+    return assemble(swapped, head)
+
+
+def source_name(subnetwork: SubNetwork, local_name: str) -> str:
+    """The qualified name in the original model of module `local_name` of `subnetwork.module`.
+
+    >>> source_name(subs[0], "0.0"), source_name(subs[0], "1.conv1")
+    ('conv1', 'layer1.0.conv1')
+    """
+    head, _, rest = local_name.partition(".")
+    if not head.isdigit() or int(head) >= len(subnetwork.block_names):
+        raise ValueError(f"{local_name!r} is not a module path inside sub-network {subnetwork.index}")
+    block = subnetwork.block_names[int(head)]
+    if _JOIN in block:
+        if not rest:
+            return block
+        part, _, rest = rest.partition(".")
+        block = block.split(_JOIN)[int(part)]
+    return f"{block}.{rest}" if rest else block
+
+
+class _Store:
+    """Rows of one feature tensor: preallocated when the row count is bounded, else gathered and concatenated."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity, self.n = capacity, 0
+        self.buf: torch.Tensor | None = None
+        self.chunks: list[torch.Tensor] = []
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.detach().cpu()
+        if self.capacity is None:
+            self.chunks.append(t)
+        else:
+            if self.buf is None:
+                self.buf = torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype)
+            self.buf[self.n : self.n + len(t)] = t
+        self.n += len(t)
+
+    def result(self) -> torch.Tensor:
+        if self.capacity is None:
+            return torch.cat(self.chunks)
+        assert self.buf is not None
+        return self.buf if self.n == self.capacity else self.buf[: self.n].clone()
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return None
+
+
+def boundary_features(
+    subnetworks: Sequence[SubNetwork],
+    batches: torch.Tensor | Iterable,
+    device: str | torch.device = "cpu",
+    max_samples: int | None = None,
+    batch_size: int = 256,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Run S_1..S_K once (eval mode, no grad) and return ([X_0, X_1, ..., X_K], labels) as CPU tensors.
+
+    `batches` is a tensor of inputs (cut into `batch_size` chunks; labels None) or an iterable of
+    (x, y) batches (or bare x); at most `max_samples` inputs are used (all when None). X_0 is the input.
+    The sub-networks are moved to `device` for the run and back afterwards.
+
+    >>> feats, labels = boundary_features(subs, torch.randn(8, 3, 32, 32), max_samples=4)
+    >>> len(feats) == len(subs) + 1, feats[0].shape[0], labels
+    (True, 4, None)
+    """
+    _check_order(subnetworks)
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+    if isinstance(batches, torch.Tensor):
+        data = batches if max_samples is None else batches[:max_samples]
+        items: Iterable = ((chunk, None) for chunk in data.split(batch_size))
+        capacity: int | None = len(data)
+    else:
+        items = (
+            (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
+            for item in batches
+        )
+        capacity = max_samples
+    device = torch.device(device)
+    modules = [s.module for s in subnetworks]
+    homes = [_device_of(m) for m in modules]
+    flags = [f for m in modules for f in _training_flags(m)]
+    stores = [_Store(capacity) for _ in range(len(modules) + 1)]
+    labels = _Store(capacity)
+    has_labels, seen = False, 0
+    try:
+        for m in modules:
+            m.eval()
+            m.to(device)
+        with torch.no_grad():
+            for x, y in items:
+                if max_samples is not None:
+                    x = x[: max_samples - seen]
+                    y = None if y is None else y[: max_samples - seen]
+                if len(x) == 0:
+                    break
+                stores[0].add(x)
+                if y is not None:
+                    labels.add(torch.as_tensor(y))
+                    has_labels = True
+                h = x.to(device)
+                for store, m in zip(stores[1:], modules):
+                    h = m(h)
+                    store.add(h)
+                seen += len(x)
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        for m, home in zip(modules, homes):
+            if home is not None:
+                m.to(home)
+        _restore_flags(flags)
+    if seen == 0:
+        raise ValueError("boundary_features got no inputs")
+    return [s.result() for s in stores], (labels.result() if has_labels else None)

@@ -1,0 +1,147 @@
+"""Global performance impairment ranking: score each sub-network candidate inside the otherwise original
+network, then join one candidate per sub-network into the scheme that loses least while meeting the target."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruning.arrays import as_batch
+from pruning.divide import SubNetwork
+from pruning.knapsack import Candidate, Combination, joint_front, top_combinations
+
+__all__ = ["JointScheme", "accuracy_with", "impairment_table", "joint_pareto", "joint_scheme", "merge_into", "min_saving_for"]
+
+
+@torch.no_grad()
+def accuracy_with(subnetworks: Sequence[SubNetwork], head: nn.Module, replacements: dict[int, nn.Module],
+                  features: Sequence, labels, batch_size: int = 256, device: torch.device | str = "cpu") -> float:
+    """Val accuracy of the network with sub-networks `replacements` (1-based k -> module) swapped in.
+
+    Starts from the cached original feature X_{j-1} at the first replaced sub-network j, so the
+    unchanged prefix is never recomputed."""
+    first = min(replacements) if replacements else len(subnetworks) + 1
+    start = first - 1  # index into features: X_{first-1}
+    mods = [replacements.get(s.index, s.module).to(device).eval() for s in subnetworks[start:]]
+    head = head.to(device).eval()
+    y = as_batch(labels)
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        x = as_batch(features[start][i:i + batch_size]).to(device)
+        for m in mods:
+            x = m(x)
+        correct += (head(x).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    return correct / max(1, len(y))
+
+
+def impairment_table(subnetworks: Sequence[SubNetwork], head: nn.Module, candidates: Sequence[Sequence[tuple[nn.Module, int]]],
+                     base_costs: Sequence[int], features: Sequence, labels,
+                     device: torch.device | str = "cpu") -> tuple[float, list[list[dict]]]:
+    """acc(N) and, per sub-network, one row per candidate (module, cost): its accuracy with only that
+    sub-network replaced, impairment = acc(N) - that, and the cost (FLOPs or params) it saves against
+    `base_costs[k]`. Row 0 of every sub-network is 'keep it unpruned' (impairment 0, saving 0).
+
+    >>> base_acc, table = impairment_table(subs, head, [[(c, c_flops)] for c, c_flops in ...], [s.flops for s in subs], X_val, y_val)
+    >>> table[0][1]["impairment"]
+    """
+    base_acc = accuracy_with(subnetworks, head, {}, features, labels, device=device)
+    table = []
+    for sub, cands, base_cost in zip(subnetworks, candidates, base_costs):
+        rows = [{"candidate": None, "val_acc": base_acc, "impairment": 0.0, "saving": 0, "cost": int(base_cost)}]
+        for j, (module, cost) in enumerate(cands):
+            acc = accuracy_with(subnetworks, head, {sub.index: module}, features, labels, device=device)
+            rows.append({"candidate": j, "val_acc": acc, "impairment": base_acc - acc, "saving": int(base_cost - cost), "cost": int(cost)})
+        table.append(rows)
+    return base_acc, table
+
+
+@dataclass
+class JointScheme:
+    choice: tuple[int, ...]          # row per sub-network in the impairment table (0 = unpruned)
+    predicted_acc: float
+    measured_acc: float
+    saving: int
+    verified: list[dict]             # the top-T combinations measured jointly
+
+
+def _candidates(table: list[list[dict]]) -> list[list[Candidate]]:
+    return [[Candidate(r["impairment"], int(r["saving"])) for r in rows] for rows in table]
+
+
+def joint_scheme(subnetworks: Sequence[SubNetwork], head: nn.Module, table: list[list[dict]], modules: Sequence[Sequence[nn.Module]],
+                 base_acc: float, min_saving: int, top_t: int, features: Sequence, labels,
+                 device: torch.device | str = "cpu", max_saving: int | None = None) -> JointScheme:
+    """Solve the multiple-choice knapsack exactly (least summed impairment with saving >= `min_saving`),
+    measure the best `top_t` combinations with all their replacements at once (impairments do not add up
+    exactly), and keep the most accurate one; at equal accuracy the one closest to the target.
+
+    `max_saving` keeps the scheme near the target: measured impairments are noisy on a finite val set, and
+    a much smaller network that ties on accuracy is not what was asked for. The combinations are taken in
+    exact impairment order and those above `max_saving` skipped (searching the first 50 * top_t); if none
+    falls inside, the unbounded best are used."""
+    cands = _candidates(table)
+    combos: list[Combination] = top_combinations(cands, min_saving, top_t if max_saving is None else 50 * top_t)
+    if max_saving is not None:
+        inside = [c for c in combos if c.saving <= max_saving]
+        combos = inside[:top_t] if inside else combos[:top_t]
+    verified = []
+    for c in combos:
+        repl = {sub.index: modules[k][row - 1] for k, (sub, row) in enumerate(zip(subnetworks, c.choice)) if row > 0}
+        acc = accuracy_with(subnetworks, head, repl, features, labels, device=device)
+        verified.append({"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "measured_acc": acc, "saving": c.saving})
+    best = max(verified, key=lambda v: (v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))
+    return JointScheme(tuple(best["choice"]), best["predicted_acc"], best["measured_acc"], best["saving"], verified)
+
+
+def joint_pareto(table: list[list[dict]], base_acc: float, base_cost: int) -> list[dict]:
+    """The Pareto front of whole-network schemes (predicted accuracy vs cost) from one table: every target at once."""
+    return [
+        {"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "cost": base_cost - c.saving,
+         "reduction": c.saving / base_cost}
+        for c in joint_front(_candidates(table))
+    ]
+
+
+def check_reachable(table: list[list[dict]], min_saving: int, base_cost: int, target: float) -> None:
+    """A clear error when even the most pruned candidate of every sub-network saves less than the target asks."""
+    reach = sum(max(r["saving"] for r in rows) for rows in table)
+    if reach < min_saving:
+        raise ValueError(f"target reduction {target} is out of reach for these candidates: together they remove at most "
+                         f"{reach / base_cost:.4f}; allowed: a target up to {reach / base_cost:.4f} (or widen the search: "
+                         f"more constrain.candidates, search generations, or a larger divide.k)")
+
+
+def min_saving_for(target_reduction: float, base_cost: int) -> int:
+    return int(math.ceil(target_reduction * base_cost - 1e-9))
+
+
+def merge_into(model: nn.Module, example_input: torch.Tensor, subnetworks: Sequence[SubNetwork],
+               chosen: dict[int, tuple[nn.Module, dict[str, list[int]]]]) -> tuple[nn.Module, dict[str, list[int]]]:
+    """One physically pruned copy of the whole `model` carrying the chosen sub-network candidates.
+
+    `chosen` maps k to (trained pruned module, its keep-scheme in sub-network-local names). Returns the
+    model and its keep-scheme in whole-model names, so it can be rebuilt from the original architecture."""
+    from pruning.channels import pruned_copy
+    from pruning.divide import source_name
+
+    full_scheme: dict[str, list[int]] = {}
+    for k, (_, scheme) in chosen.items():
+        sub = subnetworks[k - 1]
+        for local, kept in scheme.items():
+            full_scheme[source_name(sub, local)] = list(kept)
+    pruned = pruned_copy(model, example_input, full_scheme)
+    state = pruned.state_dict()
+    for k, (module, _) in chosen.items():
+        sub = subnetworks[k - 1]
+        for name, tensor in module.state_dict().items():
+            path, _, leaf = name.rpartition(".")
+            full = f"{source_name(sub, path)}.{leaf}"
+            if state[full].shape != tensor.shape:
+                raise ValueError(f"{full}: trained candidate has shape {tuple(tensor.shape)}, pruned model {tuple(state[full].shape)}")
+            state[full] = tensor
+    pruned.load_state_dict(state)
+    return pruned.eval(), full_scheme

@@ -1,0 +1,348 @@
+"""NSGA-II channel-pruning search over one module (a sub-network, or the whole network for `whole-emo`), as a pymoo Problem.
+
+Genes are keep-ratio levels, one per prunable channel group (residual-coupled channels share a gene);
+a candidate keeps the most important channels of each group by L1 group magnitude, inherits the
+original weights, has its BatchNorm statistics re-estimated on a few cached batches, and is scored by
+a frozen selector on cached inputs. Objectives, both minimised: cost fraction (FLOPs or params of the
+pruned module over the original's) and selector error. Nothing of pymoo leaves this module.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.problem import Problem
+from pymoo.indicators.hv import HV
+from pymoo.operators.crossover.pntx import TwoPointCrossover
+from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.mutation.bitflip import BitflipMutation
+from pymoo.operators.mutation.pm import PM
+from pymoo.operators.repair.rounding import RoundingRepair
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+from torch import nn
+
+from pruning.arrays import as_batch
+from pruning.channels import ChannelGroup, KeepScheme, channel_groups, count_flops_params, group_importance, keep_by_importance, pruned_copy
+
+__all__ = [
+    "Evaluation", "ParetoFront", "SearchSpace", "Scorer", "choose_for_target", "prunable_groups", "recalibrate_bn", "run_search",
+    "spread_indices",
+]
+
+
+def prunable_groups(module: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
+    """Channel groups of `module` whose pruning leaves its output shape unchanged: the boundary feature
+    X_k must keep its channels so the next sub-network and the feature constraint still fit."""
+    module = module.eval()
+    with torch.no_grad():
+        out_shape = module(example_input).shape
+    keep = []
+    for g in channel_groups(module, example_input, ignored=ignored):
+        if g.channels < 2:
+            continue
+        probe = pruned_copy(module, example_input, {g.name: list(range(g.channels - 1))})
+        with torch.no_grad():
+            if probe(example_input).shape == out_shape:
+                keep.append(g)
+    return keep
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """How genes encode a keep-scheme over `groups`.
+
+    `levels` (default): one integer gene in 1..levels per group; gene v keeps round(v / levels * channels)
+    channels (at least one), the most important ones by L1 group magnitude.
+    `binary`: one bit per channel; a group whose bits are all 0 keeps its most important channel.
+
+    >>> space = SearchSpace(tuple(prunable_groups(sub, x)), levels=10)
+    >>> space.decode(space.uniform(0.5), importance)   # half of every group, largest L1 first
+    """
+
+    groups: tuple[ChannelGroup, ...]
+    levels: int = 10
+    encoding: Literal["levels", "binary"] = "levels"
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ("levels", "binary"):
+            raise ValueError(f"encoding must be 'levels' or 'binary', got {self.encoding!r}")
+        if self.levels < 2:
+            raise ValueError(f"levels must be >= 2, got {self.levels}")
+
+    @property
+    def n_var(self) -> int:
+        return len(self.groups) if self.encoding == "levels" else sum(g.channels for g in self.groups)
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return (1, self.levels) if self.encoding == "levels" else (0, 1)
+
+    def uniform(self, fraction: float) -> np.ndarray:
+        """Genes keeping about `fraction` of every group."""
+        if self.encoding == "levels":
+            return np.full(self.n_var, max(1, min(self.levels, int(round(fraction * self.levels)))), dtype=int)
+        bits = []
+        for g in self.groups:
+            k = max(1, int(round(fraction * g.channels)))
+            bits += [1] * k + [0] * (g.channels - k)  # leading positions: mapped to the most important channels
+        return np.array(bits, dtype=int)
+
+    def keep_counts(self, genes: Sequence[int]) -> dict[str, int]:
+        if self.encoding != "levels":
+            raise ValueError("keep_counts applies to the 'levels' encoding")
+        return {g.name: max(1, int(round(int(v) / self.levels * g.channels))) for g, v in zip(self.groups, genes)}
+
+    def decode(self, genes: Sequence[int], importance: dict[str, torch.Tensor]) -> KeepScheme:
+        if self.encoding == "levels":
+            return keep_by_importance({g.name: importance[g.name] for g in self.groups}, self.keep_counts(genes))
+        scheme, pos = {}, 0
+        for g in self.groups:
+            bits = [int(b) for b in genes[pos:pos + g.channels]]
+            pos += g.channels
+            # bit i stands for the i-th most important channel, so 'uniform' seeds are magnitude pruning
+            ranked = sorted(range(g.channels), key=lambda c: (-float(importance[g.name][c]), c))
+            kept = [ranked[i] for i, b in enumerate(bits) if b] or ranked[:1]
+            scheme[g.name] = sorted(kept)
+        return scheme
+
+
+class Scorer:
+    """Selector error of a pruned module on cached inputs, after re-estimating its BatchNorm statistics.
+
+    >>> scorer = Scorer(selector, calib_inputs, val_inputs, val_labels)
+    >>> scorer(pruned_subnetwork)   # cross-entropy of selector(pruned(val_inputs))
+    0.41
+    """
+
+    def __init__(self, selector: nn.Module, calib_inputs: torch.Tensor, val_inputs: torch.Tensor, val_labels: torch.Tensor,
+                 error: Literal["ce", "acc"] = "ce", batch_size: int = 256, device: torch.device | str = "cpu") -> None:
+        self.selector = selector.eval().to(device)
+        self.calib, self.val_x, self.val_y = calib_inputs, val_inputs, val_labels
+        self.error, self.batch_size, self.device = error, batch_size, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module) -> float:
+        module = module.to(self.device)
+        recalibrate_bn(module, self.calib, self.batch_size, self.device)
+        logits = []
+        for i in range(0, len(self.val_x), self.batch_size):
+            x = as_batch(self.val_x[i:i + self.batch_size]).to(self.device)
+            logits.append(self.selector(module(x)).float().cpu())
+        z, y = torch.cat(logits), as_batch(self.val_y)
+        if self.error == "acc":
+            return 1.0 - (z.argmax(1) == y).float().mean().item()
+        return F.cross_entropy(z, y).item()
+
+
+@torch.no_grad()
+def recalibrate_bn(module: nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over `inputs` (pruning shifts them)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(inputs) == 0:
+        module.eval()
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the calibration batches
+    module.train()
+    for i in range(0, len(inputs), batch_size):
+        module(as_batch(inputs[i:i + batch_size]).to(device))
+    module.eval()
+
+
+@dataclass
+class Evaluation:
+    genes: tuple[int, ...]
+    cost: float          # pruned / original FLOPs (or params) of the searched module
+    error: float         # selector error
+    flops: int
+    params: int
+
+
+@dataclass
+class ParetoFront:
+    """The non-dominated archive of every candidate evaluated, sorted by cost, and the search's history."""
+
+    space: SearchSpace
+    base_flops: int
+    base_params: int
+    members: list[Evaluation]
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: int = 0
+    fronts: list[list[tuple[float, float]]] = field(default_factory=list)  # (cost, error) of the front after each generation
+
+    def spread(self, m: int) -> list[Evaluation]:
+        """Up to `m` pruned members spread evenly along the front (0 = all); see `spread_indices`."""
+        return [self.members[i] for i in spread_indices([e.cost for e in self.members], m)]
+
+
+def spread_indices(costs: Sequence[float], m: int) -> list[int]:
+    """Indices of up to `m` entries of a cost-sorted front, evenly spaced, ends included (0 = all);
+    the unpruned end (cost 1) is left out: it is every sub-network's 'keep' option anyway."""
+    pruned = [i for i, c in enumerate(costs) if c < 1.0 - 1e-9]
+    if m == 0 or m >= len(pruned):
+        return pruned
+    return [pruned[j] for j in np.unique(np.round(np.linspace(0, len(pruned) - 1, m)).astype(int))]
+
+
+def choose_for_target(costs: Sequence[float], errors: Sequence[float], target: float, max_overshoot: float) -> int:
+    """Index of the lowest-error front member whose cost fraction meets `target` (a reduction), preferring
+    those within `max_overshoot` of it; at equal error the larger (closer to target) one."""
+    limit = 1.0 - target
+    feasible = [i for i, c in enumerate(costs) if c <= limit + 1e-12]
+    if not feasible:
+        reach = 1.0 - min(costs)
+        raise ValueError(f"target reduction {target} is beyond this front, which reaches at most {reach:.4f}; "
+                         f"allowed: a target up to {reach:.4f}, or a longer search")
+    near = [i for i in feasible if costs[i] >= limit - max_overshoot] or feasible
+    return min(near, key=lambda i: (errors[i], -costs[i], i))
+
+
+class _PruningProblem(Problem):
+    def __init__(self, space: SearchSpace, evaluate: Callable[[np.ndarray], tuple[float, float, int, int]]) -> None:
+        lo, hi = space.bounds
+        super().__init__(n_var=space.n_var, n_obj=2, xl=lo, xu=hi, vtype=int)
+        self._evaluate_one = evaluate
+
+    def _evaluate(self, X, out, *args, **kwargs):
+        out["F"] = np.array([self._evaluate_one(np.asarray(x, dtype=int))[:2] for x in X], dtype=float)
+
+
+class _Search:
+    """Evaluation cache and archive around one module; pickled (minus the module) into checkpoints."""
+
+    def __init__(self, module: nn.Module, example_input: torch.Tensor, space: SearchSpace, scorer: Callable[[nn.Module], float],
+                 metric: Literal["flops", "params"]) -> None:
+        self.module, self.example, self.space, self.scorer, self.metric = module, example_input, space, scorer, metric
+        self.importance = group_importance(module, example_input)
+        self.importance = {g.name: self.importance[g.name] for g in space.groups}
+        self.base = count_flops_params(module, example_input)
+        self.cache: dict[tuple[int, ...], Evaluation] = {}
+        self.evaluations = 0
+
+    def scheme(self, genes: Sequence[int]) -> KeepScheme:
+        return self.space.decode(genes, self.importance)
+
+    def __call__(self, genes: np.ndarray) -> tuple[float, float, int, int]:
+        key = tuple(int(v) for v in genes)
+        if key not in self.cache:
+            pruned = pruned_copy(self.module, self.example, self.scheme(key))
+            flops, params = count_flops_params(pruned, self.example)
+            cost = flops / self.base[0] if self.metric == "flops" else params / self.base[1]
+            self.cache[key] = Evaluation(key, cost, float(self.scorer(pruned)), flops, params)
+            self.evaluations += 1
+        e = self.cache[key]
+        return e.cost, e.error, e.flops, e.params
+
+    def front(self) -> list[Evaluation]:
+        evals = list(self.cache.values())
+        if not evals:
+            return []
+        F_ = np.array([[e.cost, e.error] for e in evals])
+        nd = NonDominatedSorting().do(F_, only_non_dominated_front=True)
+        members = sorted((evals[i] for i in nd), key=lambda e: (e.cost, e.error, e.genes))
+        # drop exact duplicates in objective space, keep the first by genes
+        out, seen = [], set()
+        for e in members:
+            if (e.cost, e.error) not in seen:
+                seen.add((e.cost, e.error))
+                out.append(e)
+        return out
+
+
+def _initial_population(space: SearchSpace, pop_size: int, seed: int) -> np.ndarray:
+    """The unpruned module and uniform keep fractions across the range (so the front starts wide), then random genes."""
+    rng = np.random.default_rng(seed)
+    rows, seen = [], set()
+    for frac in np.linspace(1.0, 0.1, max(2, pop_size // 2)):
+        row = space.uniform(float(frac))
+        if row.tobytes() not in seen:
+            seen.add(row.tobytes())
+            rows.append(row)
+    lo, hi = space.bounds
+    while len(rows) < pop_size:
+        if space.encoding == "binary":
+            rows.append((rng.random(space.n_var) < rng.uniform(0.2, 1.0)).astype(int))
+        else:
+            rows.append(rng.integers(lo, hi + 1, size=space.n_var))
+    return np.array(rows[:pop_size], dtype=int)
+
+
+def _operators(space: SearchSpace) -> dict:
+    if space.encoding == "binary":
+        return {"crossover": TwoPointCrossover(), "mutation": BitflipMutation(prob=1.0, prob_var=min(0.5, 2.0 / space.n_var))}
+    return {"crossover": SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+            "mutation": PM(eta=20, vtype=float, repair=RoundingRepair())}
+
+
+def run_search(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    scorer: Callable[[nn.Module], float],
+    *,
+    space: SearchSpace,
+    pop_size: int,
+    generations: int,
+    seed: int,
+    metric: Literal["flops", "params"] = "flops",
+    state: bytes | None = None,
+    on_generation: Callable[[int, dict[str, float], bytes], None] | None = None,
+) -> ParetoFront:
+    """NSGA-II for `generations` generations; returns the non-dominated archive of all evaluations.
+
+    After every generation `on_generation(gen, metrics, state)` receives a checkpoint (`state`, bytes);
+    passing the latest one back as `state` resumes there, and with the same seed ends with the same front.
+
+    >>> space = SearchSpace(tuple(prunable_groups(sub, x)))
+    >>> front = run_search(sub, x, Scorer(selector, calib, val_x, val_y), space=space, pop_size=16, generations=8, seed=0)
+    >>> [(m.cost, m.error) for m in front.members][:2]
+    """
+    if not space.groups:
+        raise ValueError("the module has no prunable channel group: nothing to search")
+    if pop_size < 4 or generations < 1:
+        raise ValueError(f"search needs pop_size >= 4 and generations >= 1, got {pop_size} and {generations}")
+    search = _Search(module.eval(), example_input, space, scorer, metric)
+    history: list[dict[str, float]] = []
+    fronts: list[list[tuple[float, float]]] = []
+    if state is not None:
+        saved = pickle.loads(state)
+        algorithm, search.cache, search.evaluations, history, fronts, ref = (
+            saved["algorithm"], saved["cache"], saved["evaluations"], saved["history"], saved["fronts"], saved["ref"])
+        algorithm.problem = _PruningProblem(space, search)
+    else:
+        algorithm = NSGA2(
+            pop_size=pop_size,
+            sampling=_initial_population(space, pop_size, seed),
+            eliminate_duplicates=True,
+            **_operators(space),
+            seed=seed,
+        )
+        algorithm.setup(_PruningProblem(space, search), termination=("n_gen", generations), verbose=False)
+        ref = None
+    while algorithm.has_next():
+        algorithm.next()
+        front = search.front()
+        F_ = np.array([[e.cost, e.error] for e in front])
+        if ref is None:  # fixed after the first generation so hypervolumes compare across generations
+            all_err = [e.error for e in search.cache.values()]
+            ref = np.array([1.0 + 1e-9, max(all_err) * 1.1 + 1e-9])
+        gen = int(algorithm.n_gen) - 1
+        metrics = {"generation": gen, "hypervolume": float(HV(ref_point=ref)(F_)), "front_size": len(front),
+                   "evaluations": search.evaluations, "best_error": float(F_[:, 1].min()), "min_cost": float(F_[:, 0].min())}
+        history.append(metrics)
+        fronts.append([(e.cost, e.error) for e in front])
+        if on_generation is not None:
+            problem, algorithm.problem = algorithm.problem, None
+            try:
+                blob = pickle.dumps({"algorithm": algorithm, "cache": search.cache, "evaluations": search.evaluations,
+                                     "history": history, "fronts": fronts, "ref": ref})
+            finally:
+                algorithm.problem = problem
+            on_generation(gen, metrics, blob)
+    return ParetoFront(space, search.base[0], search.base[1], search.front(), history, search.evaluations, fronts)

@@ -1,0 +1,89 @@
+"""Stage constrain: train the kept weights of front candidates of each sub-network under cross-network
+feature constraints, k = 1..K in order (sub-network k learns from k-1's trained candidates)."""
+from __future__ import annotations
+
+import time
+
+import mlflow
+import numpy as np
+import torch
+from torch import nn
+
+from pruning.channels import count_flops_params, pruned_copy
+from pruning.constrain import train_constrained
+from pruning.search import spread_indices
+from pruning.train import resolve_device, seed_everything
+from tasks import paths
+from tasks.common import log_metrics_flat
+from tasks.config import Params
+from tasks.division import Division, feature_path, label_path, load_division
+from tasks.io import atomic_json, atomic_torch_save, read_json
+from tasks.search import load_selector
+from tasks.tracking import stage_run
+
+
+def candidate_path(k: int, j: int):
+    return paths.CANDIDATES / f"s{k}_c{j}.pt"
+
+
+def load_candidate(division: Division, k: int, j: int) -> tuple[nn.Module, dict]:
+    """Rebuild trained candidate j of sub-network k: prune a copy of S_k to its scheme, load its weights."""
+    blob = torch.load(candidate_path(k, j), map_location="cpu", weights_only=True)
+    module = pruned_copy(division.subnetworks[k - 1].module, division.example(k), blob["scheme"])
+    module.load_state_dict(blob["state_dict"])
+    return module.eval(), {key: v for key, v in blob.items() if key != "state_dict"}
+
+
+def run(params: Params) -> dict:
+    method = params.prune.method
+    with stage_run(params, "constrain", ("constrain",)):
+        paths.CANDIDATES.mkdir(parents=True, exist_ok=True)
+        if method != "emo-dir":
+            out = {"method": method, "trained": 0, "note": f"{method} does not train sub-network candidates"}
+            atomic_json(out, paths.CANDIDATES / "index.json")
+            atomic_json(out, paths.metrics_file("constrain"))
+            return out
+        device = resolve_device(params.device)
+        division = load_division(params)
+        c = params.constrain
+        start = time.perf_counter()
+        ytr = np.load(label_path("train"))
+        index: dict = {"method": method, "subnetworks": []}
+        previous: list[nn.Module] = []
+        for sub in division.subnetworks:
+            k = sub.index
+            seed_everything(params.seed + k)
+            front = read_json(paths.SEARCH / f"front_s{k}.json")
+            chosen = [front["members"][i] for i in spread_indices([m["cost"] for m in front["members"]], c.candidates)]
+            x_in = np.load(feature_path("train", k - 1), mmap_mode="r")
+            x_out = np.load(feature_path("train", k), mmap_mode="r")
+            x_prev = np.load(feature_path("train", k - 2), mmap_mode="r") if k > 1 else None
+            # X~_{k-1}: the original S_{k-1} or one of its trained pruned candidates, drawn per batch
+            preds = [division.subnetworks[k - 2].module, *previous] if k > 1 else []
+            selector = load_selector(division, k)
+            trained, rows = [], []
+            for j, member in enumerate(chosen):
+                module = pruned_copy(sub.module, division.example(k), member["scheme"])
+                losses = train_constrained(module, x_in, x_out, ytr, selector, predecessors=preds, predecessor_inputs=x_prev,
+                                           lam=c.lam, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
+                                           seed=params.seed + 100 * k + j, device=device)
+                module = module.cpu().eval()
+                flops, n_params = count_flops_params(module, division.example(k))
+                atomic_torch_save({"scheme": member["scheme"], "genes": member["genes"], "flops": flops, "params": n_params,
+                                   "search_error": member["error"], "losses": losses,
+                                   "state_dict": {n: t.detach().cpu() for n, t in module.state_dict().items()}}, candidate_path(k, j))
+                trained.append(module)
+                rows.append({"candidate": j, "flops": flops, "params": n_params, "cost": member["cost"],
+                             "search_error": member["error"], **losses})
+                mlflow.log_metrics({f"constrain.s{k}.feature_mse": losses["feature_mse"],
+                                    f"constrain.s{k}.selector_ce": losses["selector_ce"]}, step=j)
+                print(f"constrain s{k}: candidate {j + 1}/{len(chosen)}  flops={flops:,}  mse={losses['feature_mse']:.4f}  "
+                      f"ce={losses['selector_ce']:.4f}", flush=True)
+            index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows})
+            previous = trained
+        index["seconds"] = time.perf_counter() - start
+        index["trained"] = sum(len(s["candidates"]) for s in index["subnetworks"])
+        atomic_json(index, paths.CANDIDATES / "index.json")
+        log_metrics_flat({"seconds": index["seconds"], "trained": index["trained"]}, "constrain.")
+        atomic_json({"method": method, "trained": index["trained"], "seconds": index["seconds"]}, paths.metrics_file("constrain"))
+        return index

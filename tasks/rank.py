@@ -1,0 +1,164 @@
+"""Stage rank: choose the pruning scheme for `prune.target` and build the physically pruned model.
+
+emo-dir: global performance impairment ranking over the trained sub-network candidates (exact
+multiple-choice knapsack, top-T verified jointly); whole-emo: the most accurate member of its whole-network
+front that meets the target; one-shot baselines (uniform, global-magnitude, random): the method itself."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
+from pruning.gpir import check_reachable, impairment_table, joint_pareto, joint_scheme, merge_into, min_saving_for
+from pruning.methods import METHODS, Target
+from pruning.search import choose_for_target
+from pruning.train import resolve_device
+from tasks import paths
+from tasks.checkpoints import load_model, save_model
+from tasks.common import Data, accuracy, log_metrics_flat
+from tasks.config import Params
+from tasks.constrain import load_candidate
+from tasks.division import Division, feature_path, label_path, load_division
+from tasks.io import atomic_json, read_json
+from tasks.tracking import stage_run
+
+SCHEME_SCHEMA = 2
+
+
+def _cost(flops_params: tuple[int, int], metric: str) -> int:
+    return flops_params[0] if metric == "flops" else flops_params[1]
+
+
+def _val_cache(k_max: int):
+    feats = [np.load(feature_path("val", k), mmap_mode="r") for k in range(k_max + 1)]
+    return feats, np.load(label_path("val"))
+
+
+def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, write_tables: bool = True) -> tuple[torch.nn.Module, dict, dict]:
+    device = resolve_device(params.device)
+    metric = params.prune.metric
+    index = read_json(paths.CANDIDATES / "index.json")
+    modules, cands, schemes = [], [], []
+    for entry in index["subnetworks"]:
+        k = entry["k"]
+        loaded = [load_candidate(division, k, row["candidate"]) for row in entry["candidates"]]
+        modules.append([m for m, _ in loaded])
+        schemes.append([meta["scheme"] for _, meta in loaded])
+        cands.append([(m, meta["flops"] if metric == "flops" else meta["params"]) for m, meta in loaded])
+    feats, labels = _val_cache(division.k)
+    base_costs = [s.flops if metric == "flops" else s.params for s in division.subnetworks]
+    base_acc, table = impairment_table(division.subnetworks, division.head, cands, base_costs, feats, labels, device=device)
+    total = _cost(count_flops_params(division.model, example), metric)
+    need = min_saving_for(params.prune.target, total)
+    check_reachable(table, need, total, params.prune.target)
+    cap = min_saving_for(min(1.0, params.prune.target + params.rank.max_overshoot), total)
+    best = joint_scheme(division.subnetworks, division.head, table, modules, base_acc, need, params.rank.top_t, feats, labels,
+                        device=device, max_saving=cap)
+    chosen = {k + 1: (modules[k][row - 1], schemes[k][row - 1]) for k, row in enumerate(best.choice) if row > 0}
+    pruned, full_scheme = merge_into(division.model, example, division.subnetworks, chosen)
+    front = joint_pareto(table, base_acc, total)
+    info = {
+        "val_cache_acc_base": base_acc,
+        "predicted_val_acc": best.predicted_acc,
+        "measured_val_acc": best.measured_acc,
+        "predicted_saving": best.saving,
+        "choice": [{"k": k + 1, "row": row, "candidate": table[k][row]["candidate"], "impairment": table[k][row]["impairment"],
+                    "saving": table[k][row]["saving"]} for k, row in enumerate(best.choice)],
+        "verified": best.verified,
+    }
+    if write_tables:
+        atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "table": table}, paths.GPIR_TABLE)
+        atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "chosen": list(best.choice), "front": front},
+                    paths.JOINT_FRONT)
+    return pruned, full_scheme, info
+
+
+def rank_whole_emo(params: Params, division: Division, example: torch.Tensor) -> tuple[torch.nn.Module, dict, dict]:
+    members = read_json(paths.SEARCH / "front_whole.json")["members"]
+    # as for emo-dir: near the target when the front allows it, not a much smaller model that ties on error
+    best = members[choose_for_target([m["cost"] for m in members], [m["error"] for m in members],
+                                     params.prune.target, params.rank.max_overshoot)]
+    scheme = best["scheme"]
+    return pruned_copy(division.model, example, scheme), scheme, {"search_error": best["error"], "genes": best["genes"]}
+
+
+def choose(params: Params, example: torch.Tensor, write_tables: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, dict, KeepScheme, dict]:
+    """(base model, its metadata, pruned model, keep-scheme, method info) for `prune.method` at `prune.target`."""
+    p = params.prune
+    if p.method in METHODS:
+        base, base_meta = load_model(paths.BASE)
+        result = METHODS[p.method](round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, p.metric))
+        return base, base_meta, pruned_copy(base, example, result.scheme), result.scheme, result.info
+    division = load_division(params)
+    if p.method == "emo-dir":
+        pruned, scheme, info = rank_emo_dir(params, division, example, write_tables=write_tables)
+    else:
+        pruned, scheme, info = rank_whole_emo(params, division, example)
+    return division.model, division.meta, pruned, scheme, info
+
+
+def scheme_document(params: Params, base, base_meta: dict, pruned, scheme: KeepScheme, info: dict, example: torch.Tensor) -> dict:
+    base_flops, base_params = count_flops_params(base, example)
+    flops, n_params = count_flops_params(pruned, example)
+    kept = {name: len(idx) for name, idx in scheme.items()}
+    return {
+        "schema_version": SCHEME_SCHEMA, "model": base_meta["model"], "method": params.prune.method,
+        "target": {"reduction": params.prune.target, "metric": params.prune.metric},
+        "flops": {"base": base_flops, "pruned": flops, "reduction": 1 - flops / base_flops},
+        "params": {"base": base_params, "pruned": n_params, "reduction": 1 - n_params / base_params},
+        "groups": [{"name": g.name, "channels": g.channels, "kept": kept.get(g.name, g.channels), "layers": list(g.layers)}
+                   for g in channel_groups(base, example)],
+        "keep": scheme,
+        "info": info,
+    }
+
+
+def run(params: Params) -> dict:
+    data = Data(params)
+    device = resolve_device(params.device)
+    p = params.prune
+    with stage_run(params, "rank", ("prune", "rank")):
+        start = time.perf_counter()
+        if p.method != "emo-dir":  # GPIR's tables exist for emo-dir only; the stage's outputs always exist
+            for path in (paths.GPIR_TABLE, paths.JOINT_FRONT):
+                atomic_json({"method": p.method, "note": "global performance impairment ranking is emo-dir's"}, path)
+        base, base_meta, pruned, scheme, info = choose(params, data.example)
+        seconds = time.perf_counter() - start
+        doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
+        out = {
+            "method": p.method, "target": p.target, "metric": p.metric,
+            "base_flops": doc["flops"]["base"], "base_params": doc["params"]["base"],
+            "flops": doc["flops"]["pruned"], "params": doc["params"]["pruned"],
+            "flops_reduction": doc["flops"]["reduction"], "params_reduction": doc["params"]["reduction"],
+            "val_acc_before_finetune": accuracy(pruned.to(device), data.loader("val"), device),
+            "rank_seconds": seconds,
+        }
+        save_model(pruned.cpu(), paths.PRUNED_INIT, name=base_meta["model"], num_classes=base_meta["num_classes"],
+                   image_size=base_meta["image_size"], scheme=scheme)
+        atomic_json(doc, paths.SCHEME)
+        log_metrics_flat(out, "rank.")
+        mlflow.log_artifact(str(paths.SCHEME))
+        atomic_json(out, paths.metrics_file("rank"))
+        return out
+
+
+def scheme_for_target(params: Params, target: float) -> tuple[dict, Path, Path]:
+    """Another target from the same search: rank again (no search, no constrained training) and write
+    artifacts/schemes/target-<t>.json and models/pruned_init-target-<t>.pt; the pipeline's outputs stay as they are."""
+    params = params.model_copy(update={"prune": params.prune.model_copy(update={"target": target})})
+    if params.prune.method not in ("emo-dir", "whole-emo"):
+        raise ValueError(f"prune.method={params.prune.method!r} keeps no front to rank again; allowed: emo-dir, whole-emo "
+                         f"(for one-shot baselines, rerun the rank stage with another prune.target)")
+    data = Data(params)
+    base, base_meta, pruned, scheme, info = choose(params, data.example, write_tables=False)
+    doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
+    tag = f"target-{target:g}"
+    doc_path, model_path = paths.SCHEMES / f"{tag}.json", paths.PRUNED_INIT.with_name(f"pruned_init-{tag}.pt")
+    save_model(pruned.cpu(), model_path, name=base_meta["model"], num_classes=base_meta["num_classes"],
+               image_size=base_meta["image_size"], scheme=scheme)
+    atomic_json(doc, doc_path)
+    return doc, doc_path, model_path

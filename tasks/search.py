@@ -1,0 +1,159 @@
+"""Stage search: NSGA-II per sub-network for `emo-dir` (one task each, mapped by the flow), over the whole
+network for `whole-emo`; one-shot baselines have nothing to search. Fronts go to artifacts/search/."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from pruning.channels import group_importance
+from pruning.search import ParetoFront, Scorer, SearchSpace, prunable_groups, run_search
+from pruning.selectors import FeatureSelector
+from pruning.train import resolve_device
+from tasks import paths
+from tasks.common import log_metrics_flat
+from tasks.config import Params
+from tasks.division import Division, feature_path, label_path, load_division
+from tasks.io import atomic_json, atomic_path
+from tasks.tracking import stage_run
+
+SEARCH_SCHEMA = 1
+# mapper(ks, run_id) -> one result dict per sub-network; the flow supplies a Prefect task map
+Mapper = Callable[[Sequence[int], str], list[dict]]
+
+
+def load_selector(division: Division, k: int) -> nn.Module:
+    if k == division.k:
+        return division.head
+    state = torch.load(paths.SELECTORS, map_location="cpu", weights_only=True)[k]
+    g = FeatureSelector(state["in_channels"], state["num_classes"])
+    g.load_state_dict(state["state_dict"])
+    for p in g.parameters():
+        p.requires_grad_(False)
+    return g.eval()
+
+
+def _fingerprint(params: Params, tag: str) -> str:
+    """What a checkpoint must match to be resumed: the model, the selectors, the search settings."""
+    h = hashlib.sha256()
+    for f in (paths.BASE, paths.SELECTORS):
+        h.update(f.read_bytes() if f.is_file() else b"")
+    h.update(json.dumps([tag, params.seed, params.divide.model_dump(), params.search.model_dump(), params.prune.metric],
+                        sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _search(params: Params, tag: str, module: nn.Module, example: torch.Tensor, scorer: Scorer, space: SearchSpace,
+            generations: int, run_id: str | None) -> dict:
+    s = params.search
+    ckpt = paths.CHECKPOINTS / f"search_{tag}_{_fingerprint(params, tag)}.pkl"
+    state = ckpt.read_bytes() if ckpt.is_file() else None
+    client = MlflowClient(tracking_uri=params.tracking.uri) if run_id else None
+
+    def on_generation(gen: int, metrics: dict[str, float], blob: bytes) -> None:
+        with atomic_path(ckpt) as tmp:
+            tmp.write_bytes(blob)
+        print(f"search {tag}: generation {gen}/{generations}  hypervolume={metrics['hypervolume']:.4f}  "
+              f"front={metrics['front_size']}  evaluations={metrics['evaluations']}", flush=True)
+        if client is not None:
+            ts = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
+            client.log_batch(run_id, metrics=[Metric(f"search.{tag}.{k}", float(v), ts, gen)
+                                              for k, v in metrics.items() if k != "generation"])
+
+    start = time.perf_counter()
+    if state is not None:
+        print(f"search {tag}: resuming from {ckpt}", flush=True)
+    front = run_search(module, example, scorer, space=space, pop_size=s.pop_size, generations=generations, seed=params.seed,
+                       metric=params.prune.metric, state=state, on_generation=on_generation)
+    seconds = time.perf_counter() - start
+    importance = group_importance(module, example)
+    doc = front_document(tag, front, importance, seconds)
+    atomic_json(doc, paths.SEARCH / f"front_{tag}.json")
+    return {"tag": tag, "evaluations": front.evaluations, "front_size": len(front.members), "seconds": seconds,
+            "hypervolume": front.history[-1]["hypervolume"], "resumed": state is not None}
+
+
+def front_document(tag: str, front: ParetoFront, importance: dict, seconds: float) -> dict:
+    space = front.space
+    return {
+        "schema_version": SEARCH_SCHEMA,
+        "tag": tag,
+        "encoding": space.encoding,
+        "levels": space.levels,
+        "groups": [{"name": g.name, "channels": g.channels, "layers": list(g.layers)} for g in space.groups],
+        "base_flops": front.base_flops,
+        "base_params": front.base_params,
+        "evaluations": front.evaluations,
+        "seconds": seconds,
+        "members": [
+            {"genes": list(m.genes), "cost": m.cost, "error": m.error, "flops": m.flops, "params": m.params,
+             "scheme": space.decode(m.genes, importance)}
+            for m in front.members
+        ],
+        "history": front.history,
+        "fronts": front.fronts,
+    }
+
+
+def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict:
+    """NSGA-II on sub-network k alone: scored by its selector on cached X_{k-1}, nothing else of the network runs."""
+    device = resolve_device(params.device)
+    division = load_division(params)  # a private copy: tasks may run in parallel threads
+    sub = division.subnetworks[k - 1]
+    xtr = np.load(feature_path("train", k - 1), mmap_mode="r")
+    xva, yva = np.load(feature_path("val", k - 1), mmap_mode="r"), np.load(label_path("val"))
+    scorer = Scorer(load_selector(division, k), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
+    example = division.example(k)
+    space = SearchSpace(tuple(prunable_groups(sub.module, example)), params.search.levels, params.search.encoding)
+    if not space.groups:
+        raise ValueError(f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group; use a smaller divide.k")
+    return _search(params, f"s{k}", sub.module, example, scorer, space, params.search.generations, run_id)
+
+
+def search_whole(params: Params, run_id: str | None = None) -> dict:
+    """The whole-emo baseline: NSGA-II over every channel group of the whole network, scored on the whole
+    network's val logits, with K times the generations so it gets EMO-DIR's number of evaluations."""
+    device = resolve_device(params.device)
+    division = load_division(params)
+    model = division.model
+    xtr = np.load(feature_path("train", 0), mmap_mode="r")
+    xva, yva = np.load(feature_path("val", 0), mmap_mode="r"), np.load(label_path("val"))
+    scorer = Scorer(nn.Identity(), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
+    example = division.example(1)
+    space = SearchSpace(tuple(prunable_groups(model, example)), params.search.levels, params.search.encoding)
+    return _search(params, "whole", model, example, scorer, space, params.search.generations * division.k, run_id)
+
+
+def sequential(params: Params) -> Mapper:
+    return lambda ks, run_id: [search_subnetwork(params, k, run_id) for k in ks]
+
+
+def run(params: Params, mapper: Mapper | None = None) -> dict:
+    method = params.prune.method
+    with stage_run(params, "search", ("divide", "search")) as active:
+        run_id = active.info.run_id
+        start = time.perf_counter()
+        paths.SEARCH.mkdir(parents=True, exist_ok=True)
+        for stale in paths.SEARCH.glob("front_*.json"):  # another method's fronts must not leak into this run's plots
+            stale.unlink()
+        if method == "emo-dir":
+            k = params.divide.k
+            results = (mapper or sequential(params))(list(range(1, k + 1)), run_id)
+        elif method == "whole-emo":
+            results = [search_whole(params, run_id)]
+        else:
+            results = []
+        out = {"method": method, "searched": bool(results), "seconds": time.perf_counter() - start,
+               "evaluations": int(sum(r["evaluations"] for r in results)), "subnetworks": results}
+        log_metrics_flat({"seconds": out["seconds"], "evaluations": out["evaluations"]}, "search.")
+        atomic_json(out, paths.metrics_file("search"))
+        atomic_json(out, paths.SEARCH / "summary.json")
+        return out

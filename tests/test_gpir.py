@@ -1,0 +1,76 @@
+"""GPIR on real sub-network candidates: the impairment table, the joint scheme, the merged whole model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pruning.channels import count_flops_params, group_importance, pruned_copy
+from pruning.constrain import train_constrained
+from pruning.divide import assemble, boundary_features, divide
+from pruning.gpir import accuracy_with, impairment_table, joint_pareto, joint_scheme, merge_into
+from pruning.models import build_model
+from pruning.search import SearchSpace, prunable_groups
+
+
+def test_joint_scheme_builds_a_whole_model_with_the_predicted_flops():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    subs, head = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x)
+    modules, cands, schemes = [], [], []
+    for sub in subs:
+        ex = feats[sub.index - 1][:1]
+        space = SearchSpace(tuple(prunable_groups(sub.module, ex)))
+        imp = group_importance(sub.module, ex)
+        mods, sch = [], []
+        for frac in (0.3, 0.6):
+            local = space.decode(space.uniform(frac), imp)
+            mods.append(pruned_copy(sub.module, ex, local).eval())
+            sch.append(local)
+        modules.append(mods)
+        schemes.append(sch)
+        cands.append([(m, count_flops_params(m, ex)[0]) for m in mods])
+    base_acc, table = impairment_table(subs, head, cands, [s.flops for s in subs], feats, y)
+    with torch.no_grad():
+        assert base_acc == (model(x).argmax(1) == y).float().mean().item()
+    assert all(rows[0]["saving"] == 0 and rows[0]["impairment"] == 0 for rows in table)
+    total = count_flops_params(model, x[:1])[0]
+    need = int(0.3 * total)
+    best = joint_scheme(subs, head, table, modules, base_acc, need, top_t=5, features=feats, labels=y)
+    assert best.saving >= need and len(best.verified) == 5
+    chosen = {i + 1: (modules[i][r - 1], schemes[i][r - 1]) for i, r in enumerate(best.choice) if r > 0}
+    merged, full_scheme = merge_into(model, x[:1], subs, chosen)
+    assert count_flops_params(merged, x[:1])[0] == total - best.saving
+    with torch.no_grad():
+        assert (merged(x).argmax(1) == y).float().mean().item() == best.measured_acc
+    repl = {k: m for k, (m, _) in chosen.items()}
+    assert accuracy_with(subs, head, repl, feats, y) == best.measured_acc
+    front = joint_pareto(table, base_acc, total)
+    assert base_acc == 1.0 and front[0]["predicted_acc"] == 1.0  # the front opens with the most saving at no loss
+    assert all(a["reduction"] < b["reduction"] and a["predicted_acc"] > b["predicted_acc"] for a, b in zip(front, front[1:]))
+
+
+def test_constrained_training_pulls_the_pruned_feature_towards_the_original():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    subs, head = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x)
+    sub = subs[2]
+    ex = feats[2][:1]
+    space = SearchSpace(tuple(prunable_groups(sub.module, ex)))
+    cand = pruned_copy(sub.module, ex, space.decode(space.uniform(0.4), group_importance(sub.module, ex)))
+    def mse(m):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(m.eval()(feats[2]), feats[3]).item()
+    before = mse(cand)
+    stats = train_constrained(cand, feats[2], feats[3], y, head, predecessors=[subs[1].module, copy.deepcopy(subs[1].module)],
+                              predecessor_inputs=feats[1], lam=0.0, epochs=8, lr=0.01, batch_size=32)
+    assert mse(cand) < before and stats["feature_mse"] > 0
+    assert all(not p.requires_grad for p in head.parameters())
+    with torch.no_grad():  # the original network is untouched
+        assert torch.allclose(assemble(subs, head)(x), model(x))

@@ -1,0 +1,91 @@
+"""The per-sub-network NSGA-II search: valid fronts, both encodings, resumable with identical results."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from pruning.channels import count_flops_params, group_importance, pruned_copy
+from pruning.divide import boundary_features, divide
+from pruning.models import build_model
+from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search, spread_indices
+from pruning.selectors import selector_accuracy, train_selector
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(80, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the unpruned network is right by definition: pruning trades accuracy for FLOPs
+    subs, head = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x)
+    sub = subs[2]
+    ex = feats[2][:1]
+    scorer = Scorer(head, feats[2][:32], feats[2][32:], y[32:])
+    space = SearchSpace(tuple(prunable_groups(sub.module, ex)))
+    return sub, ex, scorer, space
+
+
+def _nondominated(points):
+    return all(not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in points) for a in points)
+
+
+def test_boundary_channels_are_not_genes(setting):
+    sub, ex, _, space = setting
+    names = [g.name for g in space.groups]
+    assert names == ["0.conv1", "1.conv1", "2.conv1"]  # the residual chain feeding X_3 keeps its width
+    scheme = space.decode(space.uniform(0.5), group_importance(sub.module, ex))
+    with torch.no_grad():
+        assert pruned_copy(sub.module, ex, scheme)(ex).shape == sub.module(ex).shape
+
+
+@pytest.mark.parametrize("encoding", ["levels", "binary"])
+def test_front_is_nondominated_and_costs_are_real(setting, encoding):
+    sub, ex, scorer, space = setting
+    space = SearchSpace(space.groups, encoding=encoding)
+    front = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=3, seed=0)
+    pts = [(m.cost, m.error) for m in front.members]
+    assert len(pts) >= 2 and _nondominated(pts)
+    assert pts == sorted(pts)
+    base = count_flops_params(sub.module, ex)[0]
+    imp = group_importance(sub.module, ex)
+    for m in front.members:
+        pruned = pruned_copy(sub.module, ex, space.decode(m.genes, imp))
+        assert count_flops_params(pruned, ex)[0] == m.flops and m.cost == pytest.approx(m.flops / base)
+    assert [h["generation"] for h in front.history] == [1, 2, 3]
+    assert front.history[-1]["hypervolume"] >= front.history[0]["hypervolume"]  # the archive never loses ground
+
+
+def test_killed_search_resumes_to_the_same_front(setting):
+    sub, ex, scorer, space = setting
+    states = []
+    full = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=3,
+                      on_generation=lambda g, m, blob: states.append(blob))
+    assert len(states) == 4 and "algorithm" in pickle.loads(states[1])
+    resumed = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=3, state=states[1])
+    assert [(m.genes, m.cost, m.error) for m in resumed.members] == [(m.genes, m.cost, m.error) for m in full.members]
+    assert resumed.history == full.history and resumed.evaluations == full.evaluations
+    other = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=4)
+    assert other.history != full.history  # the seed matters
+
+
+def test_spread_and_choice_helpers():
+    assert spread_indices([0.1, 0.2, 0.3, 0.4, 0.5, 1.0], 3) == [0, 2, 4]
+    assert spread_indices([0.1, 1.0], 0) == [0]
+    costs, errors = [0.2, 0.45, 0.5, 0.7], [0.9, 0.3, 0.35, 0.1]
+    assert choose_for_target(costs, errors, 0.5, 0.02) == 2   # only 0.5 is within target..target+2pp
+    assert choose_for_target(costs, errors, 0.5, 0.1) == 1    # 0.45 is allowed and more accurate
+    with pytest.raises(ValueError, match="at most 0.8000"):
+        choose_for_target(costs, errors, 0.9, 0.02)
+
+
+def test_selector_learns_separable_features():
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (120,))
+    x = torch.randn(120, 8, 4, 4) * 0.1 + torch.nn.functional.one_hot(y, 8).float()[:, :, None, None]
+    g = train_selector(x[:90], y[:90], 3, epochs=30, lr=1e-2)
+    assert selector_accuracy(g, x[90:], y[90:]) > 0.9
+    assert not any(p.requires_grad for p in g.parameters())
