@@ -82,7 +82,7 @@ def run(force: bool = typer.Option(False, help="rerun every stage even if DVC fi
         _fail(str(e))
     except RuntimeError as e:
         _fail(str(e), code=1)
-    Console().print("up to date: no stage ran" if result["up_to_date"] else f"stages run: {', '.join(result['ran']) or 'none'}")
+    typer.echo("up to date: no stage ran" if result["up_to_date"] else f"stages run: {', '.join(result['ran']) or 'none'}")
 
 
 @app.command()
@@ -99,7 +99,7 @@ def scheme(target: float = typer.Option(..., help="fraction of FLOPs (or params)
     except (*_user_errors(), ValueError, FileNotFoundError) as e:
         _fail(str(e))
     info = doc["info"]
-    Console().print(
+    typer.echo(
         f"{doc['method']} at target {target:g}: removes {doc['flops']['reduction']:.2%} of FLOPs "
         f"({doc['flops']['pruned']:,} of {doc['flops']['base']:,}), {doc['params']['reduction']:.2%} of params; "
         + (f"val acc predicted {info['predicted_val_acc']:.4f}, measured {info['measured_val_acc']:.4f}"

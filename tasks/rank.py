@@ -135,6 +135,7 @@ def run(params: Params) -> dict:
             "flops": doc["flops"]["pruned"], "params": doc["params"]["pruned"],
             "flops_reduction": doc["flops"]["reduction"], "params_reduction": doc["params"]["reduction"],
             "val_acc_before_finetune": accuracy(pruned.to(device), data.loader("val"), device),
+            "test_acc_before_finetune": accuracy(pruned, data.loader("test"), device),  # reported only, never used to choose
             "rank_seconds": seconds,
         }
         save_model(pruned.cpu(), paths.PRUNED_INIT, name=base_meta["model"], num_classes=base_meta["num_classes"],

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from pruning.channels import group_importance
@@ -56,11 +57,16 @@ def _search(params: Params, tag: str, module: nn.Module, example: torch.Tensor, 
     state = ckpt.read_bytes() if ckpt.is_file() else None
     client = MlflowClient(tracking_uri=params.tracking.uri) if run_id else None
 
+    bar = _PROGRESS.add_task(f"search {tag}", total=generations, status="") if _PROGRESS is not None else None
+
     def on_generation(gen: int, metrics: dict[str, float], blob: bytes) -> None:
         with atomic_path(ckpt) as tmp:
             tmp.write_bytes(blob)
-        print(f"search {tag}: generation {gen}/{generations}  hypervolume={metrics['hypervolume']:.4f}  "
-              f"front={metrics['front_size']}  evaluations={metrics['evaluations']}", flush=True)
+        status = f"hv={metrics['hypervolume']:.4f} front={metrics['front_size']} evals={metrics['evaluations']}"
+        if bar is not None:
+            _PROGRESS.update(bar, completed=gen, status=status)
+        else:
+            print(f"search {tag}: generation {gen}/{generations}  {status}", flush=True)
         if client is not None:
             ts = int(time.time() * 1000)
             from mlflow.entities import Metric
@@ -136,9 +142,15 @@ def sequential(params: Params) -> Mapper:
     return lambda ks, run_id: [search_subnetwork(params, k, run_id) for k in ks]
 
 
+# One progress display for all sub-networks searched in this process (rich allows one live display at a time).
+_PROGRESS: Progress | None = None
+
+
 def run(params: Params, mapper: Mapper | None = None) -> dict:
+    global _PROGRESS
     method = params.prune.method
-    with stage_run(params, "search", ("divide", "search")) as active:
+    with stage_run(params, "search", ("divide", "search")) as active, _progress() as progress:
+        _PROGRESS = progress
         run_id = active.info.run_id
         start = time.perf_counter()
         paths.SEARCH.mkdir(parents=True, exist_ok=True)
@@ -156,4 +168,10 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
         log_metrics_flat({"seconds": out["seconds"], "evaluations": out["evaluations"]}, "search.")
         atomic_json(out, paths.metrics_file("search"))
         atomic_json(out, paths.SEARCH / "summary.json")
+        _PROGRESS = None
         return out
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("generations"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"))

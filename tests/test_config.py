@@ -14,7 +14,7 @@ from tests.conftest import REPO
 def test_default_params_file_is_valid():
     p = load_params(REPO / "params.yaml")
     assert p.data.source == "digits"
-    assert p.prune.method == "uniform" and 0 < p.prune.target < 1
+    assert p.prune.method == "emo-dir" and 0 < p.prune.target < 1
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,9 @@ def test_default_params_file_is_valid():
         ({"data": {"batch_size": "many"}}, "data.batch_size", "valid integer"),
         ({"data": {"source": "mnist"}}, "data.source", "'digits'"),
         ({"model": {"name": "resnet21"}}, "model.name", "resnet20"),
-        ({"prune": {"method": "magic"}}, "prune.method", "uniform"),
+        ({"prune": {"method": "magic"}}, "prune.method", "emo-dir, whole-emo, uniform"),
+        ({"search": {"encoding": "gray"}}, "search.encoding", "'levels'"),
+        ({"divide": {"k": 0}}, "divide.k", "greater than or equal to 1"),
         ({"finetune": {"kd": "teacher"}}, "finetune.kd", "'none'"),
         ({"device": "tpu"}, "device", "auto, cpu, cuda"),
         ({"export": {"latency_batch_sizes": [1, 0]}}, "export.latency_batch_sizes", ">= 1"),
@@ -55,7 +57,7 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prune"]["target"] = 1.2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "prune", "--params", str(tmp_path / "params.yaml")],
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "rank", "--params", str(tmp_path / "params.yaml")],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     assert "prune.target" in out.stderr and "1.2" in out.stderr
@@ -65,5 +67,5 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path):
 def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0
-    for command in ("stage", "run", "check", "ui"):
+    for command in ("stage", "run", "check", "scheme", "ui"):
         assert command in out.stdout

@@ -53,7 +53,7 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("emoprune")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`emoprune.kind` = 'pipeline'")
-    assert len(parents) == 1 and parents[0].info.run_name == "digits-resnet20-uniform-0.5"
+    assert len(parents) == 1 and parents[0].info.run_name == "digits-resnet20-emo-dir-0.5"
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
 

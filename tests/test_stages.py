@@ -76,7 +76,8 @@ def test_search_writes_one_nondominated_front_per_subnetwork(project):
 def test_constrain_trains_candidates_along_each_front(project):
     root, results, _ = project
     index = read_json(root / paths.CANDIDATES / "index.json")
-    assert [len(s["candidates"]) for s in index["subnetworks"]] == [2, 2, 2]
+    assert [s["k"] for s in index["subnetworks"]] == [1, 2, 3]
+    assert all(1 <= len(s["candidates"]) <= 2 for s in index["subnetworks"])  # fewer when a front holds fewer
     assert all(np.isfinite(c["feature_mse"]) for s in index["subnetworks"] for c in s["candidates"])
 
 
@@ -131,3 +132,22 @@ def test_mlflow_holds_nested_stage_runs_and_the_registered_model(project):
     assert {"models/base.pt", "models/pruned.pt", "models/pruned.onnx"} <= artifacts
     model = mlflow.pytorch.load_model("models:/emoprune@candidate")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_scheme_command_takes_a_second_target_without_searching(project):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, results, _ = project
+    search_before = (root / paths.SEARCH / "front_s1.json").read_bytes()
+    out = CliRunner().invoke(app, ["scheme", "--target", "0.6", "--params", str(root / "params.yaml")])
+    assert out.exit_code == 0, out.output
+    doc = read_json(root / "artifacts/schemes/target-0.6.json")
+    assert doc["flops"]["reduction"] >= 0.6 and doc["target"]["reduction"] == 0.6
+    model, meta = load_model(root / "models/pruned_init-target-0.6.pt")
+    assert count_flops_params(model, torch.zeros(1, 3, 32, 32))[0] == doc["flops"]["pruned"]
+    assert (root / paths.SEARCH / "front_s1.json").read_bytes() == search_before  # no new search
+    assert read_json(root / paths.SCHEME)["target"]["reduction"] == 0.5  # the pipeline's own outputs are untouched
+    bad = CliRunner().invoke(app, ["scheme", "--target", "1.5", "--params", str(root / "params.yaml")])
+    assert bad.exit_code == 2 and "1.5" in bad.output

@@ -1,0 +1,178 @@
+"""Benchmark: every pruning method at every target, through the pipeline users run (`dvc exp run -S ...`).
+
+One work folder per profile (a git + DVC project holding a copy of this project's code), so DVC
+reuses prepare and pretrain across methods and EMO-DIR's search across targets, exactly as for a user.
+Results go to bench/results/<profile>.json; bench/report.py renders docs/benchmarks.md.
+
+    python bench/run.py --profile quick          # ResNet-20 on the CIFAR-10 copy, < 40 min on 2 cores
+    python bench/run.py --profile full           # ResNet-56 on the CIFAR-10 copy
+    python bench/run.py --profile digits         # the embedded default, a few minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+METHODS = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random"]
+
+# Overrides of params.yaml per profile; budgets are the same for every method of a profile.
+PROFILES: dict[str, dict] = {
+    "digits": {"targets": [0.5], "params": {}},
+    "quick": {
+        "targets": [0.5],
+        "params": {
+            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 2, "batch_size": 128},
+            "model": {"name": "resnet20"},
+            "pretrain": {"epochs": 12, "lr": 0.1},
+            "divide": {"k": 3, "cache_train": 2000, "cache_val": 1000},
+            "search": {"pop_size": 12, "generations": 6},
+            "constrain": {"candidates": 4, "epochs": 2},
+            "finetune": {"epochs": 3, "lr": 0.01},
+            "export": {"latency_repeats": 30, "latency_batch_sizes": [1, 64]},
+        },
+    },
+    "full": {
+        "targets": [0.5, 0.7],
+        "params": {
+            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 2, "batch_size": 128},
+            "model": {"name": "resnet56"},
+            "pretrain": {"epochs": 15, "lr": 0.1},
+            "divide": {"k": 4, "cache_train": 2000, "cache_val": 1000},
+            "search": {"pop_size": 12, "generations": 6},
+            "constrain": {"candidates": 4, "epochs": 2},
+            "finetune": {"epochs": 3, "lr": 0.01},
+            "export": {"latency_repeats": 30, "latency_batch_sizes": [1, 64]},
+        },
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def _cifar_root(work: Path) -> str:
+    root = work.parent / "cifar10"
+    if not (root / "train").is_dir():
+        if not SHARED_CIFAR.is_file():
+            raise SystemExit(f"the CIFAR-10 copy {SHARED_CIFAR} is missing; see ../shared/data/README.md")
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED_CIFAR) as tar:
+            tar.extractall(root, filter="data")
+    return str(root.resolve())
+
+
+def setup(profile: str, work: Path) -> None:
+    if (work / ".dvc").is_dir():
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    for d in ("pruning", "tasks", "flows"):
+        shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), PROFILES[profile]["params"])
+    if params["data"].get("root") == "{cifar}":
+        params["data"]["root"] = _cifar_root(work)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.emoprune/\n")
+    _sh(["git", "init", "-q"], work)
+    _sh([sys.executable, "-m", "dvc", "init", "-q"], work)
+    _sh(["git", "add", "-A"], work)
+    _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"], work)
+
+
+def run_one(work: Path, method: str, target: float, env: dict) -> dict:
+    """`dvc exp run` for one method and target in a child process that reports its peak memory."""
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        f"r = subprocess.run([sys.executable, '-m', 'dvc', 'exp', 'run', '-S', 'prune.method={method}', '-S', 'prune.target={target}'])\n"
+        "print('BENCH', r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH")), None)
+    if line is None or line.split()[1] != "0":
+        (work / f"failed-{method}-{target}.log").write_text(proc.stdout + proc.stderr)
+        return {"method": method, "target": target, "error": (proc.stdout + proc.stderr)[-2000:]}
+    _, _, wall, rss_kb = line.split()
+    m = {s: json.loads((work / "metrics" / f"{s}.json").read_text()) for s in ("summary", "search", "pretrain", "finetune", "rank")}
+    summary = m["summary"]
+    return {
+        "method": method,
+        "target": target,
+        "test_acc_base": summary["base"]["test_acc"],
+        "test_acc_before_finetune": m["rank"].get("test_acc_before_finetune"),
+        "val_acc_before_finetune": summary["pruned"]["val_acc_before_finetune"],
+        "test_acc": summary["pruned"]["test_acc"],
+        "flops_reduction": summary["pruned"]["flops_reduction"],
+        "params_reduction": summary["pruned"]["params_reduction"],
+        "flops": summary["pruned"]["flops"],
+        "params": summary["pruned"]["params"],
+        "search_seconds": m["search"]["seconds"],
+        "evaluations": m["search"]["evaluations"],
+        "rank_seconds": m["rank"]["rank_seconds"],
+        "finetune_seconds": m["finetune"]["seconds"],
+        "onnx": summary["onnx"],
+        "run_seconds": float(wall),
+        "peak_rss_mb": int(rss_kb) / 1024,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: bench/work/<profile>)")
+    args = ap.parse_args()
+    work = (args.work or REPO / "bench" / "work" / args.profile).resolve()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("EMOPRUNE_PARENT_RUN_ID", None)
+    start = time.perf_counter()
+    setup(args.profile, work)
+    rows = []
+    for target in PROFILES[args.profile]["targets"]:
+        for method in args.methods:
+            print(f"[{time.perf_counter() - start:7.0f}s] {method} @ {target}", flush=True)
+            row = run_one(work, method, target, env)
+            print(json.dumps({k: v for k, v in row.items() if k != "onnx"}), flush=True)
+            rows.append(row)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    result = {
+        "profile": args.profile,
+        "command": f"python bench/run.py --profile {args.profile}",
+        "commit": commit,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "params": yaml.safe_load((work / "params.yaml").read_text()),
+        "wall_seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
+    out = REPO / "bench" / "results" / f"{args.profile}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} in {result['wall_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
