@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test test-fast ui clean
+.PHONY: setup run test test-fast ui bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)  ## the MLflow UI on the project's tracking store
 	$(BIN)/emoprune ui
+
+bench: $(STAMP)  ## full benchmark profile (ResNet-56 on the CIFAR-10 copy), then docs/benchmarks.md
+	$(BIN)/python bench/run.py --profile full
+	$(BIN)/python bench/report.py
+
+bench-quick: $(STAMP)  ## quick benchmark profile (ResNet-20 on the CIFAR-10 copy)
+	$(BIN)/python bench/run.py --profile quick
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf data/prepared models artifacts metrics plots mlflow.db mlruns mlartifacts
