@@ -52,6 +52,7 @@ def prune(
     pop_size: int = 16,
     generations: int = 8,
     levels: int = 10,
+    round_to: int = 1,
     encoding: Literal["levels", "binary"] = "levels",
     calib_samples: int = 256,
     candidates: int = 6,
@@ -83,7 +84,7 @@ def prune(
     base_flops, base_params = count_flops_params(base, x1)
     info: dict = {"method": method}
     if method in METHODS:
-        result = METHODS[method](seed=seed)(base, x1, target_)
+        result = METHODS[method](round_to=round_to, seed=seed)(base, x1, target_)
         pruned, scheme = pruned_copy(base, x1, result.scheme), result.scheme
         info.update(result.info)
     elif method in ("emo-dir", "whole-emo"):
@@ -94,7 +95,7 @@ def prune(
         search = dict(pop_size=pop_size, seed=seed, metric=metric)
         if method == "whole-emo":
             scorer = Scorer(nn.Identity(), tr[0][:calib_samples], va[0], yva, device=dev)
-            space = SearchSpace(tuple(prunable_groups(base, x1)), levels, encoding)
+            space = SearchSpace(tuple(prunable_groups(base, x1)), levels, encoding, round_to)
             front = run_search(base, x1, scorer, space=space, generations=generations * k, **search)
             best = front.members[choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)]
             scheme = front.space.decode(best.genes, _importance(base, x1))
@@ -108,7 +109,7 @@ def prune(
             for sub, selector in zip(subs, selectors):
                 ex = torch.zeros(1, *sub.in_shape)
                 scorer = Scorer(selector, tr[sub.index - 1][:calib_samples], va[sub.index - 1], yva, device=dev)
-                space = SearchSpace(tuple(prunable_groups(sub.module, ex)), levels, encoding)
+                space = SearchSpace(tuple(prunable_groups(sub.module, ex)), levels, encoding, round_to)
                 front = run_search(sub.module, ex, scorer, space=space, generations=generations, **search)
                 evaluations += front.evaluations
                 importance = _importance(sub.module, ex)

@@ -60,6 +60,7 @@ class SearchSpace:
     `levels` (default): one integer gene in 1..levels per group; gene v keeps round(v / levels * channels)
     channels (at least one), the most important ones by L1 group magnitude.
     `binary`: one bit per channel; a group whose bits are all 0 keeps its most important channel.
+    `round_to` (levels only) makes every kept count a multiple of it, where the group is that wide.
 
     >>> space = SearchSpace(tuple(prunable_groups(sub, x)), levels=10)
     >>> space.decode(space.uniform(0.5), importance)   # half of every group, largest L1 first
@@ -68,6 +69,7 @@ class SearchSpace:
     groups: tuple[ChannelGroup, ...]
     levels: int = 10
     encoding: Literal["levels", "binary"] = "levels"
+    round_to: int = 1  # 'levels' only: kept channel counts are multiples of this (fast kernels want 8 or 16)
 
     def __post_init__(self) -> None:
         if self.encoding not in ("levels", "binary"):
@@ -96,7 +98,12 @@ class SearchSpace:
     def keep_counts(self, genes: Sequence[int]) -> dict[str, int]:
         if self.encoding != "levels":
             raise ValueError("keep_counts applies to the 'levels' encoding")
-        return {g.name: max(1, int(round(int(v) / self.levels * g.channels))) for g, v in zip(self.groups, genes)}
+        out = {}
+        for g, v in zip(self.groups, genes):
+            k = int(v) / self.levels * g.channels
+            r = self.round_to if g.channels >= self.round_to else 1
+            out[g.name] = min(g.channels, max(r, int(round(k / r)) * r))
+        return out
 
     def decode(self, genes: Sequence[int], importance: dict[str, torch.Tensor]) -> KeepScheme:
         if self.encoding == "levels":

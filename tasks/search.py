@@ -45,7 +45,8 @@ def _fingerprint(params: Params, tag: str) -> str:
     h = hashlib.sha256()
     for f in (paths.BASE, paths.SELECTORS):
         h.update(f.read_bytes() if f.is_file() else b"")
-    h.update(json.dumps([tag, params.seed, params.divide.model_dump(), params.search.model_dump(), params.prune.metric],
+    h.update(json.dumps([tag, params.seed, params.divide.model_dump(), params.search.model_dump(), params.prune.metric,
+                        params.prune.round_to],
                         sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -118,7 +119,8 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     xva, yva = np.load(feature_path("val", k - 1), mmap_mode="r"), np.load(label_path("val"))
     scorer = Scorer(load_selector(division, k), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
     example = division.example(k)
-    space = SearchSpace(tuple(prunable_groups(sub.module, example)), params.search.levels, params.search.encoding)
+    space = SearchSpace(tuple(prunable_groups(sub.module, example)), params.search.levels, params.search.encoding,
+                        params.prune.round_to)
     if not space.groups:
         raise ValueError(f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group; use a smaller divide.k")
     return _search(params, f"s{k}", sub.module, example, scorer, space, params.search.generations, run_id)
@@ -134,7 +136,8 @@ def search_whole(params: Params, run_id: str | None = None) -> dict:
     xva, yva = np.load(feature_path("val", 0), mmap_mode="r"), np.load(label_path("val"))
     scorer = Scorer(nn.Identity(), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
     example = division.example(1)
-    space = SearchSpace(tuple(prunable_groups(model, example)), params.search.levels, params.search.encoding)
+    space = SearchSpace(tuple(prunable_groups(model, example)), params.search.levels, params.search.encoding,
+                        params.prune.round_to)
     return _search(params, "whole", model, example, scorer, space, params.search.generations * division.k, run_id)
 
 

@@ -89,3 +89,11 @@ def test_selector_learns_separable_features():
     g = train_selector(x[:90], y[:90], 3, epochs=30, lr=1e-2)
     assert selector_accuracy(g, x[90:], y[90:]) > 0.9
     assert not any(p.requires_grad for p in g.parameters())
+
+
+def test_round_to_keeps_channel_counts_on_multiples(setting):
+    _, _, _, space = setting
+    rounded = SearchSpace(space.groups, levels=10, round_to=16)
+    for level in range(1, 11):
+        counts = rounded.keep_counts([level] * len(space.groups))
+        assert all(c % 16 == 0 and 16 <= c <= 64 for c in counts.values()), counts
