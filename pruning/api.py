@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from pruning.channels import KeepScheme, count_flops_params, group_importance, pruned_copy
-from pruning.constrain import train_constrained
+from pruning.constrain import train_front
 from pruning.distill import DynamicKDLoss, KDLoss
 from pruning.divide import boundary_features, divide
-from pruning.gpir import check_reachable, impairment_table, joint_pareto, joint_scheme, merge_into, min_saving_for
+from pruning.gpir import rank
 from pruning.methods import METHODS, Target
 from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search
 from pruning.selectors import train_selector
@@ -104,7 +104,7 @@ def prune(
         else:
             selectors = [train_selector(tr[s.index], ytr, num_classes, epochs=selector_epochs, seed=seed + s.index, device=dev)
                          for s in subs[:-1]] + [head]
-            modules, cands, schemes, evaluations = [], [], [], 0
+            cands, evaluations = [], 0
             previous: list[nn.Module] = []
             for sub, selector in zip(subs, selectors):
                 ex = torch.zeros(1, *sub.in_shape)
@@ -113,30 +113,18 @@ def prune(
                 front = run_search(sub.module, ex, scorer, space=space, generations=generations, **search)
                 evaluations += front.evaluations
                 importance = _importance(sub.module, ex)
-                preds = [subs[sub.index - 2].module, *previous] if sub.index > 1 else []
-                trained, sch = [], []
-                for j, member in enumerate(front.spread(candidates)):
-                    local = space.decode(member.genes, importance)
-                    cand = pruned_copy(sub.module, ex, local)
-                    train_constrained(cand, tr[sub.index - 1], tr[sub.index], ytr, selector, predecessors=preds,
+                local = [space.decode(m.genes, importance) for m in front.spread(candidates)]
+                trained = train_front(sub.module, ex, local, tr[sub.index - 1], tr[sub.index], ytr, selector,
+                                      predecessors=[subs[sub.index - 2].module, *previous] if sub.index > 1 else [],
                                       predecessor_inputs=tr[sub.index - 2] if sub.index > 1 else None, lam=lam,
-                                      epochs=constrain_epochs, lr=constrain_lr, seed=seed + 100 * sub.index + j, device=dev)
-                    trained.append(cand.cpu().eval())
-                    sch.append(local)
-                modules.append(trained)
-                schemes.append(sch)
-                cands.append([(m, _cost(count_flops_params(m, ex), metric)) for m in trained])
+                                      epochs=constrain_epochs, lr=constrain_lr, seed=seed + 100 * sub.index, device=dev)
+                cands.append([(m, sch, _cost(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])
                 previous = trained
-            base_costs = [_cost((s.flops, s.params), metric) for s in subs]
-            total = _cost((base_flops, base_params), metric)
-            base_acc, table = impairment_table(subs, head, cands, base_costs, va, yva, device=dev)
-            check_reachable(table, min_saving_for(target, total), total, target)
-            best = joint_scheme(subs, head, table, modules, base_acc, min_saving_for(target, total), top_t, va, yva, device=dev,
-                                max_saving=min_saving_for(min(1.0, target + max_overshoot), total))
-            chosen = {i + 1: (modules[i][row - 1], schemes[i][row - 1]) for i, row in enumerate(best.choice) if row > 0}
-            pruned, scheme = merge_into(base, x1, subs, chosen)
-            info.update(evaluations=evaluations, predicted_val_acc=best.predicted_acc, measured_val_acc=best.measured_acc,
-                        choice=list(best.choice), joint_front=joint_pareto(table, base_acc, total))
+            pruned, scheme, decided = rank(base, x1, subs, head, cands, [_cost((s.flops, s.params), metric) for s in subs],
+                                           _cost((base_flops, base_params), metric), target, top_t=top_t,
+                                           max_overshoot=max_overshoot, features=va, labels=yva, device=dev)
+            decided.pop("table")
+            info.update(evaluations=evaluations, **decided)
     else:
         raise ValueError(f"unknown method {method!r}; allowed: emo-dir, whole-emo, {', '.join(METHODS)}")
     if finetune_epochs > 0:

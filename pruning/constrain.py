@@ -2,7 +2,7 @@
 from the features that pruned predecessors hand it, while its selector still classifies the result."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 from pruning.arrays import as_batch
 from pruning.search import recalibrate_bn
 
-__all__ = ["train_constrained"]
+__all__ = ["train_constrained", "train_front"]
 
 
 def train_constrained(
@@ -85,3 +85,37 @@ def train_constrained(
             count += len(idx)
         stats = {k: v / count for k, v in sums.items()}
     return stats
+
+
+def train_front(
+    subnetwork: nn.Module,
+    example_input: torch.Tensor,
+    schemes: Sequence[dict[str, list[int]]],
+    inputs,
+    targets,
+    labels,
+    selector: nn.Module,
+    *,
+    predecessors: Sequence[nn.Module] = (),
+    predecessor_inputs=None,
+    seed: int = 0,
+    on_trained: Callable[[int, nn.Module, dict[str, float]], None] | None = None,
+    **train_kwargs,
+) -> list[nn.Module]:
+    """Physically prune `subnetwork` to each keep-scheme (weights inherited) and train each with
+    `train_constrained`; `on_trained(j, module, losses)` sees every result as it is done.
+
+    >>> trained = train_front(sub.module, x, [front_scheme_a, front_scheme_b], X_km1, X_k, y, selector)
+    """
+    from pruning.channels import pruned_copy
+
+    trained = []
+    for j, scheme in enumerate(schemes):
+        module = pruned_copy(subnetwork, example_input, scheme)
+        losses = train_constrained(module, inputs, targets, labels, selector, predecessors=predecessors,
+                                   predecessor_inputs=predecessor_inputs, seed=seed + j, **train_kwargs)
+        module = module.cpu().eval()
+        if on_trained is not None:
+            on_trained(j, module, losses)
+        trained.append(module)
+    return trained

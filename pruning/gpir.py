@@ -14,7 +14,10 @@ from pruning.arrays import as_batch
 from pruning.divide import SubNetwork
 from pruning.knapsack import Candidate, Combination, joint_front, top_combinations
 
-__all__ = ["JointScheme", "accuracy_with", "impairment_table", "joint_pareto", "joint_scheme", "merge_into", "min_saving_for"]
+__all__ = [
+    "JointScheme", "accuracy_with", "check_reachable", "impairment_table", "joint_pareto", "joint_scheme", "merge_into",
+    "min_saving_for", "rank",
+]
 
 
 @torch.no_grad()
@@ -145,3 +148,39 @@ def merge_into(model: nn.Module, example_input: torch.Tensor, subnetworks: Seque
             state[full] = tensor
     pruned.load_state_dict(state)
     return pruned.eval(), full_scheme
+
+
+def rank(model: nn.Module, example_input: torch.Tensor, subnetworks: Sequence[SubNetwork], head: nn.Module,
+         candidates: Sequence[Sequence[tuple[nn.Module, dict[str, list[int]], int]]], base_costs: Sequence[int], total_cost: int,
+         target: float, *, top_t: int, max_overshoot: float, features: Sequence, labels,
+         device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, list[int]], dict]:
+    """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
+
+    `candidates[k]` lists sub-network k+1's trained candidates as (module, local keep-scheme, cost).
+    Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
+    choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
+
+    >>> pruned, scheme, info = rank(model, x, subs, head, cands, [s.flops for s in subs], total, 0.5, top_t=10,
+    ...                             max_overshoot=0.02, features=X_val, labels=y_val)
+    """
+    base_acc, table = impairment_table(subnetworks, head, [[(m, c) for m, _, c in cs] for cs in candidates], base_costs,
+                                       features, labels, device=device)
+    need = min_saving_for(target, total_cost)
+    check_reachable(table, need, total_cost, target)
+    modules = [[m for m, _, _ in cs] for cs in candidates]
+    best = joint_scheme(subnetworks, head, table, modules, base_acc, need, top_t, features, labels, device=device,
+                        max_saving=min_saving_for(min(1.0, target + max_overshoot), total_cost))
+    chosen = {k + 1: candidates[k][row - 1][:2] for k, row in enumerate(best.choice) if row > 0}
+    pruned, scheme = merge_into(model, example_input, subnetworks, chosen)
+    info = {
+        "val_cache_acc_base": base_acc,
+        "predicted_val_acc": best.predicted_acc,
+        "measured_val_acc": best.measured_acc,
+        "predicted_saving": best.saving,
+        "choice": [{"k": k + 1, "row": row, "candidate": table[k][row]["candidate"], "impairment": table[k][row]["impairment"],
+                    "saving": table[k][row]["saving"]} for k, row in enumerate(best.choice)],
+        "verified": best.verified,
+        "table": table,
+        "joint_front": joint_pareto(table, base_acc, total_cost),
+    }
+    return pruned, scheme, info

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pruning.channels import count_flops_params, pruned_copy
-from pruning.constrain import train_constrained
+from pruning.constrain import train_front
 from pruning.search import spread_indices
 from pruning.train import resolve_device, seed_everything
 from tasks import paths
@@ -61,24 +61,24 @@ def run(params: Params) -> dict:
             # X~_{k-1}: the original S_{k-1} or one of its trained pruned candidates, drawn per batch
             preds = [division.subnetworks[k - 2].module, *previous] if k > 1 else []
             selector = load_selector(division, k)
-            trained, rows = [], []
-            for j, member in enumerate(chosen):
-                module = pruned_copy(sub.module, division.example(k), member["scheme"])
-                losses = train_constrained(module, x_in, x_out, ytr, selector, predecessors=preds, predecessor_inputs=x_prev,
-                                           lam=c.lam, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
-                                           seed=params.seed + 100 * k + j, device=device)
-                module = module.cpu().eval()
+            rows = []
+
+            def keep(j: int, module: nn.Module, losses: dict[str, float]) -> None:
+                member = chosen[j]
                 flops, n_params = count_flops_params(module, division.example(k))
                 atomic_torch_save({"scheme": member["scheme"], "genes": member["genes"], "flops": flops, "params": n_params,
                                    "search_error": member["error"], "losses": losses,
                                    "state_dict": {n: t.detach().cpu() for n, t in module.state_dict().items()}}, candidate_path(k, j))
-                trained.append(module)
                 rows.append({"candidate": j, "flops": flops, "params": n_params, "cost": member["cost"],
                              "search_error": member["error"], **losses})
                 mlflow.log_metrics({f"constrain.s{k}.feature_mse": losses["feature_mse"],
                                     f"constrain.s{k}.selector_ce": losses["selector_ce"]}, step=j)
                 print(f"constrain s{k}: candidate {j + 1}/{len(chosen)}  flops={flops:,}  mse={losses['feature_mse']:.4f}  "
                       f"ce={losses['selector_ce']:.4f}", flush=True)
+
+            trained = train_front(sub.module, division.example(k), [m["scheme"] for m in chosen], x_in, x_out, ytr, selector,
+                                  predecessors=preds, predecessor_inputs=x_prev, lam=c.lam, epochs=c.epochs, lr=c.lr,
+                                  batch_size=c.batch_size, seed=params.seed + 100 * k, device=device, on_trained=keep)
             index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows})
             previous = trained
         index["seconds"] = time.perf_counter() - start

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
-from pruning.gpir import check_reachable, impairment_table, joint_pareto, joint_scheme, merge_into, min_saving_for
+from pruning.gpir import rank as gpir_rank
 from pruning.methods import METHODS, Target
 from pruning.search import choose_for_target
 from pruning.train import resolve_device
@@ -42,38 +42,22 @@ def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, writ
     device = resolve_device(params.device)
     metric = params.prune.metric
     index = read_json(paths.CANDIDATES / "index.json")
-    modules, cands, schemes = [], [], []
+    cands = []
     for entry in index["subnetworks"]:
-        k = entry["k"]
-        loaded = [load_candidate(division, k, row["candidate"]) for row in entry["candidates"]]
-        modules.append([m for m, _ in loaded])
-        schemes.append([meta["scheme"] for _, meta in loaded])
-        cands.append([(m, meta["flops"] if metric == "flops" else meta["params"]) for m, meta in loaded])
+        loaded = [load_candidate(division, entry["k"], row["candidate"]) for row in entry["candidates"]]
+        cands.append([(m, meta["scheme"], meta[metric]) for m, meta in loaded])
     feats, labels = _val_cache(division.k)
-    base_costs = [s.flops if metric == "flops" else s.params for s in division.subnetworks]
-    base_acc, table = impairment_table(division.subnetworks, division.head, cands, base_costs, feats, labels, device=device)
+    base_costs = [getattr(s, metric) for s in division.subnetworks]
     total = _cost(count_flops_params(division.model, example), metric)
-    need = min_saving_for(params.prune.target, total)
-    check_reachable(table, need, total, params.prune.target)
-    cap = min_saving_for(min(1.0, params.prune.target + params.rank.max_overshoot), total)
-    best = joint_scheme(division.subnetworks, division.head, table, modules, base_acc, need, params.rank.top_t, feats, labels,
-                        device=device, max_saving=cap)
-    chosen = {k + 1: (modules[k][row - 1], schemes[k][row - 1]) for k, row in enumerate(best.choice) if row > 0}
-    pruned, full_scheme = merge_into(division.model, example, division.subnetworks, chosen)
-    front = joint_pareto(table, base_acc, total)
-    info = {
-        "val_cache_acc_base": base_acc,
-        "predicted_val_acc": best.predicted_acc,
-        "measured_val_acc": best.measured_acc,
-        "predicted_saving": best.saving,
-        "choice": [{"k": k + 1, "row": row, "candidate": table[k][row]["candidate"], "impairment": table[k][row]["impairment"],
-                    "saving": table[k][row]["saving"]} for k, row in enumerate(best.choice)],
-        "verified": best.verified,
-    }
+    pruned, full_scheme, info = gpir_rank(division.model, example, division.subnetworks, division.head, cands, base_costs, total,
+                                          params.prune.target, top_t=params.rank.top_t, max_overshoot=params.rank.max_overshoot,
+                                          features=feats, labels=labels, device=device)
+    table, front = info.pop("table"), info.pop("joint_front")
     if write_tables:
+        base_acc = info["val_cache_acc_base"]
         atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "table": table}, paths.GPIR_TABLE)
-        atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "chosen": list(best.choice), "front": front},
-                    paths.JOINT_FRONT)
+        atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc,
+                     "chosen": [c["row"] for c in info["choice"]], "front": front}, paths.JOINT_FRONT)
     return pruned, full_scheme, info
 
 

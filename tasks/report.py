@@ -58,6 +58,22 @@ def plot_channels(scheme: dict, path) -> None:
     plt.close(fig)
 
 
+def _placeholder(path, text: str) -> bool:
+    """A small image saying why a plot is empty: DVC declares every plot, whichever method ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return False
+
+
 def plot_fronts(path) -> bool:
     """Each searched module's Pareto front after every generation (darker = later)."""
     import matplotlib
@@ -67,13 +83,7 @@ def plot_fronts(path) -> bool:
 
     docs = [read_json(f) for f in sorted(paths.SEARCH.glob("front_*.json"))]
     if not docs:
-        fig, ax = plt.subplots(figsize=(4, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "this method runs no evolutionary search", ha="center", va="center")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-        plt.close(fig)
-        return False
+        return _placeholder(path, "this method runs no evolutionary search")
     fig, axes = plt.subplots(1, len(docs), figsize=(4 * len(docs), 3.4), squeeze=False)
     for ax, doc in zip(axes[0], docs):
         n = len(doc["fronts"])
@@ -99,13 +109,7 @@ def plot_joint_front(summary: dict, path) -> bool:
     import matplotlib.pyplot as plt
 
     if summary["method"] != "emo-dir":
-        fig, ax = plt.subplots(figsize=(4, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"{summary['method']} has no joint front (GPIR is emo-dir's)", ha="center", va="center")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-        plt.close(fig)
-        return False
+        return _placeholder(path, f"{summary['method']} has no joint front (GPIR is emo-dir's)")
 
     doc = read_json(paths.JOINT_FRONT)
     xs = [p["reduction"] for p in doc["front"]]

@@ -58,7 +58,9 @@ def _search(params: Params, tag: str, module: nn.Module, example: torch.Tensor, 
     state = ckpt.read_bytes() if ckpt.is_file() else None
     client = MlflowClient(tracking_uri=params.tracking.uri) if run_id else None
 
-    bar = _PROGRESS.add_task(f"search {tag}", total=generations, status="") if _PROGRESS is not None else None
+    # a bar on a terminal; in logs (under DVC, Prefect workers) one line per generation reads better
+    live = _PROGRESS is not None and _PROGRESS.console.is_terminal
+    bar = _PROGRESS.add_task(f"search {tag}", total=generations, status="") if live else None
 
     def on_generation(gen: int, metrics: dict[str, float], blob: bytes) -> None:
         with atomic_path(ckpt) as tmp:
