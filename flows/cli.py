@@ -109,6 +109,27 @@ def scheme(target: float = typer.Option(..., help="fraction of FLOPs (or params)
 
 
 @app.command()
+def compare(last: int = typer.Option(10, min=1, help="how many of the latest pipeline results"),
+            params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store")) -> None:
+    """A table of the last runs' results from the tracking store: method, target, FLOPs, params, accuracy, search time."""
+    p = _load(params)
+    from rich.table import Table
+
+    from tasks.tracking import report_runs
+
+    rows = report_runs(p, last)
+    if not rows:
+        _fail(f"no finished pipeline run in {p.tracking.uri} (experiment {p.tracking.experiment!r}); run `emoprune run` first", 1)
+    table = Table(title=f"last {len(rows)} runs in {p.tracking.uri}")
+    for col in ("finished", "data", "model", "method", "target", "FLOPs", "FLOPs removed", "params", "test acc", "base acc", "search s"):
+        table.add_column(col, justify="left" if col in ("finished", "data", "model", "method") else "right")
+    for r in rows:
+        table.add_row(r["finished"], r["data"], r["model"], r["method"], r["target"], f"{r['flops']:,.0f}", f"{r['flops_reduction']:.1%}",
+                      f"{r['params']:,.0f}", f"{r['test_acc']:.2%}", f"{r['base_test_acc']:.2%}", f"{r['search_seconds']:.0f}")
+    Console(width=200).print(table)
+
+
+@app.command()
 def ui(port: int = typer.Option(5000, help="port for the MLflow UI"),
        params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store")) -> None:
     """Open the MLflow UI on the project's tracking store."""

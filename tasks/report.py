@@ -136,11 +136,26 @@ def register(params: Params, summary: dict) -> dict:
     info = mlflow.pytorch.log_model(model, name="pruned_model", input_example=example.numpy(), pip_requirements=[],
                                     registered_model_name=params.tracking.registered_model)
     client = MlflowClient()
-    version = info.registered_model_version
-    client.set_registered_model_alias(params.tracking.registered_model, "candidate", version)
+    name, version = params.tracking.registered_model, info.registered_model_version
+    client.set_registered_model_alias(name, "candidate", version)
     for key in ("test_acc", "flops", "flops_reduction"):
-        client.set_model_version_tag(params.tracking.registered_model, version, key, str(summary["pruned"][key]))
-    return {"name": params.tracking.registered_model, "version": int(version), "alias": "candidate"}
+        client.set_model_version_tag(name, version, key, str(summary["pruned"][key]))
+    aliases = ["candidate"]
+    if beats_champion(client, name, summary["pruned"]["test_acc"], summary["pruned"]["flops"]):
+        client.set_registered_model_alias(name, "champion", version)
+        aliases.append("champion")
+    return {"name": name, "version": int(version), "aliases": aliases}
+
+
+def beats_champion(client: MlflowClient, name: str, test_acc: float, flops: int) -> bool:
+    """The first model is champion; later ones take the title with higher test accuracy at no more FLOPs."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return True
+    return test_acc > float(champ.tags.get("test_acc", "-1")) and flops <= int(float(champ.tags.get("flops", "inf")))
 
 
 def run(params: Params) -> dict:

@@ -46,7 +46,8 @@ def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator
     """An MLflow run for `stage`, logging the params of `sections`; nested under $EMOPRUNE_PARENT_RUN_ID if set."""
     connect(params)
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params)}
+    tags = {"emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params), "emoprune.data": params.data.source,
+            "emoprune.model": params.model.name, "emoprune.method": params.prune.method, "emoprune.target": f"{params.prune.target:g}"}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -57,3 +58,27 @@ def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
         mlflow.log_params({k: ("null" if v is None else v) for k, v in logged.items()})
         yield run
+
+
+def report_runs(params: Params, last: int) -> list[dict[str, Any]]:
+    """The latest finished `report` stage runs of the experiment, newest first, as plain rows."""
+    from datetime import datetime, timezone
+
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`emoprune.stage` = 'report' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=last)
+    rows = []
+    for r in runs:
+        m, t = r.data.metrics, r.data.tags
+        rows.append({
+            "finished": datetime.fromtimestamp((r.info.end_time or r.info.start_time) / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "data": t.get("emoprune.data", "?"), "model": t.get("emoprune.model", "?"), "method": t.get("emoprune.method", "?"),
+            "target": t.get("emoprune.target", "?"), "flops": m.get("pruned.flops", float("nan")),
+            "flops_reduction": m.get("pruned.flops_reduction", float("nan")), "params": m.get("pruned.params", float("nan")),
+            "test_acc": m.get("pruned.test_acc", float("nan")), "base_test_acc": m.get("base.test_acc", float("nan")),
+            "search_seconds": m.get("search.seconds", 0.0), "run_id": r.info.run_id,
+        })
+    return rows

@@ -8,6 +8,7 @@ import numpy as np
 import mlflow
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from flows.stages import STAGES, stage_flow
@@ -128,6 +129,7 @@ def test_mlflow_holds_nested_stage_runs_and_the_registered_model(project):
     assert all(r.info.status == "FINISHED" for r in runs)
     version = client.get_model_version_by_alias("emoprune", "candidate")
     assert float(version.tags["flops_reduction"]) >= 0.5
+    assert client.get_model_version_by_alias("emoprune", "champion").version == version.version  # the first is champion
     artifacts = {a.path for r in runs for a in client.list_artifacts(r.info.run_id, "models")}
     assert {"models/base.pt", "models/pruned.pt", "models/pruned.onnx"} <= artifacts
     model = mlflow.pytorch.load_model("models:/emoprune@candidate")
@@ -151,3 +153,29 @@ def test_scheme_command_takes_a_second_target_without_searching(project):
     assert read_json(root / paths.SCHEME)["target"]["reduction"] == 0.5  # the pipeline's own outputs are untouched
     bad = CliRunner().invoke(app, ["scheme", "--target", "1.5", "--params", str(root / "params.yaml")])
     assert bad.exit_code == 2 and "1.5" in bad.output
+
+
+def test_compare_lists_runs_at_two_targets_and_champion_follows_the_rules(project):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.config import load_params
+
+    root, results, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["prune"]["target"] = 0.6
+    second = write_params(root / "params-0.6.yaml", params)
+    for name in ("rank", "finetune", "export", "report"):
+        stage_flow(name, str(second))
+    out = CliRunner().invoke(app, ["compare", "--last", "5", "--params", str(second)])
+    assert out.exit_code == 0, out.output
+    lines = [ln for ln in out.output.splitlines() if "emo-dir" in ln]
+    assert len(lines) == 2 and "0.6" in lines[0] and "0.5" in lines[1]  # newest first
+    client = MlflowClient(tracking_uri=load_params(second).tracking.uri)
+    champion = client.get_model_version_by_alias("emoprune", "champion")
+    candidate = client.get_model_version_by_alias("emoprune", "candidate")
+    assert str(candidate.version) == "2"
+    first_acc = results["finetune"]["test_acc"]
+    second_acc = float(candidate.tags["test_acc"])
+    # fewer FLOPs at 0.6, so the second run takes the title exactly when it is more accurate
+    assert str(champion.version) == ("2" if second_acc > first_acc else "1")
