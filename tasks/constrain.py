@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import mlflow
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,7 +15,7 @@ from pruning.train import resolve_device, seed_everything
 from tasks import paths
 from tasks.common import log_metrics_flat
 from tasks.config import Params
-from tasks.division import Division, feature_path, label_path, load_division
+from tasks.division import Division, load_division, load_feature, load_labels
 from tasks.io import atomic_json, atomic_torch_save, read_json
 from tasks.search import load_selector
 from tasks.tracking import stage_run
@@ -47,7 +46,7 @@ def run(params: Params) -> dict:
         division = load_division(params)
         c = params.constrain
         start = time.perf_counter()
-        ytr = np.load(label_path("train"))
+        ytr = load_labels("train")
         index: dict = {"method": method, "subnetworks": []}
         previous: list[nn.Module] = []
         for sub in division.subnetworks:
@@ -55,9 +54,9 @@ def run(params: Params) -> dict:
             seed_everything(params.seed + k)
             front = read_json(paths.SEARCH / f"front_s{k}.json")
             chosen = [front["members"][i] for i in spread_indices([m["cost"] for m in front["members"]], c.candidates)]
-            x_in = np.load(feature_path("train", k - 1), mmap_mode="r")
-            x_out = np.load(feature_path("train", k), mmap_mode="r")
-            x_prev = np.load(feature_path("train", k - 2), mmap_mode="r") if k > 1 else None
+            x_in = load_feature("train", k - 1)
+            x_out = load_feature("train", k)
+            x_prev = load_feature("train", k - 2) if k > 1 else None
             # X~_{k-1}: the original S_{k-1} or one of its trained pruned candidates, drawn per batch
             preds = [division.subnetworks[k - 2].module, *previous] if k > 1 else []
             selector = load_selector(division, k)

@@ -1,6 +1,7 @@
 """The base model divided into sub-networks, and the boundary features cached on disk (memory-mapped when read)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +54,27 @@ def save_array(array: torch.Tensor | np.ndarray, path: Path) -> None:
             np.save(f, np.ascontiguousarray(np.asarray(array)))
 
 
+# CPython 3.11's ast.literal_eval, which parses every .npy header, is not thread-safe ("AST constructor
+# recursion depth mismatch", fixed in later CPythons); the search loads features from parallel threads.
+_NPY_LOCK = threading.Lock()
+
+
+def load_array(path: Path, mmap: bool = True) -> np.ndarray:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"cached features missing ({path}): run the selectors stage first")
+    with _NPY_LOCK:
+        return np.load(path, mmap_mode="r" if mmap else None)
+
+
+def load_feature(split: str, k: int) -> np.ndarray:
+    """X_k of `split`, memory-mapped (read-only, paged in on use)."""
+    return load_array(feature_path(split, k))
+
+
+def load_labels(split: str) -> np.ndarray:
+    return load_array(label_path(split), mmap=False)
+
+
 def load_features(split: str, k_max: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """[X_0, ..., X_k_max] of `split` memory-mapped (read-only, paged in on use), and the labels."""
-    missing = [p for p in [feature_path(split, k) for k in range(k_max + 1)] + [label_path(split)] if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"cached features missing ({', '.join(map(str, missing))}): run the selectors stage first")
-    feats = [np.load(feature_path(split, k), mmap_mode="r") for k in range(k_max + 1)]
-    return feats, np.load(label_path(split))
+    """[X_0, ..., X_k_max] of `split` memory-mapped, and the labels."""
+    return [load_feature(split, k) for k in range(k_max + 1)], load_labels(split)

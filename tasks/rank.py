@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
@@ -22,7 +21,7 @@ from tasks.checkpoints import load_model, save_model
 from tasks.common import Data, accuracy, log_metrics_flat
 from tasks.config import Params
 from tasks.constrain import load_candidate
-from tasks.division import Division, feature_path, label_path, load_division
+from tasks.division import Division, load_division, load_features
 from tasks.io import atomic_json, read_json
 from tasks.tracking import stage_run
 
@@ -33,11 +32,6 @@ def _cost(flops_params: tuple[int, int], metric: str) -> int:
     return flops_params[0] if metric == "flops" else flops_params[1]
 
 
-def _val_cache(k_max: int):
-    feats = [np.load(feature_path("val", k), mmap_mode="r") for k in range(k_max + 1)]
-    return feats, np.load(label_path("val"))
-
-
 def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, write_tables: bool = True) -> tuple[torch.nn.Module, dict, dict]:
     device = resolve_device(params.device)
     metric = params.prune.metric
@@ -46,7 +40,7 @@ def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, writ
     for entry in index["subnetworks"]:
         loaded = [load_candidate(division, entry["k"], row["candidate"]) for row in entry["candidates"]]
         cands.append([(m, meta["scheme"], meta[metric]) for m, meta in loaded])
-    feats, labels = _val_cache(division.k)
+    feats, labels = load_features("val", division.k)
     base_costs = [getattr(s, metric) for s in division.subnetworks]
     total = _cost(count_flops_params(division.model, example), metric)
     pruned, full_scheme, info = gpir_rank(division.model, example, division.subnetworks, division.head, cands, base_costs, total,

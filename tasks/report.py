@@ -1,6 +1,7 @@
 """Stage report: gather every stage's metrics into metrics/summary.json, plot the channels kept, register the model."""
 from __future__ import annotations
 
+import matplotlib
 import mlflow
 import torch
 from mlflow import MlflowClient
@@ -11,6 +12,9 @@ from tasks.common import log_metrics_flat
 from tasks.config import Params
 from tasks.io import atomic_json, atomic_path, read_json
 from tasks.tracking import stage_run
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
 
 SUMMARY_SCHEMA = 1
 
@@ -38,11 +42,6 @@ def summarize() -> dict:
 
 
 def plot_channels(scheme: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = scheme["groups"]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(groups)), 4))
     xs = range(len(groups))
@@ -53,34 +52,26 @@ def plot_channels(scheme: dict, path) -> None:
     ax.set_title(f"{scheme['model']} {scheme['method']}: {scheme['flops']['reduction']:.1%} FLOPs removed")
     ax.legend()
     fig.tight_layout()
+    _save(fig, path, dpi=120)
+
+
+def _save(fig, path, dpi: int) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
 
 
 def _placeholder(path, text: str) -> bool:
     """A small image saying why a plot is empty: DVC declares every plot, whichever method ran."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(4, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    _save(fig, path, dpi=80)
     return False
 
 
 def plot_fronts(path) -> bool:
     """Each searched module's Pareto front after every generation (darker = later)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     docs = [read_json(f) for f in sorted(paths.SEARCH.glob("front_*.json"))]
     if not docs:
         return _placeholder(path, "this method runs no evolutionary search")
@@ -95,19 +86,12 @@ def plot_fronts(path) -> bool:
         ax.set_ylabel("selector error")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return True
 
 
 def plot_joint_front(summary: dict, path) -> bool:
     """The joint front of whole-network schemes from GPIR, the chosen scheme marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if summary["method"] != "emo-dir":
         return _placeholder(path, f"{summary['method']} has no joint front (GPIR is emo-dir's)")
 
@@ -122,9 +106,7 @@ def plot_joint_front(summary: dict, path) -> bool:
     ax.set_ylabel("val accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return True
 
 

@@ -7,7 +7,6 @@ import json
 import time
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from mlflow import MlflowClient
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,7 +19,7 @@ from pruning.train import resolve_device
 from tasks import paths
 from tasks.common import log_metrics_flat
 from tasks.config import Params
-from tasks.division import Division, feature_path, label_path, load_division
+from tasks.division import Division, load_division, load_feature, load_labels
 from tasks.io import atomic_json, atomic_path
 from tasks.tracking import stage_run
 
@@ -117,8 +116,8 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     device = resolve_device(params.device)
     division = load_division(params)  # a private copy: tasks may run in parallel threads
     sub = division.subnetworks[k - 1]
-    xtr = np.load(feature_path("train", k - 1), mmap_mode="r")
-    xva, yva = np.load(feature_path("val", k - 1), mmap_mode="r"), np.load(label_path("val"))
+    xtr = load_feature("train", k - 1)
+    xva, yva = load_feature("val", k - 1), load_labels("val")
     scorer = Scorer(load_selector(division, k), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
     example = division.example(k)
     space = SearchSpace(tuple(prunable_groups(sub.module, example)), params.search.levels, params.search.encoding,
@@ -134,8 +133,8 @@ def search_whole(params: Params, run_id: str | None = None) -> dict:
     device = resolve_device(params.device)
     division = load_division(params)
     model = division.model
-    xtr = np.load(feature_path("train", 0), mmap_mode="r")
-    xva, yva = np.load(feature_path("val", 0), mmap_mode="r"), np.load(label_path("val"))
+    xtr = load_feature("train", 0)
+    xva, yva = load_feature("val", 0), load_labels("val")
     scorer = Scorer(nn.Identity(), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
     example = division.example(1)
     space = SearchSpace(tuple(prunable_groups(model, example)), params.search.levels, params.search.encoding,

@@ -15,7 +15,7 @@ from tasks import paths
 from tasks.common import Data, log_metrics_flat
 from tasks.config import Params
 from tasks.datasets import load_split, make_loader
-from tasks.division import label_path, load_division, feature_path, save_array
+from tasks.division import feature_path, label_path, load_division, load_feature, load_labels, save_array
 from tasks.io import atomic_json, atomic_torch_save
 from tasks.tracking import stage_run
 
@@ -44,8 +44,8 @@ def run(params: Params) -> dict:
         states, out = {}, {"k": division.k, "subnetworks": []}
         for sub in division.subnetworks:
             k = sub.index
-            xtr, ytr = np.load(feature_path("train", k), mmap_mode="r"), np.load(label_path("train"))
-            xva, yva = np.load(feature_path("val", k), mmap_mode="r"), np.load(label_path("val"))
+            xtr, ytr = load_feature("train", k), load_labels("train")
+            xva, yva = load_feature("val", k), load_labels("val")
             if k < division.k:
                 s = params.selectors
                 g = train_selector(xtr, ytr, nc, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=params.seed + k, device=device)
@@ -56,7 +56,7 @@ def run(params: Params) -> dict:
             out["subnetworks"].append({"k": k, "blocks": sub.block_names, "flops": sub.flops, "params": sub.params,
                                        "in_shape": list(sub.in_shape), "out_shape": list(sub.out_shape), "selector_val_acc": acc})
             mlflow.log_metric(f"selector.s{k}.val_acc", acc)
-        out["cached"] = {"train": int(len(np.load(label_path("train")))), "val": int(len(np.load(label_path("val"))))}
+        out["cached"] = {"train": int(len(load_labels("train"))), "val": int(len(load_labels("val")))}
         out["seconds"] = time.perf_counter() - start
         atomic_torch_save(states, paths.SELECTORS)
         log_metrics_flat({"seconds": out["seconds"]}, "selectors.")
