@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
 from torch import nn
 
-from pruning.channels import KeepScheme, count_flops_params, group_importance, pruned_copy
+from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.constrain import train_front
 from pruning.distill import DynamicKDLoss, KDLoss
 from pruning.divide import boundary_features, divide
 from pruning.gpir import rank
-from pruning.methods import METHODS, Target
+from pruning.methods import METHODS, PruningResult, Target, cost_of
 from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search
 from pruning.selectors import train_selector
 from pruning.train import TrainConfig, fit, resolve_device, seed_everything
@@ -22,18 +22,10 @@ __all__ = ["PruneResult", "prune"]
 
 
 @dataclass
-class PruneResult:
-    model: nn.Module                 # physically pruned (and finetuned if asked)
-    scheme: KeepScheme               # channel group -> kept output channel indices, in the model's own names
-    flops: int
-    params: int
-    base_flops: int
-    base_params: int
-    info: dict = field(default_factory=dict)
+class PruneResult(PruningResult):
+    """A PruningResult that also carries the physically pruned (and finetuned if asked) model."""
 
-    @property
-    def flops_reduction(self) -> float:
-        return 1 - self.flops / self.base_flops
+    model: nn.Module | None = None
 
 
 def prune(
@@ -98,7 +90,7 @@ def prune(
             space = SearchSpace(tuple(prunable_groups(base, x1)), levels, encoding, round_to)
             front = run_search(base, x1, scorer, space=space, generations=generations * k, **search)
             best = front.members[choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)]
-            scheme = front.space.decode(best.genes, _importance(base, x1))
+            scheme = front.space.decode(best.genes, group_importance(base, x1))
             pruned = pruned_copy(base, x1, scheme)
             info.update(evaluations=front.evaluations, search_error=best.error)
         else:
@@ -112,16 +104,16 @@ def prune(
                 space = SearchSpace(tuple(prunable_groups(sub.module, ex)), levels, encoding, round_to)
                 front = run_search(sub.module, ex, scorer, space=space, generations=generations, **search)
                 evaluations += front.evaluations
-                importance = _importance(sub.module, ex)
+                importance = group_importance(sub.module, ex)
                 local = [space.decode(m.genes, importance) for m in front.spread(candidates)]
                 trained = train_front(sub.module, ex, local, tr[sub.index - 1], tr[sub.index], ytr, selector,
                                       predecessors=[subs[sub.index - 2].module, *previous] if sub.index > 1 else [],
                                       predecessor_inputs=tr[sub.index - 2] if sub.index > 1 else None, lam=lam,
                                       epochs=constrain_epochs, lr=constrain_lr, seed=seed + 100 * sub.index, device=dev)
-                cands.append([(m, sch, _cost(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])
+                cands.append([(m, sch, cost_of(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])
                 previous = trained
-            pruned, scheme, decided = rank(base, x1, subs, head, cands, [_cost((s.flops, s.params), metric) for s in subs],
-                                           _cost((base_flops, base_params), metric), target, top_t=top_t,
+            pruned, scheme, decided = rank(base, x1, subs, head, cands, [cost_of((s.flops, s.params), metric) for s in subs],
+                                           cost_of((base_flops, base_params), metric), target, top_t=top_t,
                                            max_overshoot=max_overshoot, features=va, labels=yva, device=dev)
             decided.pop("table")
             info.update(evaluations=evaluations, **decided)
@@ -133,12 +125,6 @@ def prune(
             teacher=base if loss is not None else None, val_loader=val_loader, progress=False)
     pruned = pruned.cpu().eval()
     flops, params = count_flops_params(pruned, x1)
-    return PruneResult(pruned, scheme, flops, params, base_flops, base_params, info)
+    return PruneResult(scheme=scheme, base_flops=base_flops, base_params=base_params, flops=flops, params=params, info=info,
+                       model=pruned)
 
-
-def _importance(module: nn.Module, example: torch.Tensor):
-    return group_importance(module, example)
-
-
-def _cost(flops_params: tuple[int, int], metric: str) -> int:
-    return flops_params[0] if metric == "flops" else flops_params[1]

@@ -18,7 +18,7 @@ from pruning.channels import (
     KeepScheme, channel_groups, classifier_layer, count_flops_params, group_importance, keep_by_importance, pruned_copy,
 )
 
-__all__ = ["METHODS", "METHOD_NAMES", "GlobalMagnitude", "PruningMethod", "PruningResult", "RandomRatios", "Target", "Uniform", "reduction_of"]
+__all__ = ["METHODS", "METHOD_NAMES", "GlobalMagnitude", "PruningMethod", "PruningResult", "RandomRatios", "Target", "Uniform", "cost_of", "reduction_of"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class PruningResult:
     @property
     def params_reduction(self) -> float:
         return 1.0 - self.params / self.base_params
+
+
+def cost_of(flops_params: tuple[int, int], metric: str) -> int:
+    """The FLOPs or the parameters of a (FLOPs, params) pair, as `metric` asks."""
+    return flops_params[0] if metric == "flops" else flops_params[1]
 
 
 def reduction_of(model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, base: tuple[int, int], metric: str) -> tuple[float, int, int]:

@@ -8,7 +8,6 @@ pruned module over the original's) and selector error. Nothing of pymoo leaves t
 """
 from __future__ import annotations
 
-import copy
 import pickle
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence

@@ -13,7 +13,7 @@ import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
 from pruning.gpir import rank as gpir_rank
-from pruning.methods import METHODS, Target
+from pruning.methods import METHODS, Target, cost_of
 from pruning.search import choose_for_target
 from pruning.train import resolve_device
 from tasks import paths
@@ -28,10 +28,6 @@ from tasks.tracking import stage_run
 SCHEME_SCHEMA = 2
 
 
-def _cost(flops_params: tuple[int, int], metric: str) -> int:
-    return flops_params[0] if metric == "flops" else flops_params[1]
-
-
 def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, write_tables: bool = True) -> tuple[torch.nn.Module, dict, dict]:
     device = resolve_device(params.device)
     metric = params.prune.metric
@@ -42,7 +38,7 @@ def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, writ
         cands.append([(m, meta["scheme"], meta[metric]) for m, meta in loaded])
     feats, labels = load_features("val", division.k)
     base_costs = [getattr(s, metric) for s in division.subnetworks]
-    total = _cost(count_flops_params(division.model, example), metric)
+    total = cost_of(count_flops_params(division.model, example), metric)
     pruned, full_scheme, info = gpir_rank(division.model, example, division.subnetworks, division.head, cands, base_costs, total,
                                           params.prune.target, top_t=params.rank.top_t, max_overshoot=params.rank.max_overshoot,
                                           features=feats, labels=labels, device=device)
