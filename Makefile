@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test test-fast ui bench bench-quick clean
+.PHONY: setup run test test-fast ui serve bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)  ## the MLflow UI on the project's tracking store
 	$(BIN)/emoprune ui
+
+CRON ?= 0 2 * * *
+PREFECT_PORT ?= 4200
+serve: $(STAMP)  ## start a local Prefect server (UI on :4200) and serve the pipeline on a schedule: make serve CRON="0 2 * * *"
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server status >/dev/null 2>&1 \
+	  || ($(BIN)/prefect server start --background --port $(PREFECT_PORT) \
+	      && PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server status --wait --timeout 180)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/emoprune serve --cron "$(CRON)"
 
 bench: $(STAMP)  ## full benchmark profile (ResNet-56 on the CIFAR-10 copy), then docs/benchmarks.md
 	$(BIN)/python bench/run.py --profile full

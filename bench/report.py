@@ -84,9 +84,14 @@ def main() -> None:
             f"finetune {p['finetune']['epochs']} epochs ({p['finetune']['kd']}); EMO-DIR K={p['divide']['k']}, "
             f"population {p['search']['pop_size']} x {p['search']['generations']} generations per sub-network, "
             f"{p['constrain']['candidates']} candidates x {p['constrain']['epochs']} constrained epochs", "",
+            *([f"- ONNX latencies re-timed on the idle machine after the run: `{result['latency_remeasured']['command']}` "
+                f"({result['latency_remeasured']['repeats']} repeats)"] if "latency_remeasured" in result else []), "",
             *_table(result), "",
             f"![accuracy vs FLOPs]({plot.name})", "",
         ]
+        notes = REPO / "bench" / "notes" / f"{result['profile']}.md"
+        if notes.is_file():
+            out += [notes.read_text().strip(), ""]
     (DOCS / "benchmarks.md").write_text("\n".join(out) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Evolutionary multi-objective channel pruning (EMO-DIR) as a DVC + Prefect + MLflow pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -27,7 +28,7 @@ class Stage(str, Enum):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -49,10 +50,22 @@ def _load(params: Path):
         _fail(str(e))
 
 
+def _preflight(p, stages: list[str], project: Path = Path(".")) -> None:
+    """Every input the stages need, checked before any heavy work (tasks/preflight.py); problems exit with code 2."""
+    from tasks.preflight import PreflightError, preflight
+
+    try:
+        for note in preflight(p, stages, project):
+            err.print(f"note: {note}", highlight=False, markup=False)
+    except PreflightError as e:
+        _fail(str(e))
+
+
 @app.command()
 def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
     """Validate a params file and print the resolved settings."""
     p = _load(params)
+    _preflight(p, [s.value for s in Stage], params.parent)
     Console().print_json(p.model_dump_json())
 
 
@@ -60,7 +73,7 @@ def check(params: Path = typer.Option(Path("params.yaml"), help="params file to 
 def stage(name: Stage = typer.Argument(..., help="stage to run"),
           params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
-    _load(params)  # bad params fail here, before Prefect or any heavy work starts
+    _preflight(_load(params), [name.value])  # bad params and inputs fail here, before Prefect or any heavy work starts
     from flows.stages import run_stage
 
     try:
@@ -73,16 +86,45 @@ def stage(name: Stage = typer.Argument(..., help="stage to run"),
 def run(force: bool = typer.Option(False, help="rerun every stage even if DVC finds it up to date"),
         project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml")) -> None:
     """Bring the whole pipeline up to date: `dvc repro` stage by stage inside one Prefect flow and one MLflow parent run."""
-    _load(project / "params.yaml")
-    from flows.stages import pipeline_flow
+    p = _load(project / "params.yaml")
+    _preflight(p, [s.value for s in Stage], project)
+    from flows.stages import with_retries
 
     try:
-        result = pipeline_flow(str(project), force)
+        result = with_retries(p)(str(project), force)
     except _user_errors() as e:
         _fail(str(e))
     except RuntimeError as e:
         _fail(str(e), code=1)
     typer.echo("up to date: no stage ran" if result["up_to_date"] else f"stages run: {', '.join(result['ran']) or 'none'}")
+
+
+@app.command()
+def serve(cron: str = typer.Option("0 2 * * *", help="when to run, as a cron expression (default: 02:00 every day)"),
+          name: str = typer.Option("scheduled", help="deployment name (the flow is emoprune-pipeline)"),
+          timezone: str = typer.Option("UTC", help="time zone of the cron expression"),
+          project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml")) -> None:
+    """Serve the pipeline flow as a scheduled Prefect deployment until stopped (Ctrl-C).
+
+    Each scheduled run does what `emoprune run` does: only the stages whose inputs changed rerun, and a run
+    with nothing changed ends at once. Needs a Prefect server (`make serve` starts one)."""
+    import os
+
+    from prefect.client.schemas.schedules import construct_schedule
+
+    p = _load(project / "params.yaml")
+    try:
+        schedule = construct_schedule(cron=cron, timezone=timezone)
+    except ValueError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(e, "errors") else str(e)
+        _fail(f"--cron {cron!r} / --timezone {timezone!r}: {why}; allowed: a 5-field cron expression such as '0 2 * * *' and an IANA zone")
+    from flows.stages import pipeline_flow, retry_settings
+
+    os.environ.update(retry_settings(p))  # the runner's flow-run processes inherit these
+    typer.echo(f"serving emoprune-pipeline/{name} on {cron!r} ({timezone}) for {project.resolve()}; "
+               f"{p.orchestration.retries} retries. Ctrl-C stops.")
+    pipeline_flow.serve(name=name, schedule=schedule, parameters={"project_dir": str(project.resolve())},
+                        tags=["emoprune"], description="emoprune pipeline: dvc repro of every stage, logged in MLflow")
 
 
 @app.command()

@@ -12,22 +12,31 @@ import mlflow
 from prefect import flow, get_run_logger, task
 
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from tasks import constrain, export, finetune, prepare, pretrain, rank, report, search, selectors
 from tasks.config import Params, load_params
-from tasks.tracking import PARENT_ENV, connect, git_commit, pipeline_run_name
+from tasks.tracking import PARENT_ENV, connect, pipeline_run_name, trace_tags
 
 @task(name="search-subnetwork", task_run_name="search-s{k}", cache_policy=NO_CACHE)
-def search_subnetwork_task(k: int, params_path: str, run_id: str) -> dict:
-    """NSGA-II on one sub-network: independent of the others, so the flow maps it over all K."""
+def search_subnetwork_task(k: int, params_path: str, run_id: str, project: str) -> dict:
+    """NSGA-II on one sub-network: independent of the others, so the flow maps it over all K.
+
+    Under the process or Dask runners this runs in another process (or machine, given a shared filesystem
+    at the same path), so it moves to the project folder first: every stage path is relative to it."""
+    if Path.cwd() != Path(project):
+        os.chdir(project)
     return search.search_subnetwork(load_params(params_path), k, run_id)
 
 
 def _search_stage(params: Params, params_path: str) -> dict:
+    project = str(Path.cwd().resolve())
+    params_path = str(Path(params_path).resolve())
+
     def mapper(ks, run_id):
-        futures = search_subnetwork_task.map(ks, params_path=unmapped(params_path), run_id=unmapped(run_id))
+        futures = search_subnetwork_task.map(ks, params_path=unmapped(params_path), run_id=unmapped(run_id),
+                                             project=unmapped(project))
         return [f.result() for f in futures]
 
     return search.run(params, mapper)
@@ -46,7 +55,7 @@ STAGES: dict[str, Callable[[Params, str], dict]] = {
 }
 
 
-@flow(name="emoprune-stage", flow_run_name="{name}", log_prints=True)
+@flow(name="emoprune-stage", flow_run_name="{name}", log_prints=True, retries=0)  # the pipeline flow retries
 def stage_flow(name: str, params_path: str = "params.yaml") -> dict:
     """Run one stage in the current folder with the params in `params_path`."""
     if name not in STAGES:
@@ -54,11 +63,45 @@ def stage_flow(name: str, params_path: str = "params.yaml") -> dict:
     return STAGES[name](load_params(params_path), params_path)
 
 
+def task_runner(params: Params) -> TaskRunner:
+    """The runner for the search's K sub-network tasks, as `orchestration` in params says.
+
+    threads: one process (the default; torch releases the GIL in its kernels). processes: a local process pool.
+    dask: a LocalCluster of one single-threaded worker process per sub-network, or the scheduler at
+    `dask_address`. The search results do not depend on the runner: every task seeds itself."""
+    o = params.orchestration
+    workers = o.workers or params.divide.k
+    if o.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if o.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    from prefect_dask import DaskTaskRunner
+
+    if o.dask_address:
+        return DaskTaskRunner(address=o.dask_address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def _export_api_url() -> None:
+    """Worker processes inherit the environment, not this process's Prefect settings: hand them the API URL,
+    so their task runs report to the same server as the flow instead of starting servers of their own."""
+    from prefect.settings import PREFECT_API_URL
+
+    if url := PREFECT_API_URL.value():
+        os.environ["PREFECT_API_URL"] = url
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def run_stage(name: str, params_path: str = "params.yaml") -> dict:
-    """`stage_flow` with a task runner sized for the stage: the search maps one task per sub-network."""
+    """`stage_flow` with the task runner chosen in params (it only matters for the search)."""
     params = load_params(params_path)
-    workers = params.search.workers or params.divide.k
-    return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(name, params_path)
+    if name != "search" or params.prune.method != "emo-dir":
+        return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(name, params_path)
+    if params.orchestration.task_runner != "threads":
+        _export_api_url()
+    return stage_flow.with_options(task_runner=task_runner(params))(name, params_path)
 
 
 def _dvc(*args: str, env: dict[str, str] | None = None, cwd: str | Path = ".") -> subprocess.CompletedProcess:
@@ -84,6 +127,19 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
     return not skipped
 
 
+def retry_settings(params: Params) -> dict[str, str]:
+    """Prefect settings giving flows `orchestration.retries`: for processes that import the flow afresh
+    (a served deployment's flow runs), where options set on a flow object do not reach."""
+    o = params.orchestration
+    return {"PREFECT_FLOWS_DEFAULT_RETRIES": str(o.retries), "PREFECT_FLOWS_DEFAULT_RETRY_DELAY_SECONDS": str(o.retry_delay_seconds)}
+
+
+def with_retries(params: Params):
+    """The pipeline flow with `orchestration.retries` for an in-process run (`emoprune run`)."""
+    o = params.orchestration
+    return pipeline_flow.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds)
+
+
 def _api_url() -> str | None:
     from prefect.client.orchestration import get_client
 
@@ -93,7 +149,11 @@ def _api_url() -> str | None:
 
 @flow(name="emoprune-pipeline", log_prints=True)
 def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
-    """Bring every DVC stage of `project_dir` up to date, one Prefect task per stage, under one MLflow parent run."""
+    """Bring every DVC stage of `project_dir` up to date, one Prefect task per stage, under one MLflow parent run.
+
+    A failure fails the flow run and the MLflow parent run (and the failing stage's run); DVC keeps the
+    outputs of every stage that finished, so a retry resumes at the stage that failed. Retries come from
+    `orchestration` in params (see `with_retries`)."""
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml")
@@ -107,9 +167,7 @@ def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
     os.chdir(project)  # the tracking URI (sqlite:///mlflow.db) is relative to the project
     try:
         connect(params)
-        tags = {"emoprune.kind": "pipeline"}
-        if commit := git_commit():
-            tags["mlflow.source.git.commit"] = commit
+        tags = {"emoprune.kind": "pipeline", **trace_tags(params)}
         with mlflow.start_run(run_name=pipeline_run_name(params), tags=tags) as parent:
             mlflow.log_params({"data.source": params.data.source, "model.name": params.model.name,
                                "prune.method": params.prune.method, "prune.target": params.prune.target})

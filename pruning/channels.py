@@ -12,6 +12,9 @@ from torch import nn
 __all__ = [
     "ChannelGroup",
     "KeepScheme",
+    "SUPPORTED_LAYERS",
+    "UnsupportedLayerError",
+    "check_supported",
     "channel_groups",
     "classifier_layer",
     "count_flops_params",
@@ -43,6 +46,27 @@ class UnsupportedLayerError(ValueError):
     """A model holds a layer the channel-dependency graph cannot prune through."""
 
 
+# Layers with parameters that Torch-Pruning's dependency graph knows how to prune; parameter-free layers
+# (activations, pooling, dropout, flatten, identity) pass channels through and are always fine.
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.LayerNorm, nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.LSTM,
+)
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedLayerError naming the first module (path and type) that holds parameters of its own
+    but is not a layer the dependency graph can prune through (a custom layer, a bare nn.Parameter)."""
+    for path, module in model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if own and not isinstance(module, SUPPORTED_LAYERS):
+            raise UnsupportedLayerError(
+                f"layer {path or '(the model itself)'!r} ({type(module).__name__}) holds parameters {own} that channel pruning "
+                f"cannot follow; supported layers with parameters: {', '.join(t.__name__.lstrip('_') for t in SUPPORTED_LAYERS)} "
+                f"(parameter-free layers such as activations and pooling are fine)"
+            )
+
+
 def classifier_layer(model: nn.Module) -> nn.Module:
     """The last Linear layer, taken as the classifier: its outputs are the classes and never pruned."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -70,6 +94,7 @@ def _out_fn(module: nn.Module):
 
 
 def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
+    check_supported(model)
     if ignored is None:  # a classifier's outputs are the classes; a headless sub-network has none to protect
         ignored = [classifier_layer(model)] if any(isinstance(m, nn.Linear) for m in model.modules()) else []
     dg = _dependency_graph(model, example_input)

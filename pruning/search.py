@@ -36,8 +36,8 @@ __all__ = [
 
 
 def prunable_groups(module: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
-    """Channel groups of `module` whose pruning leaves its output shape unchanged: the boundary feature
-    X_k must keep its channels so the next sub-network and the feature constraint still fit."""
+    """Channel groups of `module` whose pruning leaves its input and output shapes unchanged: the boundary
+    features X_{k-1} and X_k keep their channels so the neighbours and the feature constraint still fit."""
     module = module.eval()
     with torch.no_grad():
         out_shape = module(example_input).shape
@@ -47,8 +47,12 @@ def prunable_groups(module: nn.Module, example_input: torch.Tensor, ignored: Seq
             continue
         probe = pruned_copy(module, example_input, {g.name: list(range(g.channels - 1))})
         with torch.no_grad():
-            if probe(example_input).shape == out_shape:
-                keep.append(g)
+            try:
+                fits = probe(example_input).shape == out_shape
+            except RuntimeError:  # the group reaches the module's input (a residual add of it): not ours to prune
+                fits = False
+        if fits:
+            keep.append(g)
     return keep
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from pruning.distill import Distiller
 
-__all__ = ["TrainConfig", "evaluate", "fit", "predict", "resolve_device", "seed_everything"]
+__all__ = ["ResumeError", "TrainConfig", "evaluate", "fit", "get_rng_state", "predict", "resolve_device", "seed_everything", "set_rng_state"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,6 +31,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class ResumeError(ValueError):
+    """A resume state that does not fit this training run (another model, a damaged file)."""
+
+
+def get_rng_state(loader: Iterable | None = None) -> dict[str, Any]:
+    """Every random state a training epoch draws from (python, numpy, torch, CUDA, the loader's shuffling
+    generator), as plain tensors and ints so `torch.load(weights_only=True)` reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], loader: Iterable | None = None) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(loader, "generator", None)
+    if generator is not None and "loader" in state:
+        generator.set_state(state["loader"])
 
 
 @dataclass(frozen=True)
@@ -78,12 +111,18 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     description: str = "train",
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place for `config.epochs` epochs; returns the per-epoch metrics.
 
     With `teacher`, its logits on each batch go to `loss_fn` (a Distiller); the teacher stays frozen.
     The model with the best validation accuracy is NOT substituted: the last epoch's model is the result,
     so the test split never influences it and the val split stays honest for later stages.
+
+    After every epoch `on_checkpoint(state)` receives the whole training state (model, optimizer, schedule,
+    loss, history, every random state); passing the latest one back as `resume` continues from there, and
+    on the CPU ends bit-identical to an uninterrupted run. `on_epoch` is called for restored epochs too.
     """
     loss_fn = (loss_fn or Distiller()).to(device)
     model.to(device)
@@ -99,9 +138,25 @@ def fit(
     steps = max(1, config.epochs * len(train_loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history: list[dict[str, float]] = []
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+            loss_fn.load_state_dict(resume["loss_fn"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            history = [dict(m) for m in resume["history"]]
+            set_rng_state(resume["rng"], train_loader)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            raise ResumeError(f"the resume state does not fit this training run: {type(err).__name__}: {str(err)[:300]}") from None
+        if not 0 <= len(history) <= config.epochs or resume.get("epoch") != len(history):
+            raise ResumeError(f"the resume state is at epoch {resume.get('epoch')!r} with {len(history)} epochs of history; "
+                              f"allowed: 0..{config.epochs}")
+        if on_epoch is not None:
+            for epoch, metrics in enumerate(history):
+                on_epoch(epoch, metrics)
     with _progress(progress) as bar:
-        task = bar.add_task(description, total=config.epochs, status="")
-        for epoch in range(config.epochs):
+        task = bar.add_task(description, total=config.epochs, completed=len(history), status="")
+        for epoch in range(len(history), config.epochs):
             model.train()
             total, correct, loss_sum = 0, 0, 0.0
             for x, y in train_loader:
@@ -127,6 +182,10 @@ def fit(
             history.append(metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
+            if on_checkpoint is not None:
+                on_checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "loss_fn": loss_fn.state_dict(),
+                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                               "rng": get_rng_state(train_loader)})
             status = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_acc"))
             bar.update(task, advance=1, status=status)
     return history

@@ -1,24 +1,52 @@
-"""Model files: the architecture name, its channel scheme and the weights, so a pruned model rebuilds without pickled code."""
+"""Model files (the architecture name, its channel scheme and the weights, so a pruned model rebuilds without
+pickled code) and the resume checkpoints that training stages write after every epoch."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from pruning.channels import KeepScheme, prune_channels
 from pruning.models import build_model
+from tasks import paths
 from tasks.io import atomic_torch_save
 
 CKPT_SCHEMA = 1
+RESUME_SCHEMA = 1
+# what a damaged file can make model building or loading raise, besides our own errors
+_DAMAGE = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError)
 
 
 class CheckpointError(ValueError):
     """A model file that cannot be used; the message names the file and the mismatch."""
 
 
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state_dict's names and tensor bytes: torch.load does not notice flipped bits in tensor data."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _verify(state: Any, expected: Any, path: Path) -> None:
+    if expected is None:  # files from before checksums
+        return
+    try:
+        ok = isinstance(state, dict) and digest(state) == expected
+    except _DAMAGE:  # not tensors at all
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its weights do not match the checksum saved with them")
+
+
 def save_model(model: nn.Module, path: str | Path, *, name: str, num_classes: int, image_size: int, scheme: KeepScheme | None = None, **extra: Any) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(
         {
             "schema_version": CKPT_SCHEMA,
@@ -26,7 +54,8 @@ def save_model(model: nn.Module, path: str | Path, *, name: str, num_classes: in
             "num_classes": num_classes,
             "image_size": image_size,
             "scheme": scheme,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_dict": state,
+            "digest": digest(state),
             **extra,
         },
         path,
@@ -65,11 +94,22 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     blob = _read(path)
     if not isinstance(blob, dict) or blob.get("schema_version") != CKPT_SCHEMA:
         raise CheckpointError(f"checkpoint {str(path)!r} is not an emoprune model file of schema {CKPT_SCHEMA}")
-    model = build_model(blob["model"], blob["num_classes"])
-    if blob.get("scheme"):
-        s = blob["image_size"]
-        prune_channels(model, torch.zeros(1, 3, s, s), blob["scheme"])
-    _load_weights(model, blob["state_dict"], path, blob["model"])
+    fields = {"model": str, "num_classes": int, "image_size": int, "state_dict": dict}
+    bad = [k for k, t in fields.items() if not isinstance(blob.get(k), t)]
+    if bad or not 1 <= blob["num_classes"] <= 1_000_000 or not 1 <= blob["image_size"] <= 8192:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: fields {bad or ['num_classes', 'image_size']} hold no usable value")
+    try:
+        _verify(blob["state_dict"], blob.get("digest"), path)
+        model = build_model(blob["model"], blob["num_classes"])
+        if blob.get("scheme"):
+            s = blob["image_size"]
+            prune_channels(model, torch.zeros(1, 3, s, s), blob["scheme"])
+        _load_weights(model, blob["state_dict"], path, blob["model"])
+    except CheckpointError:
+        raise
+    except _DAMAGE as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: cannot rebuild {blob['model']!r} from it "
+                              f"({type(err).__name__}: {str(err)[:200]})") from None
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
 
@@ -84,13 +124,50 @@ def load_user_weights(path: str | Path, name: str, num_classes: int) -> nn.Modul
         if blob.get("scheme"):
             raise CheckpointError(f"checkpoint {str(path)!r} is an already pruned model; model.checkpoint takes an unpruned one")
         state = blob["state_dict"]
+        _verify(state, blob.get("digest"), path)
     elif isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         state = blob["state_dict"]
     elif isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
         state = blob
     else:
         raise CheckpointError(f"checkpoint {str(path)!r} holds neither a state_dict nor an emoprune model file")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its state_dict must map parameter names to tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel prefixes
     model = build_model(name, num_classes)
-    _load_weights(model, state, path, name)
+    try:
+        _load_weights(model, state, path, name)
+    except CheckpointError:
+        raise
+    except _DAMAGE as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {type(err).__name__}: {str(err)[:200]}") from None
     return model.eval()
+
+
+def resume_path(stage: str, params: Any, sections: Sequence[str], inputs: Sequence[str | Path]) -> Path:
+    """Where `stage` keeps its resume checkpoint: keyed by the params sections and the input files that decide
+    its result, so a checkpoint is only ever resumed by the run it belongs to."""
+    dump = params.model_dump()
+    h = hashlib.sha256(json.dumps([RESUME_SCHEMA, stage, {s: dump[s] for s in sections}], sort_keys=True).encode())
+    for f in inputs:
+        h.update(Path(f).read_bytes() if Path(f).is_file() else b"")
+    return paths.CHECKPOINTS / f"{stage}_{h.hexdigest()[:16]}.pt"
+
+
+def save_resume(state: dict[str, Any], path: str | Path) -> None:
+    atomic_torch_save({"schema_version": RESUME_SCHEMA, **state, "digest": digest(state["model"])}, path)
+
+
+def load_resume(path: str | Path) -> dict[str, Any] | None:
+    """The training state saved at `path`, or None when there is none; a damaged file is named, never guessed at."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    blob = _read(path)
+    keys = {"epoch", "model", "loss_fn", "optimizer", "scheduler", "history", "rng"}
+    if (not isinstance(blob, dict) or blob.get("schema_version") != RESUME_SCHEMA or not keys <= blob.keys()
+            or not isinstance(blob["epoch"], int) or not isinstance(blob["history"], list) or blob["epoch"] != len(blob["history"])):
+        raise CheckpointError(f"resume checkpoint {str(path)!r} is damaged or from another version; "
+                              f"delete it to start the stage over")
+    _verify(blob["model"], blob.get("digest"), path)
+    return blob

@@ -4,13 +4,14 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import mlflow
 import torch
 
-from pruning.train import evaluate
+from pruning.train import ResumeError, TrainConfig, evaluate, fit
 from tasks import paths
+from tasks.checkpoints import CheckpointError, load_resume, resume_path, save_resume
 from tasks.config import Params
 from tasks.datasets import example_input, load_split, make_loader, read_meta
 from tasks.io import atomic_path
@@ -35,6 +36,23 @@ def log_epoch(prefix: str):
         mlflow.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step=epoch)
 
     return on_epoch
+
+
+def fit_resumable(stage: str, params: Params, sections: Sequence[str], inputs: Sequence[Path], model: torch.nn.Module,
+                  train_loader, config: TrainConfig, device, **fit_kwargs) -> tuple[list[dict[str, float]], int, Callable[[], None]]:
+    """`fit` checkpointed after every epoch to .emoprune/checkpoints/STAGE_<hash of sections and inputs>.pt,
+    resuming from that file when it exists. Returns (history, epochs restored, a callback that removes the
+    checkpoint: call it once the stage's outputs are written)."""
+    ckpt = resume_path(stage, params, sections, inputs)
+    state = load_resume(ckpt)
+    resumed = state["epoch"] if state else 0
+    if state:
+        print(f"{stage}: resuming after epoch {resumed} of {config.epochs} from {ckpt}", flush=True)
+    try:
+        history = fit(model, train_loader, config, device, resume=state, on_checkpoint=lambda s: save_resume(s, ckpt), **fit_kwargs)
+    except ResumeError as err:
+        raise CheckpointError(f"resume checkpoint {str(ckpt)!r}: {err}; delete it to start the stage over") from None
+    return history, resumed, lambda: ckpt.unlink(missing_ok=True)
 
 
 def write_history(stage: str, history: list[dict[str, float]]) -> Path:

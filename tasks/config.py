@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, ValidationError, field_validator
 
 from pruning.methods import METHOD_NAMES
 from pruning.models import build_model
@@ -18,7 +18,15 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # YAML's true/false would otherwise pass as 1/0 for a number
+        if isinstance(v, bool) and info.field_name and cls.model_fields[info.field_name].annotation in (int, float, Optional[int]):
+            raise ValueError("Input should be a number, not a boolean")
+        return v
 
 
 class TrackingParams(_Section):
@@ -85,7 +93,6 @@ class SearchParams(_Section):
     encoding: Literal["levels", "binary"] = "levels"
     error: Literal["ce", "acc"] = "ce"
     calib_samples: int = Field(256, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
-    workers: int = Field(0, ge=0, description="sub-networks searched at once; 0 = all")
 
 
 class ConstrainParams(_Section):
@@ -136,8 +143,28 @@ class ExportParams(_Section):
         return v
 
 
+class OrchestrationParams(_Section):
+    """How the flows run. Never changes a result, so no DVC stage depends on this section."""
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    workers: int = Field(0, ge=0, description="sub-networks searched at once; 0 = one per sub-network")
+    dask_address: Optional[str] = Field(None, description="an existing Dask scheduler (tcp://host:8786); null = a LocalCluster")
+    retries: int = Field(1, ge=0, le=20, description="pipeline flow retries after a failure (stages already done are not rerun)")
+    retry_delay_seconds: float = Field(60.0, ge=0.0, le=86400.0)
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "://" not in v:
+            raise ValueError("must be a scheduler address like tcp://host:8786, or null for a LocalCluster")
+        return v
+
+
+class ResourcesParams(_Section):
+    memory_budget_mb: int = Field(8192, ge=16, description="RAM the feature caches and the search may use; beyond it features stay on disk (memory-mapped)")
+
+
 class Params(_Section):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="numpy takes seeds below 2**32; stages add small offsets")
     device: str = "auto"
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
@@ -151,6 +178,8 @@ class Params(_Section):
     rank: RankParams = RankParams()
     finetune: FinetuneParams = FinetuneParams()
     export: ExportParams = ExportParams()
+    resources: ResourcesParams = ResourcesParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
     @field_validator("device")
     @classmethod
@@ -189,7 +218,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.object[err.start:err.start + 1]!r}); allowed: YAML text") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err)[:500]}") from None
     return parse_params(raw, str(path))

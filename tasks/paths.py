@@ -11,6 +11,7 @@ SCHEME = Path("artifacts/scheme.json")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 SUMMARY = METRICS / "summary.json"
+ACCURACY_VS_FLOPS = PLOTS / "accuracy_vs_flops.csv"
 
 
 def metrics_file(stage: str) -> Path:

@@ -1,4 +1,7 @@
-"""Stage pretrain: train the unpruned model (or load the user's weights) and save models/base.pt."""
+"""Stage pretrain: train the unpruned model (or load the user's weights) and save models/base.pt.
+
+Training checkpoints after every epoch under .emoprune/checkpoints/; a rerun after a kill resumes there and
+ends with the same model as an uninterrupted run. The checkpoint is removed once the outputs are written."""
 from __future__ import annotations
 
 import time
@@ -7,10 +10,10 @@ import mlflow
 
 from pruning.channels import count_flops_params
 from pruning.models import build_model
-from pruning.train import TrainConfig, fit, resolve_device, seed_everything
+from pruning.train import TrainConfig, resolve_device, seed_everything
 from tasks import paths
 from tasks.checkpoints import load_user_weights, save_model
-from tasks.common import Data, accuracy, log_epoch, log_metrics_flat, write_history
+from tasks.common import Data, accuracy, fit_resumable, log_epoch, log_metrics_flat, write_history
 from tasks.config import Params
 from tasks.io import atomic_json
 from tasks.tracking import stage_run
@@ -23,14 +26,17 @@ def run(params: Params) -> dict:
     with stage_run(params, "pretrain", ("data", "model", "pretrain")):
         seed_everything(params.seed)
         start = time.perf_counter()
+        resumed, done = 0, lambda: None  # loaded weights: nothing trained, nothing to resume
         if params.model.checkpoint:
             model = load_user_weights(params.model.checkpoint, params.model.name, nc)
             history: list[dict] = []
         else:
             model = build_model(params.model.name, nc)
             cfg = TrainConfig(**params.pretrain.model_dump())
-            history = fit(model, data.loader("train", train=True), cfg, device, val_loader=data.loader("val"),
-                          on_epoch=log_epoch("pretrain"), description="pretrain")
+            history, resumed, done = fit_resumable(
+                "pretrain", params, ("seed", "device", "data", "model", "pretrain"), [paths.PREPARED / "meta.json"],
+                model, data.loader("train", train=True), cfg, device, val_loader=data.loader("val"),
+                on_epoch=log_epoch("pretrain"), description="pretrain")
         model.to(device)
         flops, n_params = count_flops_params(model.cpu(), data.example)
         model.to(device)
@@ -40,6 +46,7 @@ def run(params: Params) -> dict:
             "flops": flops,
             "params": n_params,
             "epochs": len(history),
+            "resumed_from_epoch": resumed,
             "seconds": time.perf_counter() - start,
             "from_checkpoint": bool(params.model.checkpoint),
         }
@@ -48,4 +55,5 @@ def run(params: Params) -> dict:
         log_metrics_flat(out, "base.")
         mlflow.log_artifact(str(paths.BASE), "models")
         atomic_json(out, paths.metrics_file("pretrain"))
+        done()
         return out

@@ -11,7 +11,7 @@ from tasks.checkpoints import load_model
 from tasks.common import log_metrics_flat
 from tasks.config import Params
 from tasks.io import atomic_json, atomic_path, read_json
-from tasks.tracking import stage_run
+from tasks.tracking import stage_run, trace_tags
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,6 +39,16 @@ def summarize() -> dict:
         "search": {"evaluations": search["evaluations"], "seconds": search["seconds"]},
         "seconds": {"pretrain": pre["seconds"], "search": search["seconds"], "rank": ranked["rank_seconds"], "finetune": fin["seconds"]},
     }
+
+
+def write_accuracy_vs_flops(summary: dict, path) -> None:
+    """Two points, the base and the pruned model: `dvc plots diff` over experiments overlays them into
+    one accuracy-vs-FLOPs chart of every method and target tried."""
+    label = f"{summary['method']}@{summary['target']['reduction']:g}"
+    rows = [("model", "flops", "test_acc"), ("base", summary["base"]["flops"], summary["base"]["test_acc"]),
+            (label, summary["pruned"]["flops"], summary["pruned"]["test_acc"])]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(",".join(str(v) for v in row) + "\n" for row in rows))
 
 
 def plot_channels(scheme: dict, path) -> None:
@@ -122,6 +132,8 @@ def register(params: Params, summary: dict) -> dict:
     client.set_registered_model_alias(name, "candidate", version)
     for key in ("test_acc", "flops", "flops_reduction"):
         client.set_model_version_tag(name, version, key, str(summary["pruned"][key]))
+    for key, value in trace_tags(params).items():
+        client.set_model_version_tag(name, version, key.removeprefix("mlflow.source.git.").replace("emoprune.", ""), value)
     aliases = ["candidate"]
     if beats_champion(client, name, summary["pruned"]["test_acc"], summary["pruned"]["flops"]):
         client.set_registered_model_alias(name, "champion", version)
@@ -147,6 +159,7 @@ def run(params: Params) -> dict:
         plot_channels(scheme, paths.PLOTS / "channels.png")
         plot_fronts(paths.PLOTS / "fronts.png")
         plot_joint_front(summary, paths.PLOTS / "joint_front.png")
+        write_accuracy_vs_flops(summary, paths.ACCURACY_VS_FLOPS)
         plots = [paths.PLOTS / name for name in ("channels.png", "fronts.png", "joint_front.png")]
         log_metrics_flat(summary)
         for plot in plots:

@@ -113,7 +113,7 @@ def front_document(tag: str, front: ParetoFront, importance: dict, seconds: floa
 
 def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict:
     """NSGA-II on sub-network k alone: scored by its selector on cached X_{k-1}, nothing else of the network runs."""
-    device = resolve_device(params.device)
+    device = subnetwork_device(params.device, k)
     division = load_division(params)  # a private copy: tasks may run in parallel threads
     sub = division.subnetworks[k - 1]
     xtr = load_feature("train", k - 1)
@@ -125,6 +125,15 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     if not space.groups:
         raise ValueError(f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group; use a smaller divide.k")
     return _search(params, f"s{k}", sub.module, example, scorer, space, params.search.generations, run_id)
+
+
+def subnetwork_device(device: str, k: int) -> torch.device:
+    """Sub-network k's device: with several GPUs and `device` auto or cuda (no index), GPU (k-1) mod their
+    number, so K parallel searches spread over the GPUs; otherwise `device` as resolved."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        return torch.device("cuda", (k - 1) % torch.cuda.device_count())
+    return dev
 
 
 def search_whole(params: Params, run_id: str | None = None) -> dict:
@@ -158,8 +167,6 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
         run_id = active.info.run_id
         start = time.perf_counter()
         paths.SEARCH.mkdir(parents=True, exist_ok=True)
-        for stale in paths.SEARCH.glob("front_*.json"):  # another method's fronts must not leak into this run's plots
-            stale.unlink()
         if method == "emo-dir":
             k = params.divide.k
             results = (mapper or sequential(params))(list(range(1, k + 1)), run_id)
@@ -169,6 +176,10 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
             results = []
         out = {"method": method, "searched": bool(results), "seconds": time.perf_counter() - start,
                "evaluations": int(sum(r["evaluations"] for r in results)), "subnetworks": results}
+        fresh = {f"front_{r['tag']}.json" for r in results}
+        for stale in paths.SEARCH.glob("front_*.json"):  # another method's fronts must not leak into this run's plots;
+            if stale.name not in fresh:  # removed only now, so a failed search leaves the last good ones in place
+                stale.unlink()
         log_metrics_flat({"seconds": out["seconds"], "evaluations": out["evaluations"]}, "search.")
         atomic_json(out, paths.metrics_file("search"))
         atomic_json(out, paths.SEARCH / "summary.json")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
+from itertools import islice
 
 import mlflow
 import numpy as np
-import torch
 from torch.utils.data import Subset
 
 from pruning.divide import boundary_features
@@ -15,18 +16,37 @@ from tasks import paths
 from tasks.common import Data, log_metrics_flat
 from tasks.config import Params
 from tasks.datasets import load_split, make_loader
-from tasks.division import feature_path, label_path, load_division, load_feature, load_labels, save_array
-from tasks.io import atomic_json, atomic_torch_save
+from tasks.division import FEATURE_INDEX, MB, MemoryPlan, feature_path, label_path, load_division, load_feature, load_labels, memory_plan
+from tasks.io import atomic_json, atomic_path, atomic_torch_save
 from tasks.tracking import stage_run
 
 
-def _cache(params: Params, division, split: str, n: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _cache(params: Params, division, split: str, n: int, device, plan: MemoryPlan) -> None:
+    """Write X_0..X_K and the labels of a seeded subset of `split` to artifacts/features, a chunk of batches at a
+    time (one chunk when the cache fits the memory budget), each file atomically."""
     ds = load_split(paths.PREPARED, split, train=False)  # no augmentation: features of the images as they are
     rng = np.random.default_rng(params.seed)
     # a seeded random subset: prepared splits are ordered (an ImageFolder by class), the first n would be one class
     idx = np.sort(rng.permutation(len(ds))[: min(n, len(ds))])
-    loader = make_loader(Subset(ds, idx.tolist()), params.data.batch_size, shuffle=False, num_workers=params.data.num_workers)
-    return boundary_features(division.subnetworks, loader, device=device, max_samples=len(idx))
+    bs = params.data.batch_size
+    loader = iter(make_loader(Subset(ds, idx.tolist()), bs, shuffle=False, num_workers=params.data.num_workers))
+    per_chunk = -(-plan.chunk_rows(bs, len(idx)) // bs)  # whole batches: every sample lands in the same batch as in one pass
+    files = [feature_path(split, k) for k in range(division.k + 1)] + [label_path(split)]
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(f)) for f in files]
+        arrays: list[np.ndarray] = []
+        row = 0
+        while batches := list(islice(loader, per_chunk)):
+            feats, labels = boundary_features(division.subnetworks, batches, device=device)
+            for i, t in enumerate([*feats, labels]):
+                a = t.numpy()
+                if len(arrays) <= i:
+                    arrays.append(np.lib.format.open_memmap(tmps[i], mode="w+", dtype=a.dtype, shape=(len(idx), *a.shape[1:])))
+                arrays[i][row:row + len(a)] = a
+            row += len(labels)
+        for a in arrays:
+            a.flush()
+        del arrays
 
 
 def run(params: Params) -> dict:
@@ -35,11 +55,13 @@ def run(params: Params) -> dict:
     division = load_division(params)
     with stage_run(params, "selectors", ("divide", "selectors")):
         start = time.perf_counter()
+        plan = memory_plan(params, division)
+        where = "in memory" if plan.in_memory else "memory-mapped from disk"
+        print(f"selectors: feature cache about {plan.features / MB:,.0f} MB, budget {plan.budget / MB:,.0f} MB: held {where}", flush=True)
         for split, n in (("train", params.divide.cache_train), ("val", params.divide.cache_val)):
-            feats, labels = _cache(params, division, split, n, device)
-            for k, x in enumerate(feats):
-                save_array(x, feature_path(split, k))
-            save_array(labels, label_path(split))
+            _cache(params, division, split, n, device, plan)
+        atomic_json({"schema_version": 1, "in_memory": plan.in_memory, "feature_mb": plan.features / MB,
+                     "budget_mb": params.resources.memory_budget_mb}, FEATURE_INDEX)
         nc = data.meta["num_classes"]
         states, out = {}, {"k": division.k, "subnetworks": []}
         for sub in division.subnetworks:

@@ -21,6 +21,37 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def params_hash(params: Params) -> str:
+    """sha256 of the resolved params (every section that can change a result), as a short hex string:
+    equal hashes mean equal settings, whatever the params file's layout or comments."""
+    import hashlib
+    import json
+
+    dump = params.model_dump(exclude={"orchestration"})
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_md5(lock: str = "dvc.lock") -> str | None:
+    """DVC's md5 of the prepared data (from dvc.lock), which names the exact data a model was trained on."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(open(lock)) or {}
+        return str(doc["stages"]["prepare"]["outs"][0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None
+
+
+def trace_tags(params: Params) -> dict[str, str]:
+    """Tags tracing a run back to its code (git commit), params (hash) and data (DVC md5)."""
+    tags = {"emoprune.params_hash": params_hash(params)}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if md5 := data_md5():
+        tags["emoprune.data_md5"] = md5
+    return tags
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -47,10 +78,8 @@ def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator
     connect(params)
     parent = os.environ.get(PARENT_ENV) or None
     tags = {"emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params), "emoprune.data": params.data.source,
-            "emoprune.model": params.model.name, "emoprune.method": params.prune.method, "emoprune.target": f"{params.prune.target:g}"}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+            "emoprune.model": params.model.name, "emoprune.method": params.prune.method, "emoprune.target": f"{params.prune.target:g}",
+            **trace_tags(params)}
     dump = params.model_dump()
     logged = {"seed": params.seed, "device": params.device}
     for s in sections:

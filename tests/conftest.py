@@ -44,6 +44,7 @@ def tiny_params(tmp: Path, **overrides) -> dict:
     params["selectors"].update(epochs=2)
     params["search"].update(pop_size=6, generations=2, calib_samples=64)
     params["constrain"].update(candidates=2, epochs=1)
+    params["orchestration"].update(retries=0, retry_delay_seconds=0)
     for dotted, value in overrides.items():
         section, key = dotted.split(".") if "." in dotted else (None, dotted)
         (params[section] if section else params)[key] = value
@@ -53,3 +54,23 @@ def tiny_params(tmp: Path, **overrides) -> dict:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def dvc_project(root: Path, params: dict, prefect_url: str) -> dict[str, str]:
+    """Make `root` a git + DVC project with this repository's code and `params`; returns the environment
+    for running its CLI against the Prefect server at `prefect_url`."""
+    import shutil
+    import subprocess
+    import sys
+
+    for d in ("pruning", "tasks", "flows"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    write_params(root / "params.yaml", params)
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.emoprune/\n")
+    env = dict(os.environ, PREFECT_API_URL=prefect_url, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("EMOPRUNE_PARENT_RUN_ID", None)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return env

@@ -33,6 +33,11 @@ def test_default_params_file_is_valid():
         ({"device": "tpu"}, "device", "auto, cpu, cuda"),
         ({"export": {"latency_batch_sizes": [1, 0]}}, "export.latency_batch_sizes", ">= 1"),
         ({"bogus_section": {}}, "bogus_section", "unknown key"),
+        ({"pretrain": {"epochs": True}}, "pretrain.epochs = True", "not a boolean"),
+        ({"pretrain": {"lr": float("nan")}}, "pretrain.lr = nan", "finite number"),
+        ({"constrain": {"lam": float("inf")}}, "constrain.lam = inf", "finite number"),
+        ({"seed": 2**40}, "seed = 1099511627776", "less than or equal to 2147483647"),
+        ({"resources": {"memory_budget_mb": 1}}, "resources.memory_budget_mb = 1", "greater than or equal to 16"),
     ],
 )
 def test_bad_values_name_key_and_allowed(raw, key, allowed):
@@ -51,6 +56,9 @@ def test_non_mapping_and_bad_yaml(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "missing.yaml")
+    bad.write_bytes(b"prune:\n  target: 0.5\xff\n")
+    with pytest.raises(ConfigError, match=r"not a UTF-8 text file \(byte 20: b'\\xff'\)"):
+        load_params(bad)
 
 
 def test_cli_rejects_bad_params_before_any_work(tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pruning.channels import channel_groups, group_importance, keep_by_importance, pruned_copy
 from pruning.models import build_model
-from tasks.checkpoints import CheckpointError, load_model, load_user_weights, save_model
+from tasks.checkpoints import CheckpointError, load_model, load_resume, load_user_weights, save_model, save_resume
 from tasks.config import DataParams
 from tasks.datasets import DataError, load_split, prepare
 
@@ -88,3 +88,28 @@ def test_user_checkpoints(tmp_path):
         load_user_weights(tmp_path / "junk.pt", "resnet20", 10)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "absent.pt")
+
+
+def test_flipped_bits_in_saved_weights_are_caught(tmp_path):
+    save_model(build_model("resnet20", 10), tmp_path / "m.pt", name="resnet20", num_classes=10, image_size=32)
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["state_dict"]["conv1.weight"][0, 0, 0, 0] += 1.0  # what a flipped bit in the tensor data does, unseen by torch.load
+    torch.save(blob, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="m.pt.*do not match the checksum"):
+        load_model(tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="m.pt.*do not match the checksum"):
+        load_user_weights(tmp_path / "m.pt", "resnet20", 10)
+
+
+def test_resume_checkpoints(tmp_path):
+    assert load_resume(tmp_path / "none.pt") is None  # nothing to resume: a fresh start
+    state = {"epoch": 1, "model": build_model("resnet20", 10).state_dict(), "loss_fn": {}, "optimizer": {}, "scheduler": {},
+             "history": [{"train_loss": 1.0}], "rng": {}}
+    save_resume(state, tmp_path / "r.pt")
+    assert load_resume(tmp_path / "r.pt")["epoch"] == 1
+    save_resume({**state, "epoch": 2}, tmp_path / "r.pt")  # epoch and history disagree
+    with pytest.raises(CheckpointError, match="r.pt.*delete it to start the stage over"):
+        load_resume(tmp_path / "r.pt")
+    (tmp_path / "r.pt").write_bytes((tmp_path / "r.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="r.pt.*not a readable torch file"):
+        load_resume(tmp_path / "r.pt")

@@ -1,8 +1,7 @@
 """The pipeline end to end through the real CLI, DVC (tmp git repo), Prefect server and MLflow store."""
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.stages import STAGES
-from tests.conftest import REPO, tiny_params, write_params
+from tests.conftest import dvc_project, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +25,7 @@ def _sh(*cmd, cwd, env=None, check=True):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, prefect_server):
     root = tmp_path_factory.mktemp("dvcrepo")
-    for d in ("pruning", "tasks", "flows"):
-        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    write_params(root / "params.yaml", tiny_params(root))
-    env = dict(os.environ, PREFECT_API_URL=prefect_server, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    env.pop("EMOPRUNE_PARENT_RUN_ID", None)
-    _sh("git", "init", "-q", cwd=root)
-    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
-    _sh("git", "add", "-A", cwd=root)
-    _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=root)
-    return root, env
+    return root, dvc_project(root, tiny_params(root), prefect_server)
 
 
 def _run(root, env):
@@ -73,15 +62,75 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     summary = yaml.safe_load((root / "metrics/summary.json").read_text())
     assert summary["pruned"]["flops_reduction"] >= 0.6
 
+    # both pipeline runs are listed, newest first, and the registry aliases follow the rules
+    table = _sh(sys.executable, "-m", "flows.cli", "compare", "--last", "5", "--params", str(root / "params.yaml"), cwd=root, env=env)
+    rows = [ln for ln in table.stdout.splitlines() if "emo-dir" in ln]
+    assert len(rows) == 2 and "0.6" in rows[0] and "0.5" in rows[1], table.stdout
+    candidate = client.get_model_version_by_alias("emoprune", "candidate")
+    champion = client.get_model_version_by_alias("emoprune", "champion")
+    first = client.get_model_version("emoprune", "1")
+    assert str(candidate.version) == "2"
+    assert str(champion.version) == ("2" if float(candidate.tags["test_acc"]) > float(first.tags["test_acc"]) else "1")
+    # every model traces back to its code, params and data
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`emoprune.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert candidate.tags["data_md5"] == lock["stages"]["prepare"]["outs"][0]["md5"] == parents[0].data.tags["emoprune.data_md5"]
+    assert candidate.tags["params_hash"] == parents[0].data.tags["emoprune.params_hash"] != parents[1].data.tags["emoprune.params_hash"]
+    assert candidate.tags["commit"] == parents[0].data.tags["mlflow.source.git.commit"]
+
 
 def test_failed_stage_exits_non_zero_and_keeps_earlier_outputs(repo):
     root, env = repo
     base_before = (root / "models/base.pt").read_bytes()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["prune"]["target"] = 0.9999  # beyond every candidate's reach: the rank stage fails
+    # a target the search space allows (preflight passes) but no trained candidate combination reaches:
+    # the rank stage fails, mid-pipeline
+    reach = max(json.loads(f.read_text())["reach"] for f in (root / ".emoprune" / "preflight").glob("reach_*.json"))
+    joint = max(p["reduction"] for p in json.loads((root / "artifacts/joint_front.json").read_text())["front"])
+    assert reach > joint + 0.002, (reach, joint)
+    target = round((reach + joint) / 2, 4)
+    params["prune"]["target"] = target
+    params["orchestration"].update(retries=1, retry_delay_seconds=0)
     write_params(root / "params.yaml", params)
+    summary_before = (root / "metrics/summary.json").read_bytes()
     out = _sh(sys.executable, "-m", "flows.cli", "run", "--project", str(root), cwd=root, env=env, check=False)
     assert out.returncode != 0
     assert "out of reach" in out.stdout + out.stderr
     assert (root / "models/base.pt").read_bytes() == base_before
-    assert (root / "metrics/summary.json").is_file()
+    assert (root / "metrics/summary.json").read_bytes() == summary_before
+
+    # failed in Prefect, after one retry, and in MLflow: both attempts' parent runs and the rank stage's runs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as prefect:
+        latest = [r for r in prefect.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+                  if prefect.read_flow(r.flow_id).name == "emoprune-pipeline"][0]
+    assert latest.state.is_failed() and latest.run_count == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("emoprune")
+    failed = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert sorted(r.info.run_name for r in failed) == sorted([f"digits-resnet20-emo-dir-{target:g}"] * 2 + ["rank"] * 2)
+
+
+def test_dvc_experiments_metrics_plots_and_params_diff(repo):
+    """`dvc exp run -S ...` tries another method and target; DVC shows accuracy against FLOPs across experiments."""
+    root, env = repo
+    _sh("git", "add", "-A", cwd=root)
+    _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline runs", cwd=root)
+    out = _sh(sys.executable, "-m", "dvc", "exp", "run", "-n", "gm", "-S", "prune.target=0.6", "-S", "prune.method=global-magnitude",
+              cwd=root, env=env)
+    assert "Running stage 'pretrain'" not in out.stdout and "Running stage 'finetune'" in out.stdout, out.stdout[-2000:]
+    exps = json.loads(_sh(sys.executable, "-m", "dvc", "exp", "show", "--json", cwd=root, env=env).stdout)
+    gm = [e for x in exps for e in (x.get("experiments") or []) if e.get("name") == "gm"]
+    assert gm, exps
+    metrics = gm[0]["revs"][0]["data"]["metrics"]["metrics/summary.json"]["data"]
+    assert metrics["method"] == "global-magnitude" and metrics["pruned"]["flops_reduction"] >= 0.6
+    workspace = json.loads(_sh(sys.executable, "-m", "dvc", "metrics", "show", "--json", cwd=root, env=env).stdout)
+    assert "metrics/summary.json" in json.dumps(workspace)
+    diff = json.loads(_sh(sys.executable, "-m", "dvc", "params", "diff", "HEAD", "gm", "--json", cwd=root, env=env).stdout)
+    assert diff["params.yaml"]["prune.method"] == {"old": "emo-dir", "new": "global-magnitude"}
+    plots = json.loads(_sh(sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "gm", "--json", "--split", cwd=root, env=env).stdout)
+    points = [d for key, v in plots.items() if key.endswith("accuracy_vs_flops.csv") for spec in v for d in spec.get("content", {}).get("data", {}).get("values", [])]
+    assert {p["model"] for p in points} >= {"base", "emo-dir@0.6", "global-magnitude@0.6"}, plots.keys()
+

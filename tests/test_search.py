@@ -97,3 +97,22 @@ def test_round_to_keeps_channel_counts_on_multiples(setting):
     for level in range(1, 11):
         counts = rounded.keep_counts([level] * len(space.groups))
         assert all(c % 16 == 0 and 16 <= c <= 64 for c in counts.values()), counts
+
+
+def test_genes_exclude_groups_reaching_a_boundary_inside_a_stage():
+    """K=2 cuts ResNet-20 inside stage 2: its residual chain reaches the second sub-network's input
+    (an identity shortcut adds X_1), so there only the inner convs are genes; S_1 holds all of stage 1's
+    residual chain, which is a gene. Every gene prunes cleanly."""
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    subs, _ = divide(model, x[:1], 2)
+    feats, _ = boundary_features(subs, x)
+    assert subs[1].block_names[0].startswith("layer2.") and subs[1].block_names[0] != "layer2.0"
+    for k, sub in enumerate(subs):
+        ex = feats[k][:1]  # X_k, the input of S_{k+1}
+        groups = prunable_groups(sub.module, ex)
+        inner = [g.name for g in groups if g.name.endswith("conv1")]
+        assert inner and len(groups) == len(inner) + (k == 0), [g.name for g in groups]
+        for g in groups:
+            probe = pruned_copy(sub.module, ex, {g.name: list(range(g.channels // 2))})
+            assert probe(ex).shape == sub.module(ex).shape

@@ -1,0 +1,369 @@
+"""Checks run before any heavy work by `emoprune stage`, `emoprune run` and `emoprune check`: every input the
+stages will need is there, readable and consistent with params.yaml, so a bad value fails in seconds, named
+as `key = value: what is allowed`, instead of deep inside a stage. Nothing here trains or writes an output."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from tasks import paths
+from tasks.config import ConfigError, Params
+from tasks.io import atomic_json, read_json
+
+STAGES = ("prepare", "pretrain", "selectors", "search", "constrain", "rank", "finetune", "export", "report")
+MODEL_STAGES = {"selectors", "search", "constrain", "rank"}  # these divide and prune the model
+DATA_STAGES = {"pretrain", "selectors", "rank", "finetune", "export"}  # these read data/prepared
+# the stages reading artifacts/features, by method (models/selectors.pt: emo-dir only); the one-shot baselines read neither
+FEATURE_STAGES = {"emo-dir": {"search", "constrain", "rank"}, "whole-emo": {"search"}}
+# model files a stage reads, and the stage that writes them: checked only when that stage is not part of this run
+READS = {"selectors": [paths.BASE], "search": [paths.BASE, paths.SELECTORS], "constrain": [paths.BASE, paths.SELECTORS],
+         "rank": [paths.BASE], "finetune": [paths.BASE, paths.PRUNED_INIT], "export": [paths.BASE, paths.PRUNED],
+         "report": [paths.PRUNED]}
+WRITER = {paths.BASE: "pretrain", paths.SELECTORS: "selectors", paths.PRUNED_INIT: "rank", paths.PRUNED: "finetune"}
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+TIMEOUT_S = 3.0
+
+
+class PreflightError(ConfigError):
+    """Inputs that cannot work, found before any stage started (the CLI exits with code 2)."""
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+
+    def fail(self, key: str, value: object, allowed: str) -> None:
+        self.problems.append(f"{key} = {value!r}: {allowed}")
+
+
+def preflight(params: Params, stages: Iterable[str] = STAGES, root: str | Path = ".") -> list[str]:
+    """Check what `stages` will need in the project folder `root`. Raises PreflightError listing every problem;
+    returns notes worth printing (such as the feature cache staying on disk)."""
+    stages = set(stages)
+    if unknown := stages - set(STAGES):
+        raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {', '.join(STAGES)}")
+    root, r = Path(root), _Report()
+    _device(r, params.device)
+    _tracking(r, params.tracking.uri, root)
+    if "prepare" in stages:
+        _data_root(r, params, root)
+    elif stages & DATA_STAGES:
+        _prepared(r, root)
+    _inputs(r, params, stages, root)
+    nc = _num_classes(params, root)
+    if "pretrain" in stages and params.model.checkpoint:
+        _checkpoint(r, params, nc, root)
+    if stages & MODEL_STAGES:
+        _model(r, params, nc, root)
+    if r.problems:
+        n = len(r.problems)
+        raise PreflightError(f"preflight found {n} problem{'s' * (n > 1)}, nothing was run:\n  " + "\n  ".join(r.problems))
+    return r.notes
+
+
+def _under(root: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _device(r: _Report, device: str) -> None:
+    from pruning.train import resolve_device
+
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as err:
+        r.fail("device", device, str(err))
+
+
+def _tracking(r: _Report, uri: str, root: Path) -> None:
+    key, allowed = "tracking.uri", "allowed: sqlite:///path/to/mlflow.db in a writable folder, a local folder, or a reachable http(s):// server"
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower().split("+")[0]
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+            r.fail(key, uri, f"an SQLite URI names a file: sqlite:///relative.db or sqlite:////absolute.db; {allowed}")
+            return
+        _writable(r, key, uri, _under(root, uri[len("sqlite:///"):]), allowed, folder=False)
+    elif scheme in ("", "file"):
+        _writable(r, key, uri, _under(root, parsed.path if scheme == "file" else uri), allowed, folder=True)
+    elif scheme in DEFAULT_PORTS:
+        try:
+            host, port = parsed.hostname, parsed.port or DEFAULT_PORTS[scheme]
+        except ValueError as err:  # a port that is not a number
+            r.fail(key, uri, f"{err}; {allowed}")
+            return
+        if not host:
+            r.fail(key, uri, f"names no host; {allowed}")
+            return
+        try:
+            socket.create_connection((host, port), timeout=TIMEOUT_S).close()
+        except OSError as err:
+            r.fail(key, uri, f"nothing answers at {host}:{port} within {TIMEOUT_S:g} s ({err.strerror or err}); {allowed}")
+    # other schemes (databricks, ...) are MLflow's to check
+
+
+def _writable(r: _Report, key: str, uri: str, path: Path, allowed: str, folder: bool) -> None:
+    """`path` exists as what it should be and is writable, or the nearest existing folder above it takes a new file."""
+    if path.exists():
+        if path.is_dir() != folder:
+            r.fail(key, uri, f"{path} is a {'file' if folder else 'folder'}; {allowed}")
+        elif not os.access(path, os.R_OK | os.W_OK):
+            r.fail(key, uri, f"{path} is not writable; {allowed}")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        r.fail(key, uri, f"{parent} is a file, so {path} cannot be created; {allowed}")
+        return
+    try:  # the honest test of "can be created": make a file there and remove it
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".emoprune-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        r.fail(key, uri, f"cannot create {path} ({err.strerror or err}); {allowed}")
+
+
+def _data_root(r: _Report, params: Params, root: Path) -> None:
+    p = params.data
+    if p.source == "digits":
+        return
+    if p.root is None:
+        r.fail("data.root", None, f"required for data.source = {p.source!r}: the folder holding the dataset")
+        return
+    path = _under(root, p.root)
+    if p.source in ("cifar10", "cifar100"):
+        from torchvision import datasets
+        from torchvision.datasets.utils import check_integrity
+
+        cls = datasets.CIFAR10 if p.source == "cifar10" else datasets.CIFAR100
+        folder = path / cls.base_folder
+        if not folder.is_dir():
+            if not p.download:
+                r.fail("data.root", p.root, f"holds no {cls.base_folder}/ folder; allowed: a folder holding torchvision's "
+                                            f"{p.source} copy, or data.download: true to fetch it")
+            return
+        bad = [name for name, md5 in (*cls.train_list, *cls.test_list) if not check_integrity(str(folder / name), md5)]
+        if bad:
+            r.fail("data.root", p.root, f"{cls.base_folder}/{', '.join(bad)} missing or corrupted (checksum mismatch); "
+                                        f"allowed: an intact copy (delete the folder and set data.download: true to fetch it again)")
+        return
+    _image_folder(r, p.root, path)
+
+
+def _image_folder(r: _Report, value: str, path: Path) -> None:
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+    allowed = "allowed: a folder with train/ and val/ or test/, each holding one folder of images per class"
+    if not path.is_dir():
+        r.fail("data.root", value, f"no such folder; {allowed}")
+        return
+    test = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
+    if not (path / "train").is_dir() or test is None:
+        r.fail("data.root", value, f"holds {sorted(x.name for x in path.iterdir())}; {allowed}")
+        return
+    classes = {}
+    for split in (path / "train", test):
+        try:
+            classes[split.name], _ = find_classes(str(split))
+        except FileNotFoundError:
+            r.fail("data.root", value, f"{split.name}/ holds no class folders; {allowed}")
+            return
+        for c in classes[split.name]:
+            images = sorted(f for f in (split / c).iterdir() if f.suffix.lower() in IMG_EXTENSIONS)
+            if not images:
+                r.fail("data.root", value, f"{split.name}/{c}/ holds no images ({', '.join(IMG_EXTENSIONS)}); {allowed}")
+                return
+            try:  # the first image of every class: a cheap test for a damaged copy
+                with Image.open(images[0]) as im:
+                    im.verify()
+            except Exception as err:  # PIL raises many types for a damaged image
+                r.fail("data.root", value, f"{images[0].relative_to(path)} is not a readable image ({type(err).__name__}); {allowed}")
+                return
+    if classes["train"] != classes[test.name]:
+        r.fail("data.root", value, f"train/ has classes {classes['train']} but {test.name}/ has {classes[test.name]}; {allowed}")
+
+
+def _prepared(r: _Report, root: Path) -> None:
+    from tasks.datasets import DataError, read_meta
+
+    prepared = root / paths.PREPARED
+    try:
+        meta = read_meta(prepared)
+    except (DataError, ValueError) as err:  # ValueError: meta.json is not JSON
+        r.problems.append(f"{paths.PREPARED}: {err}; rerun `emoprune stage prepare`")
+        return
+    splits = ("train", "val", "test") if meta.get("materialized") else ()
+    for split in splits:
+        try:
+            torch.load(prepared / f"{split}.pt", mmap=True, weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged file
+            r.problems.append(f"{paths.PREPARED / f'{split}.pt'} is missing or damaged ({type(err).__name__}); rerun `emoprune stage prepare`")
+
+
+def _inputs(r: _Report, params: Params, stages: set[str], root: Path) -> None:
+    from tasks.checkpoints import CheckpointError, load_model
+
+    features = stages & FEATURE_STAGES.get(params.prune.method, set())
+    selectors = features and params.prune.method == "emo-dir"
+    files = {f for s in stages for f in READS.get(s, []) if WRITER[f] not in stages and (f != paths.SELECTORS or selectors)}
+    for f in sorted(files):
+        try:
+            if f == paths.SELECTORS:
+                torch.load(root / f, map_location="cpu", weights_only=True)
+            else:
+                load_model(root / f)
+        except CheckpointError as err:
+            r.problems.append(f"{f}: {err}; rerun `emoprune stage {WRITER[f]}`")
+        except Exception as err:  # a damaged selectors file
+            r.problems.append(f"{f} is missing or damaged ({type(err).__name__}); rerun `emoprune stage {WRITER[f]}`")
+    if features and "selectors" not in stages:
+        import numpy as np
+
+        from tasks.division import feature_path, label_path
+
+        for split in ("train", "val"):
+            for f in (*(feature_path(split, k) for k in range(params.divide.k + 1)), label_path(split)):
+                try:
+                    np.load(root / f, mmap_mode="r")
+                except (OSError, ValueError) as err:
+                    r.problems.append(f"{f} is missing or damaged ({type(err).__name__}); rerun `emoprune stage selectors`")
+                    return
+
+
+def _num_classes(params: Params, root: Path) -> int:
+    try:
+        meta = read_json(root / paths.PREPARED / "meta.json")
+        if meta.get("source") == params.data.source and isinstance(meta.get("num_classes"), int):
+            return meta["num_classes"]
+    except (OSError, ValueError):
+        pass
+    if params.data.source == "imagefolder" and params.data.root and (_under(root, params.data.root) / "train").is_dir():
+        return max(1, sum(d.is_dir() for d in (_under(root, params.data.root) / "train").iterdir()))
+    return {"cifar100": 100}.get(params.data.source, 10)
+
+
+def _checkpoint(r: _Report, params: Params, nc: int, root: Path) -> None:
+    from tasks.checkpoints import CheckpointError, load_user_weights
+
+    try:
+        load_user_weights(_under(root, params.model.checkpoint), params.model.name, nc)
+    except CheckpointError as err:
+        r.fail("model.checkpoint", params.model.checkpoint, str(err))
+
+
+def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
+    """Build the model from params (no training): layers, size, divisibility into divide.k parts, the target's reach, memory."""
+    from pruning.channels import UnsupportedLayerError, check_supported
+    from pruning.divide import blocks, divide
+    from pruning.models import build_model
+    from tasks.division import MB, Division, memory_plan
+
+    name, s, k = params.model.name, params.data.image_size, params.divide.k
+    model = build_model(name, nc).eval()
+    try:
+        check_supported(model)
+    except UnsupportedLayerError as err:
+        r.fail("model.name", name, str(err))
+        return
+    x = torch.zeros(1, 3, s, s)
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as err:
+        r.fail("data.image_size", s, f"model.name = {name!r} cannot run on {s}x{s} images ({str(err).splitlines()[0][:200]}); "
+                                     f"allowed: a size its downsampling accepts, e.g. 32 for the CIFAR models, 224 for torchvision's")
+        return
+    try:
+        blocks(model)
+    except ValueError as err:
+        r.fail("model.name", name, str(err))
+        return
+    try:
+        subs, head = divide(model, x, k)
+    except ValueError as err:
+        r.fail("divide.k", k, str(err))
+        return
+    reach, what = _reach(params, nc, model, x, subs, head, root)
+    if params.prune.target > reach:
+        r.fail("prune.target", params.prune.target,
+               f"out of reach: {what} removes at most {reach:.4f} of the {params.prune.metric}; allowed: a target up to {reach:.4f}")
+    plan = memory_plan(params, Division(model, {}, subs, head))
+    budget = params.resources.memory_budget_mb
+    if plan.floor > plan.budget:
+        need = math.ceil(plan.floor / MB)
+        r.fail("resources.memory_budget_mb", budget,
+               f"this run needs about {need:,} MB at once even with the feature cache on disk (caching one data batch: "
+               f"{plan.caching / MB:,.0f} MB; {plan.searches} searches at once: {plan.search / MB:,.0f} MB); allowed: at least "
+               f"{need:,}, or fewer searches at once (orchestration.workers) or a smaller data.batch_size")
+    elif not plan.in_memory:
+        r.notes.append(f"the feature cache (about {plan.features / MB:,.0f} MB) does not fit resources.memory_budget_mb = "
+                       f"{budget:,} beside the work ({plan.floor / MB:,.0f} MB): it stays on disk, memory-mapped")
+
+
+def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, head, root: Path) -> tuple[float, str]:
+    """The largest fraction of FLOPs (or params) the method's search space can remove: every gene at its lowest
+    level. Cached under .emoprune/preflight/ by architecture, search space and the pruning code it depends on."""
+    import pruning
+
+    p, s = params.prune, params.search
+    key = hashlib.sha256(json.dumps([params.model.name, nc, params.data.image_size, p.method, p.metric, p.round_to,
+                                     params.divide.k, s.levels, s.encoding]).encode())
+    for f in ("channels.py", "divide.py", "search.py", "methods.py"):
+        key.update((Path(pruning.__file__).parent / f).read_bytes())
+    cache = root / ".emoprune" / "preflight" / f"reach_{key.hexdigest()[:16]}.json"
+    try:
+        doc = read_json(cache)
+        return float(doc["reach"]), str(doc["what"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    reach, what = _compute_reach(params, model, x, subs, head)
+    atomic_json({"reach": reach, "what": what}, cache)
+    return reach, what
+
+
+def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head) -> tuple[float, str]:
+    from pruning.channels import channel_groups, count_flops_params, pruned_copy
+    from pruning.divide import assemble
+    from pruning.methods import METHODS, cost_of
+    from pruning.search import SearchSpace, prunable_groups
+
+    p, s = params.prune, params.search
+
+    def smallest(module: nn.Module, example: torch.Tensor) -> nn.Module:
+        groups = tuple(prunable_groups(module, example))
+        if not groups:
+            return module
+        space = SearchSpace(groups, s.levels, s.encoding, p.round_to)
+        genes = [space.bounds[0]] * space.n_var
+        return pruned_copy(module, example, space.decode(genes, {g.name: torch.zeros(g.channels) for g in groups}))
+
+    if p.method == "emo-dir":
+        small = assemble([dataclasses.replace(sub, module=smallest(sub.module, torch.zeros(1, *sub.in_shape))) for sub in subs], head)
+        what = (f"the emo-dir search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
+                f"keep level, boundary channels kept)")
+    elif p.method == "whole-emo":
+        small, what = smallest(model, x), "the whole-emo search space (every channel group at its lowest keep level)"
+    else:
+        ratio = getattr(METHODS[p.method](), "max_ratio", 1.0)  # global-magnitude prunes at most this fraction of a layer
+
+        def keep(c: int) -> int:
+            return max(min(p.round_to, c), c - math.floor(ratio * c), 1)
+
+        small = pruned_copy(model, x, {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)})
+        what = f"{p.method} (every channel group at its smallest width)"
+    base, got = count_flops_params(model, x), count_flops_params(small, x)
+    return 1.0 - cost_of(got, p.metric) / cost_of(base, p.metric), what
