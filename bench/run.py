@@ -96,6 +96,8 @@ def setup(profile: str, work: Path) -> None:
     for d in ("pruning", "tasks", "flows"):
         shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    (work / "CODE_COMMIT").write_text(head + "\n")  # the commit whose code this folder runs
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), PROFILES[profile]["params"])
     if params["data"].get("root") == "{cifar}":
         params["data"]["root"] = _cifar_root(work)
@@ -188,7 +190,9 @@ def main() -> None:
         remeasure(args.profile, work, args.repeats)
         return
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(work))
+    # PYTHONPATH: the stages import the work folder's copy of the code (what dvc.lock hashes), not the
+    # editable install of this checkout behind the `emoprune` entry point
     env.pop("EMOPRUNE_PARENT_RUN_ID", None)
     start = time.perf_counter()
     setup(args.profile, work)
@@ -199,7 +203,7 @@ def main() -> None:
             row = run_one(work, method, target, env)
             print(json.dumps({k: v for k, v in row.items() if k != "onnx"}), flush=True)
             rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = (work / "CODE_COMMIT").read_text().strip()
     result = {
         "profile": args.profile,
         "command": f"python bench/run.py --profile {args.profile}",
@@ -211,6 +215,11 @@ def main() -> None:
     }
     out = REPO / "bench" / "results" / f"{args.profile}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.methods != METHODS and out.is_file():  # a rerun of some methods replaces only their rows
+        earlier = json.loads(out.read_text())
+        result["rows"] = [r for r in earlier["rows"] if r["method"] not in args.methods] + rows
+        result["rows"].sort(key=lambda r: (r["target"], METHODS.index(r["method"])))
+        result["wall_seconds"] += earlier["wall_seconds"]
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} in {result['wall_seconds']:.0f}s")
 

@@ -1,6 +1,7 @@
 """The `emoprune` command line: run a stage or the whole pipeline, check params, open the MLflow UI."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from enum import Enum
@@ -179,7 +180,14 @@ def ui(port: int = typer.Option(5000, help="port for the MLflow UI"),
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", p.tracking.uri, "--port", str(port)], check=False)
 
 
+def _interrupted(signum: int, frame) -> None:
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: open MLflow runs end FAILED, Prefect marks the
+    # flow run crashed, temporary files are removed; without this the process would vanish mid-write
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupted)
     app()
 
 

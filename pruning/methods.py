@@ -150,7 +150,6 @@ class GlobalMagnitude(PruningMethod):
         pruner = tp.pruner.MetaPruner(
             m, example_input, importance=tp.importance.GroupMagnitudeImportance(p=self.p), global_pruning=True,
             pruning_ratio=ratio, max_pruning_ratio=self.max_ratio, ignored_layers=[classifier_layer(m)],
-            round_to=self.round_to if self.round_to > 1 else None,
         )
         dropped: dict[str, list[int]] = {}
         for group in pruner.step(interactive=True):
@@ -165,9 +164,18 @@ class GlobalMagnitude(PruningMethod):
     def __call__(self, model: nn.Module, example_input: torch.Tensor, target: Target) -> PruningResult:
         model = model.eval()
         groups = channel_groups(model, example_input)
-        # knob = 1 - global pruning ratio, so the reduction falls as the knob grows
-        knob, scheme, flops, params = _largest_feasible(
-            model, example_input, target, lambda keep: self._scheme(model, example_input, groups, self.max_ratio * (1 - keep)))
+        importance = group_importance(model, example_input, p=self.p) if self.round_to > 1 else {}
+
+        def scheme_at(keep: float) -> KeepScheme:  # knob = 1 - global pruning ratio: the reduction falls as it grows
+            scheme = self._scheme(model, example_input, groups, self.max_ratio * (1 - keep))
+            if self.round_to == 1:
+                return scheme
+            # Torch-Pruning's own round_to prunes nothing globally on 16-channel groups; round each group's
+            # count instead and keep the group's most important channels
+            counts = {g.name: _round_keep(g.channels, len(scheme[g.name]) / g.channels, self.round_to) for g in groups}
+            return keep_by_importance(importance, counts)
+
+        knob, scheme, flops, params = _largest_feasible(model, example_input, target, scheme_at)
         base = count_flops_params(model, example_input)
         return PruningResult(scheme, base[0], base[1], flops, params, info={"global_ratio": self.max_ratio * (1 - knob)})
 

@@ -105,3 +105,13 @@ def test_global_magnitude_prunes_layers_unevenly_and_random_depends_on_seed():
     assert max(ratios) - min(ratios) > 0.1
     a, b = RandomRatios(seed=0)(model, X[:1], Target(0.5)), RandomRatios(seed=1)(model, X[:1], Target(0.5))
     assert a.scheme != b.scheme and RandomRatios(seed=0)(model, X[:1], Target(0.5)).scheme == a.scheme
+
+
+@pytest.mark.parametrize("name", ["uniform", "global-magnitude", "random"])
+def test_one_shot_baselines_round_channel_counts(name):
+    """round_to 8 (onnxruntime's blocked kernels): every kept count is a multiple of 8 or the whole group."""
+    model = _trained_like("resnet56")
+    groups = {g.name: g.channels for g in channel_groups(model, X[:1])}
+    result = METHODS[name](round_to=8, seed=0)(model, X[:1], Target(0.5))
+    assert result.flops_reduction >= 0.5
+    assert all(len(kept) % 8 == 0 or len(kept) == groups[n] for n, kept in result.scheme.items())
