@@ -32,6 +32,19 @@ def prefect_server():
         yield PREFECT_API_URL.value()
 
 
+def self_labelled(n: int, name: str = "resnet20", seed: int = 0):
+    """An untrained model and `n` random images labelled by its own predictions: the unpruned network is right
+    by definition, so pruning trades accuracy for FLOPs. Returns (model in eval mode, images, labels)."""
+    from pruning.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, 10).eval()
+    x = torch.randn(n, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
 def tiny_params(tmp: Path, **overrides) -> dict:
     """params.yaml content for a run of seconds: 150 digits images, 1-2 epochs, a 2-generation search, few latency repeats."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -8,15 +8,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from pruning import prune
 from pruning.channels import count_flops_params, prune_channels
 from pruning.models import build_model
+from tests.conftest import self_labelled
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.manual_seed(0)
-    model = build_model("resnet20", 10).eval()
-    x = torch.randn(96, 3, 32, 32)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = self_labelled(96)
     train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
     val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
     return model, x, train, val

@@ -11,14 +11,11 @@ from pruning.divide import assemble, boundary_features, divide
 from pruning.gpir import accuracy_with, impairment_table, joint_pareto, joint_scheme, merge_into
 from pruning.models import build_model
 from pruning.search import SearchSpace, prunable_groups
+from tests.conftest import self_labelled
 
 
 def test_joint_scheme_builds_a_whole_model_with_the_predicted_flops():
-    torch.manual_seed(0)
-    model = build_model("resnet20", 10).eval()
-    x = torch.randn(64, 3, 32, 32)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = self_labelled(64)
     subs, head = divide(model, x[:1], 3)
     feats, _ = boundary_features(subs, x)
     modules, cands, schemes = [], [], []

@@ -11,15 +11,12 @@ from pruning.divide import boundary_features, divide
 from pruning.models import build_model
 from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search, spread_indices
 from pruning.selectors import selector_accuracy, train_selector
+from tests.conftest import self_labelled
 
 
 @pytest.fixture(scope="module")
 def setting():
-    torch.manual_seed(0)
-    model = build_model("resnet20", 10).eval()
-    x = torch.randn(80, 3, 32, 32)
-    with torch.no_grad():
-        y = model(x).argmax(1)  # the unpruned network is right by definition: pruning trades accuracy for FLOPs
+    model, x, y = self_labelled(80)
     subs, head = divide(model, x[:1], 3)
     feats, _ = boundary_features(subs, x)
     sub = subs[2]

@@ -23,15 +23,11 @@ from tasks.division import FEATURE_INDEX, feature_path, load_division, load_feat
 from tasks.io import atomic_json
 from tasks.preflight import preflight
 from tasks.selectors import _cache
-from tests.conftest import tiny_params
+from tests.conftest import self_labelled, tiny_params
 
 
 def test_search_twice_gives_identical_fronts():
-    torch.manual_seed(0)
-    model = build_model("resnet20", 10).eval()
-    x = torch.randn(48, 3, 32, 32)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = self_labelled(48)
     subs, head = divide(model, x[:1], 3)
     feats, _ = boundary_features(subs, x)
     sub, ex = subs[2], feats[2][:1]
