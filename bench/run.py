@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: bench/work/<profile>)")
+    ap.add_argument("--targets", nargs="+", type=float, default=None, help="a subset of the profile's targets")
     ap.add_argument("--remeasure", action="store_true", help="only re-time the kept ONNX models of a finished run")
     ap.add_argument("--repeats", type=int, default=50, help="latency repeats for --remeasure")
     args = ap.parse_args()
@@ -197,7 +198,7 @@ def main() -> None:
     start = time.perf_counter()
     setup(args.profile, work)
     rows = []
-    for target in PROFILES[args.profile]["targets"]:
+    for target in args.targets or PROFILES[args.profile]["targets"]:
         for method in args.methods:
             print(f"[{time.perf_counter() - start:7.0f}s] {method} @ {target}", flush=True)
             row = run_one(work, method, target, env)
@@ -215,9 +216,10 @@ def main() -> None:
     }
     out = REPO / "bench" / "results" / f"{args.profile}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.methods != METHODS and out.is_file():  # a rerun of some methods replaces only their rows
+    if (args.methods != METHODS or args.targets) and out.is_file():  # a rerun of some rows replaces only those
         earlier = json.loads(out.read_text())
-        result["rows"] = [r for r in earlier["rows"] if r["method"] not in args.methods] + rows
+        done = {(r["method"], r["target"]) for r in rows}
+        result["rows"] = [r for r in earlier["rows"] if (r["method"], r["target"]) not in done] + rows
         result["rows"].sort(key=lambda r: (r["target"], METHODS.index(r["method"])))
         result["wall_seconds"] += earlier["wall_seconds"]
     out.write_text(json.dumps(result, indent=2) + "\n")
