@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
+EXTRA = {"latency_widths"}
 ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random"]
 
 
@@ -62,6 +63,26 @@ def _table(result: dict) -> list[str]:
     return lines
 
 
+def _widths() -> list[str]:
+    """The channel-width latency study (bench/latency_widths.py), if it has run."""
+    path = RESULTS / "latency_widths.json"
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    m = result["machine"]
+    out = ["## Latency against channel widths (ResNet-56, nothing else varied)", "",
+           f"- command: `{result['command']}`; commit: `{result['commit']}`; machine: {m['cpus']} CPUs, "
+           f"{m['platform']}; median of {result['repeats']} runs", "",
+           "| widths | kind | FLOPs kept | latency b1 | latency b64 | b1 ms | b64 ms |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        kind = ("inner channels of stages 1/2/3 (of 16/32/64)" if r["family"] == "inner"
+                else "base width (stages width/2x/4x)")
+        out.append(f"| {'/'.join(map(str, r['widths']))} | {kind} | {r['flops_ratio']:.2f} | {r['latency_ratio_b1']:.2f} "
+                   f"| {r['latency_ratio_b64']:.2f} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b64']:.1f} |")
+    notes = REPO / "bench" / "notes" / "latency_widths.md"
+    return out + ["", notes.read_text().strip(), ""] if notes.is_file() else out + [""]
+
+
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     out = ["# Benchmarks", "",
@@ -71,6 +92,8 @@ def main() -> None:
            "percentage points (negative: EMO-DIR is better). ONNX latency is onnxruntime on the CPU, median of",
            "repeated runs, pruned over unpruned; compare it with the FLOPs kept.", ""]
     for path in sorted(RESULTS.glob("*.json")):
+        if path.stem in EXTRA or path.stem.endswith(".partial"):  # studies, and runs still in progress
+            continue
         result = json.loads(path.read_text())
         plot = DOCS / f"benchmarks_{result['profile']}.png"
         _plot(result, plot)
@@ -92,6 +115,7 @@ def main() -> None:
         notes = REPO / "bench" / "notes" / f"{result['profile']}.md"
         if notes.is_file():
             out += [notes.read_text().strip(), ""]
+    out += _widths()
     (DOCS / "benchmarks.md").write_text("\n".join(out) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

@@ -11,21 +11,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tasks.paths import STAGES
+
 app = typer.Typer(help="Evolutionary multi-objective channel pruning (EMO-DIR) as a DVC + Prefect + MLflow pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
 
-class Stage(str, Enum):
-    prepare = "prepare"
-    pretrain = "pretrain"
-    selectors = "selectors"
-    search = "search"
-    constrain = "constrain"
-    rank = "rank"
-    finetune = "finetune"
-    export = "export"
-    report = "report"
+Stage = Enum("Stage", {name: name for name in STAGES}, type=str)  # typer choices, one per DVC stage
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -17,7 +17,8 @@ from prefect.utilities.annotations import unmapped
 
 from tasks import constrain, export, finetune, prepare, pretrain, rank, report, search, selectors
 from tasks.config import Params, load_params
-from tasks.tracking import PARENT_ENV, connect, pipeline_run_name, trace_tags
+from tasks.paths import STAGES as STAGE_NAMES
+from tasks.tracking import PARENT_ENV, close_orphans, connect, owner_tags, pipeline_run_name, trace_tags
 
 @task(name="search-subnetwork", task_run_name="search-s{k}", cache_policy=NO_CACHE)
 def search_subnetwork_task(k: int, params_path: str, run_id: str, project: str) -> dict:
@@ -42,7 +43,7 @@ def _search_stage(params: Params, params_path: str) -> dict:
     return search.run(params, mapper)
 
 
-STAGES: dict[str, Callable[[Params, str], dict]] = {
+_RUN: dict[str, Callable[[Params, str], dict]] = {
     "prepare": lambda p, _: prepare.run(p),
     "pretrain": lambda p, _: pretrain.run(p),
     "selectors": lambda p, _: selectors.run(p),
@@ -53,6 +54,7 @@ STAGES: dict[str, Callable[[Params, str], dict]] = {
     "export": lambda p, _: export.run(p),
     "report": lambda p, _: report.run(p),
 }
+STAGES: dict[str, Callable[[Params, str], dict]] = {name: _RUN[name] for name in STAGE_NAMES}  # dvc.yaml order
 
 
 @flow(name="emoprune-stage", flow_run_name="{name}", log_prints=True, retries=0)  # the pipeline flow retries
@@ -84,12 +86,19 @@ def task_runner(params: Params) -> TaskRunner:
                                           "dashboard_address": None})
 
 
+def _api_url() -> str | None:
+    """The API URL of the Prefect server this process talks to: the configured one, or the ephemeral server
+    Prefect starts when none is configured (which the settings alone would not name)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
 def _export_api_url() -> None:
     """Worker processes inherit the environment, not this process's Prefect settings: hand them the API URL,
     so their task runs report to the same server as the flow instead of starting servers of their own."""
-    from prefect.settings import PREFECT_API_URL
-
-    if url := PREFECT_API_URL.value():
+    if url := _api_url():
         os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -140,13 +149,6 @@ def with_retries(params: Params):
     return pipeline_flow.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds)
 
 
-def _api_url() -> str | None:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return str(client.api_url)
-
-
 @flow(name="emoprune-pipeline", log_prints=True)
 def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
     """Bring every DVC stage of `project_dir` up to date, one Prefect task per stage, under one MLflow parent run.
@@ -167,7 +169,9 @@ def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
     os.chdir(project)  # the tracking URI (sqlite:///mlflow.db) is relative to the project
     try:
         connect(params)
-        tags = {"emoprune.kind": "pipeline", **trace_tags(params)}
+        if closed := close_orphans(params):
+            print(f"marked {len(closed)} MLflow run(s) of killed processes KILLED: {', '.join(closed)}")
+        tags = {"emoprune.kind": "pipeline", **owner_tags(), **trace_tags(params)}
         with mlflow.start_run(run_name=pipeline_run_name(params), tags=tags) as parent:
             mlflow.log_params({"data.source": params.data.source, "model.name": params.model.name,
                                "prune.method": params.prune.method, "prune.target": params.prune.target})

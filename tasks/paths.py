@@ -1,6 +1,9 @@
 """Where each stage reads and writes, relative to the project root (the folder holding dvc.yaml)."""
 from pathlib import Path
 
+# The pipeline's stages in dvc.yaml order: the CLI's choices, the flows' dispatch and preflight all come from here.
+STAGES = ("prepare", "pretrain", "selectors", "search", "constrain", "rank", "finetune", "export", "report")
+
 PREPARED = Path("data/prepared")
 BASE = Path("models/base.pt")
 PRUNED_INIT = Path("models/pruned_init.pt")

@@ -20,8 +20,8 @@ from torch import nn
 from tasks import paths
 from tasks.config import ConfigError, Params
 from tasks.io import atomic_json, read_json
+from tasks.paths import STAGES
 
-STAGES = ("prepare", "pretrain", "selectors", "search", "constrain", "rank", "finetune", "export", "report")
 MODEL_STAGES = {"selectors", "search", "constrain", "rank"}  # these divide and prune the model
 DATA_STAGES = {"pretrain", "selectors", "rank", "finetune", "export"}  # these read data/prepared
 # the stages reading artifacts/features, by method (models/selectors.pt: emo-dir only); the one-shot baselines read neither

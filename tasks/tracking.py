@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -68,6 +69,45 @@ def connect(params: Params) -> None:
     mlflow.set_experiment(params.tracking.experiment)
 
 
+def owner_tags() -> dict[str, str]:
+    """Which process holds a run open: closing runs left RUNNING by a killed process needs it."""
+    return {"emoprune.host": socket.gethostname(), "emoprune.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap check: never close another process's run
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphans(params: Params) -> list[str]:
+    """Mark KILLED the experiment's runs still RUNNING whose process (on this host) is gone.
+
+    A SIGKILL (or a power cut) gives a process no chance to end its MLflow runs; without this they would
+    show as running forever in the UI. Runs of live processes, and of other hosts, are left alone.
+    Returns the ids of the runs it closed."""
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`emoprune.host` = '{host}'")
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get("emoprune.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "emoprune.orphaned", f"process {pid} on {host} ended without closing this run")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def pipeline_run_name(params: Params) -> str:
     return f"{params.data.source}-{params.model.name}-{params.prune.method}-{params.prune.target:g}"
 
@@ -76,8 +116,9 @@ def pipeline_run_name(params: Params) -> str:
 def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for `stage`, logging the params of `sections`; nested under $EMOPRUNE_PARENT_RUN_ID if set."""
     connect(params)
+    close_orphans(params)
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params), "emoprune.data": params.data.source,
+    tags = {**owner_tags(), "emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params), "emoprune.data": params.data.source,
             "emoprune.model": params.model.name, "emoprune.method": params.prune.method, "emoprune.target": f"{params.prune.target:g}",
             **trace_tags(params)}
     dump = params.model_dump()
