@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +29,9 @@ def _plot(result: dict, path: Path) -> None:
         ax.axhline(rows[0]["test_acc_base"], color="grey", lw=0.8, ls=":", label="unpruned")
     ax.set_xlabel("FLOPs removed")
     ax.set_ylabel("test accuracy after finetuning")
-    ax.set_title(f"{result['profile']}: {result['params']['model']['name']} on {result['params']['data']['source']}")
+    variant = f" ({', '.join(result['sets'])})" if "variant" in result else ""
+    ax.set_title(f"{result['profile']}{variant}: {result['params']['model']['name']} on {result['params']['data']['source']}",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -63,6 +66,22 @@ def _table(result: dict) -> list[str]:
     return lines
 
 
+def _base_line(result: dict) -> list[str]:
+    """The unpruned model's numbers, and how far a single test accuracy can move by chance alone."""
+    r = next((r for r in result["rows"] if "error" not in r), None)
+    if r is None:
+        return []
+    acc, flops = r["test_acc_base"], r["flops"] / (1 - r["flops_reduction"])
+    line = f"- unpruned: test accuracy {acc:.2%}, {flops / 1e6:.1f} MFLOPs (multiply-accumulates per image)"
+    n = result.get("data_counts", {}).get("test")
+    if n:
+        se = 100 * math.sqrt(acc * (1 - acc) / n)
+        line += (f"; on {n:,} test images one accuracy's binomial standard error is about {se:.2f} points (test "
+                 f"sampling alone; another training seed adds its own spread), so in these single-seed runs differences "
+                 f"under about {2 * se:.1f} points are not told apart from chance")
+    return [line]
+
+
 def _widths() -> list[str]:
     """The channel-width latency study (bench/latency_widths.py), if it has run."""
     path = RESULTS / "latency_widths.json"
@@ -72,13 +91,20 @@ def _widths() -> list[str]:
     m = result["machine"]
     out = ["## Latency against channel widths (ResNet-56, nothing else varied)", "",
            f"- command: `{result['command']}`; commit: `{result['commit']}`; machine: {m['cpus']} CPUs, "
-           f"{m['platform']}; median of {result['repeats']} runs", "",
-           "| widths | kind | FLOPs kept | latency b1 | latency b64 | b1 ms | b64 ms |", "|---|---|---|---|---|---|---|"]
+           f"{m['platform']}; onnxruntime {result['onnxruntime']}; median of {result['repeats_b1']} runs at batch 1, "
+           f"{result['repeats']} at batch 64", "",
+           "Ratios are against the unpruned ResNet-56 (first row). \"MACs run\" counts what onnxruntime's convolutions "
+           "compute, from the shapes in its profile; \"outside kernels\" is the part of a batch-1 call no kernel "
+           "accounts for.", "",
+           "| widths | kind | FLOPs kept | MACs run kept | latency b1, 2 / 1 threads | latency b64, 2 / 1 threads "
+           "| b1 ms | b64 ms | b1 ms outside kernels |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         kind = ("inner channels of stages 1/2/3 (of 16/32/64)" if r["family"] == "inner"
                 else "base width (stages width/2x/4x)")
-        out.append(f"| {'/'.join(map(str, r['widths']))} | {kind} | {r['flops_ratio']:.2f} | {r['latency_ratio_b1']:.2f} "
-                   f"| {r['latency_ratio_b64']:.2f} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b64']:.1f} |")
+        out.append(f"| {'/'.join(map(str, r['widths']))} | {kind} | {r['flops_ratio']:.2f} | {r['onnxruntime_macs_ratio']:.2f} "
+                   f"| {r['latency_ratio_b1']:.2f} / {r['latency_ratio_b1_1thread']:.2f} "
+                   f"| {r['latency_ratio_b64']:.2f} / {r['latency_ratio_b64_1thread']:.2f} "
+                   f"| {r['latency_ms_b1']:.2f} | {r['latency_ms_b64']:.1f} | {r['op_ms_b1']['outside kernels']:.2f} |")
     notes = REPO / "bench" / "notes" / "latency_widths.md"
     return out + ["", notes.read_text().strip(), ""] if notes.is_file() else out + [""]
 
@@ -91,28 +117,32 @@ def main() -> None:
            "which no method sees before the final report. \"vs emo-dir\" is the method's accuracy minus EMO-DIR's, in",
            "percentage points (negative: EMO-DIR is better). ONNX latency is onnxruntime on the CPU, median of",
            "repeated runs, pruned over unpruned; compare it with the FLOPs kept.", ""]
-    for path in sorted(RESULTS.glob("*.json")):
-        if path.stem in EXTRA or path.stem.endswith(".partial"):  # studies, and runs still in progress
-            continue
-        result = json.loads(path.read_text())
-        plot = DOCS / f"benchmarks_{result['profile']}.png"
+    paths = [p for p in RESULTS.glob("*.json") if p.stem not in EXTRA and not p.stem.endswith(".partial")]
+    # (studies, and runs still in progress, are left out); a profile first, then its variants
+    results = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: (r["profile"], r.get("variant", "")))
+    for result in results:
+        name = result["profile"] + (f"-{result['variant']}" if "variant" in result else "")
+        plot = DOCS / f"benchmarks_{name}.png"
         _plot(result, plot)
         p = result["params"]
         m = result["machine"]
         out += [
-            f"## Profile `{result['profile']}`", "",
+            f"## Profile `{result['profile']}`" + (f", variant `{result['variant']}`: "
+                                                   + ", ".join(f"`{kv}`" for kv in result["sets"])
+                                                   if "variant" in result else ""), "",
             f"- command: `{result['command']}` (total {result['wall_seconds'] / 60:.0f} min)",
             f"- commit: `{result['commit']}`; machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}",
             f"- model `{p['model']['name']}`, data `{p['data']['source']}`; pretrain {p['pretrain']['epochs']} epochs; "
             f"finetune {p['finetune']['epochs']} epochs ({p['finetune']['kd']}); EMO-DIR K={p['divide']['k']}, "
             f"population {p['search']['pop_size']} x {p['search']['generations']} generations per sub-network, "
             f"{p['constrain']['candidates']} candidates x {p['constrain']['epochs']} constrained epochs", "",
+            *_base_line(result),
             *([f"- ONNX latencies re-timed on the idle machine after the run: `{result['latency_remeasured']['command']}` "
                 f"({result['latency_remeasured']['repeats']} repeats)"] if "latency_remeasured" in result else []), "",
             *_table(result), "",
             f"![accuracy vs FLOPs]({plot.name})", "",
         ]
-        notes = REPO / "bench" / "notes" / f"{result['profile']}.md"
+        notes = REPO / "bench" / "notes" / f"{name}.md"
         if notes.is_file():
             out += [notes.read_text().strip(), ""]
     out += _widths()

@@ -7,6 +7,9 @@ Results go to bench/results/<profile>.json; bench/report.py renders docs/benchma
     python bench/run.py --profile quick          # ResNet-20 on the CIFAR-10 copy, < 40 min on 2 cores
     python bench/run.py --profile full           # ResNet-56 on the CIFAR-10 copy
     python bench/run.py --profile digits         # the embedded default, a few minutes
+    python bench/run.py --profile quick --methods emo-dir global-magnitude --variant dkd --set finetune.kd=dynamickd
+                                                 # a variant: more params changed for every method it runs,
+                                                 # in the profile's work folder (its base model), results in quick-dkd.json
 """
 from __future__ import annotations
 
@@ -114,12 +117,15 @@ def setup(profile: str, work: Path) -> None:
     _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"], work)
 
 
-def run_one(work: Path, method: str, target: float, env: dict) -> dict:
-    """`dvc exp run` for one method and target in a child process that reports its peak memory."""
+def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, ...] = (), variant: str = "") -> dict:
+    """`dvc exp run` for one method and target (and a variant's `sets`) in a child process that reports its peak memory."""
+    # `dvc exp run -S` leaves its values in the workspace's params.yaml: start every run from the profile's own
+    _sh(["git", "checkout", "--", "params.yaml"], work)
+    overrides = [a for kv in (f"prune.method={method}", f"prune.target={target}", *sets) for a in ("-S", kv)]
     code = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter()\n"
-        f"r = subprocess.run([sys.executable, '-m', 'dvc', 'exp', 'run', '-S', 'prune.method={method}', '-S', 'prune.target={target}'])\n"
+        f"r = subprocess.run([sys.executable, '-m', 'dvc', 'exp', 'run', *{overrides!r}])\n"
         "print('BENCH', r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
@@ -131,7 +137,7 @@ def run_one(work: Path, method: str, target: float, env: dict) -> dict:
     keep = work / "onnx"
     keep.mkdir(exist_ok=True)
     shutil.copy(work / "models" / "base.onnx", keep / "base.onnx")
-    shutil.copy(work / "models" / "pruned.onnx", keep / f"{method}-{target}.onnx")
+    shutil.copy(work / "models" / "pruned.onnx", keep / f"{method}-{target}{variant}.onnx")
     m = {s: json.loads((work / "metrics" / f"{s}.json").read_text()) for s in ("summary", "search", "pretrain", "finetune", "rank")}
     summary = m["summary"]
     return {
@@ -155,30 +161,31 @@ def run_one(work: Path, method: str, target: float, env: dict) -> dict:
     }
 
 
-def remeasure(profile: str, work: Path, repeats: int) -> None:
+def remeasure(profile: str, work: Path, repeats: int, variant: str = "") -> None:
     """Time every kept ONNX model again on an otherwise idle machine and update bench/results/<profile>.json.
 
     The benchmark runs for hours; latency measured while anything else ran on the machine is noise."""
     sys.path.insert(0, str(REPO))
     import torch
 
-    from pruning.onnx_export import latency_ms, session
+    from pruning.onnx_export import latency_pair_ms, session
 
-    out = REPO / "bench" / "results" / f"{profile}.json"
+    out = REPO / "bench" / "results" / f"{profile}{variant}.json"
     result = json.loads(out.read_text())
     example = torch.zeros(1, 3, 32, 32)
     base = session(work / "onnx" / "base.onnx")
     for row in result["rows"]:
         if "onnx" not in row:
             continue
-        pruned = session(work / "onnx" / f"{row['method']}-{row['target']}.onnx")
+        pruned = session(work / "onnx" / f"{row['method']}-{row['target']}{variant}.onnx")
         for b in result["params"]["export"]["latency_batch_sizes"]:
-            base_ms = latency_ms(base, example, b, repeats)
-            pruned_ms = latency_ms(pruned, example, b, repeats)
+            base_ms, pruned_ms = latency_pair_ms(base, pruned, example, b, repeats)
             row["onnx"].update({f"latency_ms_base_b{b}": base_ms, f"latency_ms_pruned_b{b}": pruned_ms,
                                 f"latency_ratio_b{b}": pruned_ms / base_ms})
         print(row["method"], row["target"], {k: round(v, 3) for k, v in row["onnx"].items() if k.startswith("latency_ratio")})
-    result["latency_remeasured"] = {"repeats": repeats, "command": f"python bench/run.py --profile {profile} --remeasure"}
+    if (work / "metrics" / "prepare.json").is_file():  # results written before data_counts was recorded
+        result.setdefault("data_counts", json.loads((work / "metrics" / "prepare.json").read_text())["counts"])
+    result["latency_remeasured"] = {"repeats": repeats, "command": "python bench/run.py " + " ".join(sys.argv[1:])}
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -190,10 +197,23 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=None, help="a subset of the profile's targets")
     ap.add_argument("--remeasure", action="store_true", help="only re-time the kept ONNX models of a finished run")
     ap.add_argument("--repeats", type=int, default=50, help="latency repeats for --remeasure")
+    ap.add_argument("--variant", default="", help="name of a variant of the profile (results in <profile>-<variant>.json)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params.yaml value the variant changes for every run (repeatable); needs --variant")
     args = ap.parse_args()
+    if bool(args.variant) != bool(args.sets) and not (args.remeasure and args.variant):
+        ap.error("--variant and --set go together: a variant is named by --variant and defined by its --set values "
+                 "(--remeasure --variant NAME re-times a variant's models)")
+    if args.variant and not args.variant.replace("_", "").replace("-", "").isalnum():
+        ap.error(f"--variant {args.variant!r}: use letters, digits, '-' and '_' (it names a file)")
+    bad = [kv for kv in args.sets if "=" not in kv or kv.split("=", 1)[0] in ("prune.method", "prune.target")]
+    if bad:
+        ap.error(f"--set {bad[0]!r}: give KEY=VALUE for a key other than prune.method and prune.target "
+                 "(those are --methods and --targets)")
+    suffix = f"-{args.variant}" if args.variant else ""
     work = (args.work or REPO / "bench" / "work" / args.profile).resolve()
     if args.remeasure:
-        remeasure(args.profile, work, args.repeats)
+        remeasure(args.profile, work, args.repeats, suffix)
         return
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(work))
@@ -203,13 +223,13 @@ def main() -> None:
     start = time.perf_counter()
     setup(args.profile, work)
     rows: list[dict] = []
-    out = REPO / "bench" / "results" / f"{args.profile}.json"
+    out = REPO / "bench" / "results" / f"{args.profile}{suffix}.json"
     partial = out.with_suffix(".partial.json")  # progress, so a stopped run keeps its rows; out is replaced only at the end
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = [(t, m) for t in (args.targets or PROFILES[args.profile]["targets"]) for m in args.methods]
     for target, method in runs:
         print(f"[{time.perf_counter() - start:7.0f}s] {method} @ {target}", flush=True)
-        row = run_one(work, method, target, env)
+        row = run_one(work, method, target, env, tuple(args.sets), suffix)
         print(json.dumps({k: v for k, v in row.items() if k != "onnx"}), flush=True)
         rows.append(row)
         result = _result(args, work, rows, time.perf_counter() - start, out)
@@ -224,11 +244,13 @@ def main() -> None:
 def _result(args: argparse.Namespace, work: Path, rows: list[dict], wall: float, out: Path) -> dict:
     result = {
         "profile": args.profile,
+        **({"variant": args.variant, "sets": args.sets} if args.variant else {}),
         "command": "python bench/run.py " + " ".join(sys.argv[1:]),
         "commit": (work / "CODE_COMMIT").read_text().strip(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "params": yaml.safe_load((work / "params.yaml").read_text()),
         "wall_seconds": wall,
+        "data_counts": json.loads((work / "metrics" / "prepare.json").read_text())["counts"],
         "rows": list(rows),
     }
     if (args.methods != METHODS or args.targets) and out.is_file():  # a rerun of some rows replaces only those

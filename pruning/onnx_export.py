@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-__all__ = ["compare_with_torch", "export_onnx", "latency_ms", "session"]
+__all__ = ["compare_with_torch", "export_onnx", "latency_ms", "latency_pair_ms", "session"]
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = 18) -> None:
@@ -39,6 +39,9 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # no busy-waiting between calls: with it, an idle session's pool threads spin on the cores another
+    # session is timed on (two ResNet-20 sessions timed in turn on 2 cores: 43 ms a batch of 64 instead of 24)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -59,13 +62,24 @@ def compare_with_torch(model: nn.Module, sess: ort.InferenceSession, loader: Ite
 
 def latency_ms(sess: ort.InferenceSession, example_input: torch.Tensor, batch_size: int, repeats: int = 50, warmup: int = 5) -> float:
     """Median wall time (ms) of one onnxruntime call on a batch of `batch_size`."""
-    name = sess.get_inputs()[0].name
+    return latency_pair_ms(sess, None, example_input, batch_size, repeats, warmup)[0]
+
+
+def latency_pair_ms(first: ort.InferenceSession, second: ort.InferenceSession | None, example_input: torch.Tensor,
+                    batch_size: int, repeats: int = 50, warmup: int = 5) -> tuple[float, float | None]:
+    """Median wall times (ms) of one call of each session on the same batch, timed call by call in turn.
+
+    On a shared machine a slow spell then falls on both models alike, so their ratio stays fair. The order
+    alternates too."""
     x = np.random.default_rng(0).standard_normal((batch_size, *example_input.shape[1:]), dtype=np.float32)
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    sessions = [(s, {s.get_inputs()[0].name: x}) for s in (first, second) if s is not None]
+    times: list[list[float]] = [[] for _ in sessions]
+    for i in range(warmup + repeats):
+        order = list(enumerate(sessions))
+        for k, (sess, feed) in order if i % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            sess.run(None, feed)
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t) * 1000)
+    medians = [statistics.median(t) for t in times]
+    return medians[0], medians[1] if second is not None else None

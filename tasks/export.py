@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import mlflow
 
-from pruning.onnx_export import compare_with_torch, export_onnx, latency_ms, session
+from pruning.onnx_export import compare_with_torch, export_onnx, latency_pair_ms, session
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.common import Data, log_metrics_flat
@@ -24,8 +24,7 @@ def run(params: Params) -> dict:
         s_pruned, s_base = session(paths.PRUNED_ONNX), session(paths.BASE_ONNX)
         out = compare_with_torch(pruned, s_pruned, data.loader("test"))
         for b in p.latency_batch_sizes:
-            base_ms = latency_ms(s_base, data.example, b, p.latency_repeats)
-            pruned_ms = latency_ms(s_pruned, data.example, b, p.latency_repeats)
+            base_ms, pruned_ms = latency_pair_ms(s_base, s_pruned, data.example, b, p.latency_repeats)
             out[f"latency_ms_base_b{b}"] = base_ms
             out[f"latency_ms_pruned_b{b}"] = pruned_ms
             out[f"latency_ratio_b{b}"] = pruned_ms / base_ms
