@@ -90,7 +90,7 @@ def _widths() -> list[str]:
     result = json.loads(path.read_text())
     m = result["machine"]
     out = ["## Latency against channel widths (ResNet-56, nothing else varied)", "",
-           f"- command: `{result['command']}`; commit: `{result['commit']}`; machine: {m['cpus']} CPUs, "
+           f"- command: `{result['command'].strip()}`; commit: `{result['commit']}`; machine: {m['cpus']} CPUs, "
            f"{m['platform']}; onnxruntime {result['onnxruntime']}; median of {result['repeats_b1']} runs at batch 1, "
            f"{result['repeats']} at batch 64", "",
            "Ratios are against the unpruned ResNet-56 (first row). \"MACs run\" counts what onnxruntime's convolutions "

@@ -182,6 +182,9 @@ def remeasure(profile: str, work: Path, repeats: int, variant: str = "") -> None
             base_ms, pruned_ms = latency_pair_ms(base, pruned, example, b, repeats)
             row["onnx"].update({f"latency_ms_base_b{b}": base_ms, f"latency_ms_pruned_b{b}": pruned_ms,
                                 f"latency_ratio_b{b}": pruned_ms / base_ms})
+        first = result["params"]["export"]["latency_batch_sizes"][0]  # the export stage's headline latency
+        row["onnx"].update({"latency_ms_base": row["onnx"][f"latency_ms_base_b{first}"],
+                            "latency_ms_pruned": row["onnx"][f"latency_ms_pruned_b{first}"]})
         print(row["method"], row["target"], {k: round(v, 3) for k, v in row["onnx"].items() if k.startswith("latency_ratio")})
     if (work / "metrics" / "prepare.json").is_file():  # results written before data_counts was recorded
         result.setdefault("data_counts", json.loads((work / "metrics" / "prepare.json").read_text())["counts"])

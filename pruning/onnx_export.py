@@ -39,9 +39,6 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    # no busy-waiting between calls: with it, an idle session's pool threads spin on the cores another
-    # session is timed on (two ResNet-20 sessions timed in turn on 2 cores: 43 ms a batch of 64 instead of 24)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -66,20 +63,25 @@ def latency_ms(sess: ort.InferenceSession, example_input: torch.Tensor, batch_si
 
 
 def latency_pair_ms(first: ort.InferenceSession, second: ort.InferenceSession | None, example_input: torch.Tensor,
-                    batch_size: int, repeats: int = 50, warmup: int = 5) -> tuple[float, float | None]:
-    """Median wall times (ms) of one call of each session on the same batch, timed call by call in turn.
+                    batch_size: int, repeats: int = 50, warmup: int = 5, blocks: int = 4) -> tuple[float, float | None]:
+    """Median wall times (ms) of one call of each session on the same batch, timed in alternating blocks.
 
-    On a shared machine a slow spell then falls on both models alike, so their ratio stays fair. The order
-    alternates too."""
+    The calls are split into `blocks` blocks per session, in the order first, second, second, first, ...,
+    so a slow spell of a shared machine falls on both models alike and their ratio stays fair. Blocks,
+    not single calls: onnxruntime's pool threads busy-wait a moment after a call, and calls alternated one
+    by one run while the other session's threads still spin (2 cores: 43 instead of 24 ms a batch of 64).
+    Each block starts with `warmup` untimed calls."""
     x = np.random.default_rng(0).standard_normal((batch_size, *example_input.shape[1:]), dtype=np.float32)
     sessions = [(s, {s.get_inputs()[0].name: x}) for s in (first, second) if s is not None]
     times: list[list[float]] = [[] for _ in sessions]
-    for i in range(warmup + repeats):
+    per_block = [repeats // blocks + (b < repeats % blocks) for b in range(blocks)]
+    for b, n in enumerate(per_block):
         order = list(enumerate(sessions))
-        for k, (sess, feed) in order if i % 2 == 0 else order[::-1]:
-            t = time.perf_counter()
-            sess.run(None, feed)
-            if i >= warmup:
-                times[k].append((time.perf_counter() - t) * 1000)
+        for k, (sess, feed) in order if b % 2 == 0 else order[::-1]:
+            for i in range(warmup + n):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                if i >= warmup:
+                    times[k].append((time.perf_counter() - t) * 1000)
     medians = [statistics.median(t) for t in times]
     return medians[0], medians[1] if second is not None else None
