@@ -115,12 +115,12 @@ def main() -> None:
             op_ms_b1, _ = op_shares(path, x, 1, 100, Path(tmp) / "prof")
             op_ms_b64, macs = op_shares(path, x, 64, 10, Path(tmp) / "prof")
             base.setdefault("macs", macs)
-            rows.append({"family": family, "widths": list(widths), "flops": flops, "flops_ratio": flops / base["flops"],
-                         "onnxruntime_macs": macs, "onnxruntime_macs_ratio": macs / base["macs"],
-                         **{f"latency_ms_{k}": v for k, v in lat.items()},
-                         **{f"latency_ratio_{k}": v / base[k] for k, v in lat.items()},
-                         "op_ms_b1": op_ms_b1, "op_ms_b64": op_ms_b64})
-            row = rows[-1]
+            row = {"family": family, "widths": list(widths), "flops": flops, "flops_ratio": flops / base["flops"],
+                   "onnxruntime_macs": macs, "onnxruntime_macs_ratio": macs / base["macs"],
+                   **{f"latency_ms_{k}": v for k, v in lat.items()},
+                   **{f"latency_ratio_{k}": v / base[k] for k, v in lat.items()},
+                   "op_ms_b1": op_ms_b1, "op_ms_b64": op_ms_b64}
+            rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if not k.startswith("op_")}),
                   flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()

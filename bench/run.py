@@ -117,7 +117,7 @@ def setup(profile: str, work: Path) -> None:
     _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"], work)
 
 
-def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, ...] = (), variant: str = "") -> dict:
+def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, ...] = (), suffix: str = "") -> dict:
     """`dvc exp run` for one method and target (and a variant's `sets`) in a child process that reports its peak memory."""
     # `dvc exp run -S` leaves its values in the workspace's params.yaml: start every run from the profile's own
     _sh(["git", "checkout", "--", "params.yaml"], work)
@@ -137,7 +137,7 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
     keep = work / "onnx"
     keep.mkdir(exist_ok=True)
     shutil.copy(work / "models" / "base.onnx", keep / "base.onnx")
-    shutil.copy(work / "models" / "pruned.onnx", keep / f"{method}-{target}{variant}.onnx")
+    shutil.copy(work / "models" / "pruned.onnx", keep / f"{method}-{target}{suffix}.onnx")
     m = {s: json.loads((work / "metrics" / f"{s}.json").read_text()) for s in ("summary", "search", "pretrain", "finetune", "rank")}
     summary = m["summary"]
     return {
@@ -161,7 +161,12 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
     }
 
 
-def remeasure(profile: str, work: Path, repeats: int, variant: str = "") -> None:
+def _data_counts(work: Path) -> dict:
+    """Images per split of the work folder's prepared data (the prepare stage's metrics)."""
+    return json.loads((work / "metrics" / "prepare.json").read_text())["counts"]
+
+
+def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
     """Time every kept ONNX model again on an otherwise idle machine and update bench/results/<profile>.json.
 
     The benchmark runs for hours; latency measured while anything else ran on the machine is noise."""
@@ -170,14 +175,14 @@ def remeasure(profile: str, work: Path, repeats: int, variant: str = "") -> None
 
     from pruning.onnx_export import latency_pair_ms, session
 
-    out = REPO / "bench" / "results" / f"{profile}{variant}.json"
+    out = REPO / "bench" / "results" / f"{profile}{suffix}.json"
     result = json.loads(out.read_text())
     example = torch.zeros(1, 3, 32, 32)
     base = session(work / "onnx" / "base.onnx")
     for row in result["rows"]:
         if "onnx" not in row:
             continue
-        pruned = session(work / "onnx" / f"{row['method']}-{row['target']}{variant}.onnx")
+        pruned = session(work / "onnx" / f"{row['method']}-{row['target']}{suffix}.onnx")
         for b in result["params"]["export"]["latency_batch_sizes"]:
             base_ms, pruned_ms = latency_pair_ms(base, pruned, example, b, repeats)
             row["onnx"].update({f"latency_ms_base_b{b}": base_ms, f"latency_ms_pruned_b{b}": pruned_ms,
@@ -187,7 +192,7 @@ def remeasure(profile: str, work: Path, repeats: int, variant: str = "") -> None
                             "latency_ms_pruned": row["onnx"][f"latency_ms_pruned_b{first}"]})
         print(row["method"], row["target"], {k: round(v, 3) for k, v in row["onnx"].items() if k.startswith("latency_ratio")})
     if (work / "metrics" / "prepare.json").is_file():  # results written before data_counts was recorded
-        result.setdefault("data_counts", json.loads((work / "metrics" / "prepare.json").read_text())["counts"])
+        result.setdefault("data_counts", _data_counts(work))
     result["latency_remeasured"] = {"repeats": repeats, "command": "python bench/run.py " + " ".join(sys.argv[1:])}
     out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -253,7 +258,7 @@ def _result(args: argparse.Namespace, work: Path, rows: list[dict], wall: float,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "params": yaml.safe_load((work / "params.yaml").read_text()),
         "wall_seconds": wall,
-        "data_counts": json.loads((work / "metrics" / "prepare.json").read_text())["counts"],
+        "data_counts": _data_counts(work),
         "rows": list(rows),
     }
     if (args.methods != METHODS or args.targets) and out.is_file():  # a rerun of some rows replaces only those
