@@ -116,7 +116,8 @@ def main() -> None:
            "same pretrained base model, with the same finetuning budget and seed. Accuracies are on the test split,",
            "which no method sees before the final report. \"vs emo-dir\" is the method's accuracy minus EMO-DIR's, in",
            "percentage points (negative: EMO-DIR is better). ONNX latency is onnxruntime on the CPU, median of",
-           "repeated runs, pruned over unpruned; compare it with the FLOPs kept.", ""]
+           "repeated runs, pruned over unpruned (timed in alternating blocks since commit 099566f; the `full` and",
+           "`digits` profiles were timed before, one model after the other); compare it with the FLOPs kept.", ""]
     paths = [p for p in RESULTS.glob("*.json") if p.stem not in EXTRA and not p.stem.endswith(".partial")]
     # (studies, and runs still in progress, are left out); a profile first, then its variants
     results = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: (r["profile"], r.get("variant", "")))
