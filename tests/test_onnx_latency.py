@@ -1,4 +1,4 @@
-"""ONNX latency timing (onnxruntime, CPU): two models timed call by call in turn, on real exported files."""
+"""ONNX latency timing (onnxruntime, CPU): two models timed in alternating blocks, on real exported files."""
 from __future__ import annotations
 
 import torch
