@@ -6,15 +6,33 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test test-fast ui serve bench bench-quick clean
+.PHONY: setup lock run test test-fast ui serve bench bench-quick clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs come from requirements.lock (every package pinned, with hashes), synced by uv: a fresh
+# machine gets exactly the tested set. `make lock` regenerates it after a change to pyproject.toml.
+UV_VERSION := 0.13.9
+UV := $(VENV)/.uv/bin/uv
+# This machine kind keeps torch's wheels on disk; uv does not read pip.conf, so they are named here.
+LOCAL_WHEELS := $(wildcard /opt/wheels)
+LOCAL_INDEX := $(wildcard /opt/pypi-more/simple)
+UV_SOURCES := --index-strategy unsafe-best-match $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS)) $(if $(LOCAL_INDEX),--extra-index-url file://$(LOCAL_INDEX))
+
+$(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(VENV)/.uv uv==$(UV_VERSION)
+
+$(STAMP): requirements.lock pyproject.toml | $(UV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(UV) pip sync --quiet --python $(BIN)/python $(UV_SOURCES) --require-hashes requirements.lock
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(UV) pip check --python $(BIN)/python
 	touch $(STAMP)
+
+lock: | $(UV)  ## re-resolve requirements.lock from pyproject.toml (then run make test and commit both)
+	$(UV) pip compile pyproject.toml --extra dev --python $(BIN)/python $(UV_SOURCES) \
+	  --generate-hashes --no-emit-index-url --no-emit-find-links --quiet -o requirements.lock
 
 run: $(STAMP)  ## run the whole pipeline (dvc repro through Prefect, logged in MLflow)
 	$(BIN)/emoprune run
@@ -30,11 +48,8 @@ ui: $(STAMP)  ## the MLflow UI on the project's tracking store
 
 CRON ?= 0 2 * * *
 PREFECT_PORT ?= 4200
-serve: $(STAMP)  ## start a local Prefect server (UI on :4200) and serve the pipeline on a schedule: make serve CRON="0 2 * * *"
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server status >/dev/null 2>&1 \
-	  || ($(BIN)/prefect server start --background --port $(PREFECT_PORT) \
-	      && PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server status --wait --timeout 180)
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/emoprune serve --cron "$(CRON)"
+serve: $(STAMP)  ## serve the pipeline on a schedule (make serve CRON="0 2 * * *"); starts a Prefect server on :4200 if none answers, log in .emoprune/prefect-server.log; Ctrl-C stops both
+	$(BIN)/emoprune serve --cron "$(CRON)" --server-port $(PREFECT_PORT)
 
 bench: $(STAMP)  ## full benchmark profile (ResNet-56 on the CIFAR-10 copy), then docs/benchmarks.md
 	$(BIN)/python bench/run.py --profile full

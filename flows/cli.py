@@ -6,6 +6,7 @@ import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -94,31 +95,54 @@ def run(force: bool = typer.Option(False, help="rerun every stage even if DVC fi
 
 
 @app.command()
-def serve(cron: str = typer.Option("0 2 * * *", help="when to run, as a cron expression (default: 02:00 every day)"),
+def serve(cron: Optional[str] = typer.Option(None, help="when to run, as a cron expression (default: 02:00 every day)"),
+          interval: Optional[float] = typer.Option(None, min=10, help="or: every this many seconds"),
           name: str = typer.Option("scheduled", help="deployment name (the flow is emoprune-pipeline)"),
           timezone: str = typer.Option("UTC", help="time zone of the cron expression"),
+          server_port: int = typer.Option(4200, help="port of the local Prefect server started when none answers"),
           project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml")) -> None:
-    """Serve the pipeline flow as a scheduled Prefect deployment until stopped (Ctrl-C).
+    """Serve the pipeline flow as a scheduled Prefect deployment until stopped (Ctrl-C or SIGTERM).
 
     Each scheduled run does what `emoprune run` does: only the stages whose inputs changed rerun, and a run
-    with nothing changed ends at once. Needs a Prefect server (`make serve` starts one)."""
+    with nothing changed ends at once. The Prefect server is the one PREFECT_API_URL names, or one answering
+    on --server-port; if neither, this command starts one (log: .emoprune/prefect-server.log) and stops it on exit."""
     import os
+    from datetime import timedelta
 
     from prefect.client.schemas.schedules import construct_schedule
 
     p = _load(project / "params.yaml")
+    if cron is not None and interval is not None:
+        _fail(f"--cron {cron!r} and --interval {interval:g}: give one of them, not both")
+    when = f"every {interval:g} s" if interval is not None else repr(cron := cron or "0 2 * * *")
     try:
-        schedule = construct_schedule(cron=cron, timezone=timezone)
+        schedule = (construct_schedule(interval=timedelta(seconds=interval)) if interval is not None
+                    else construct_schedule(cron=cron, timezone=timezone))
     except ValueError as e:
         why = e.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(e, "errors") else str(e)
         _fail(f"--cron {cron!r} / --timezone {timezone!r}: {why}; allowed: a 5-field cron expression such as '0 2 * * *' and an IANA zone")
-    from flows.stages import pipeline_flow, retry_settings
+    from flows.serving import prefect_server, serve_until_stopped
 
-    os.environ.update(retry_settings(p))  # the runner's flow-run processes inherit these
-    typer.echo(f"serving emoprune-pipeline/{name} on {cron!r} ({timezone}) for {project.resolve()}; "
-               f"{p.orchestration.retries} retries. Ctrl-C stops.")
-    pipeline_flow.serve(name=name, schedule=schedule, parameters={"project_dir": str(project.resolve())},
-                        tags=["emoprune"], description="emoprune pipeline: dvc repro of every stage, logged in MLflow")
+    log = project.resolve() / ".emoprune" / "prefect-server.log"
+    try:
+        with prefect_server(server_port, log) as (url, started):
+            os.environ["PREFECT_API_URL"] = url
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            from flows.stages import pipeline_flow, retry_settings
+
+            os.environ.update(retry_settings(p))  # the runner's flow-run processes inherit these
+            typer.echo(f"serving emoprune-pipeline/{name} {when} ({timezone}) for {project.resolve()}; "
+                       f"{p.orchestration.retries} retries; Prefect server {url}"
+                       + (f" (started here, log {log})" if started else "") + ". Ctrl-C stops.")
+            with temporary_settings({PREFECT_API_URL: url}):
+                deployment = pipeline_flow.to_deployment(
+                    name=name, schedule=schedule, parameters={"project_dir": str(project.resolve())}, tags=["emoprune"],
+                    description="emoprune pipeline: dvc repro of every stage, logged in MLflow")
+                serve_until_stopped(deployment)
+    except RuntimeError as e:
+        _fail(str(e), code=1)
+    typer.echo("stopped")
 
 
 @app.command()
@@ -170,7 +194,11 @@ def ui(port: int = typer.Option(5000, help="port for the MLflow UI"),
        params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store")) -> None:
     """Open the MLflow UI on the project's tracking store."""
     p = _load(params)
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", p.tracking.uri, "--port", str(port)], check=False)
+    from flows.serving import run_until_stopped
+
+    # its own process group, stopped whole: a plain subprocess.run left the UI's workers running after Ctrl-C
+    code = run_until_stopped([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", p.tracking.uri, "--port", str(port)])
+    raise typer.Exit(code)
 
 
 def _interrupted(signum: int, frame) -> None:

@@ -13,7 +13,7 @@ from pruning.train import ResumeError, TrainConfig, evaluate, fit
 from tasks import paths
 from tasks.checkpoints import CheckpointError, load_resume, resume_path, save_resume
 from tasks.config import Params
-from tasks.datasets import example_input, load_split, make_loader, read_meta
+from tasks.datasets import example_input, load_split, make_loader, read_meta, split_batches
 from tasks.io import atomic_path
 
 
@@ -27,6 +27,8 @@ class Data:
 
     def loader(self, split: str, train: bool = False):
         p = self.params.data
+        if p.num_workers == 0:
+            return split_batches(paths.PREPARED, split, p.batch_size, train=train, seed=self.params.seed)
         ds = load_split(paths.PREPARED, split, train=train)
         return make_loader(ds, p.batch_size, shuffle=train, num_workers=p.num_workers, seed=self.params.seed)
 
