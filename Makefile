@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup lock run test test-fast ui serve bench bench-quick clean
+.PHONY: setup lock lint run test test-fast ui serve bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ run: $(STAMP)  ## run the whole pipeline (dvc repro through Prefect, logged in M
 
 test: $(STAMP)  ## the test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)  ## ruff (lint and format) over pruning/, tasks/, flows/
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

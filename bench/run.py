@@ -113,6 +113,7 @@ def setup(profile: str, work: Path) -> None:
     (work / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.emoprune/\n")
     _sh(["git", "init", "-q"], work)
     _sh([sys.executable, "-m", "dvc", "init", "-q"], work)
+    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
     _sh(["git", "add", "-A"], work)
     _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"], work)
 

@@ -1,8 +1,8 @@
 """The `emoprune` command line: run a stage or the whole pipeline, check params, open the MLflow UI."""
+
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,8 +14,11 @@ from rich.markup import escape
 
 from tasks.paths import STAGES
 
-app = typer.Typer(help="Evolutionary multi-objective channel pruning (EMO-DIR) as a DVC + Prefect + MLflow pipeline.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Evolutionary multi-objective channel pruning (EMO-DIR) as a DVC + Prefect + MLflow pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 err = Console(stderr=True)
 
 
@@ -65,8 +68,9 @@ def check(params: Path = typer.Option(Path("params.yaml"), help="params file to 
 
 
 @app.command()
-def stage(name: Stage = typer.Argument(..., help="stage to run"),
-          params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+def stage(
+    name: Stage = typer.Argument(..., help="stage to run"), params: Path = typer.Option(Path("params.yaml"), help="params file")
+) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
     _preflight(_load(params), [name.value])  # bad params and inputs fail here, before Prefect or any heavy work starts
     from flows.stages import run_stage
@@ -78,8 +82,10 @@ def stage(name: Stage = typer.Argument(..., help="stage to run"),
 
 
 @app.command()
-def run(force: bool = typer.Option(False, help="rerun every stage even if DVC finds it up to date"),
-        project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml")) -> None:
+def run(
+    force: bool = typer.Option(False, help="rerun every stage even if DVC finds it up to date"),
+    project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml"),
+) -> None:
     """Bring the whole pipeline up to date: `dvc repro` stage by stage inside one Prefect flow and one MLflow parent run."""
     p = _load(project / "params.yaml")
     _preflight(p, [s.value for s in Stage], project)
@@ -95,12 +101,14 @@ def run(force: bool = typer.Option(False, help="rerun every stage even if DVC fi
 
 
 @app.command()
-def serve(cron: Optional[str] = typer.Option(None, help="when to run, as a cron expression (default: 02:00 every day)"),
-          interval: Optional[float] = typer.Option(None, min=10, help="or: every this many seconds"),
-          name: str = typer.Option("scheduled", help="deployment name (the flow is emoprune-pipeline)"),
-          timezone: str = typer.Option("UTC", help="time zone of the cron expression"),
-          server_port: int = typer.Option(4200, help="port of the local Prefect server started when none answers"),
-          project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml")) -> None:
+def serve(
+    cron: Optional[str] = typer.Option(None, help="when to run, as a cron expression (default: 02:00 every day)"),
+    interval: Optional[float] = typer.Option(None, min=10, help="or: every this many seconds"),
+    name: str = typer.Option("scheduled", help="deployment name (the flow is emoprune-pipeline)"),
+    timezone: str = typer.Option("UTC", help="time zone of the cron expression"),
+    server_port: int = typer.Option(4200, help="port of the local Prefect server started when none answers"),
+    project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml"),
+) -> None:
     """Serve the pipeline flow as a scheduled Prefect deployment until stopped (Ctrl-C or SIGTERM).
 
     Each scheduled run does what `emoprune run` does: only the stages whose inputs changed rerun, and a run
@@ -116,8 +124,11 @@ def serve(cron: Optional[str] = typer.Option(None, help="when to run, as a cron 
         _fail(f"--cron {cron!r} and --interval {interval:g}: give one of them, not both")
     when = f"every {interval:g} s" if interval is not None else repr(cron := cron or "0 2 * * *")
     try:
-        schedule = (construct_schedule(interval=timedelta(seconds=interval)) if interval is not None
-                    else construct_schedule(cron=cron, timezone=timezone))
+        schedule = (
+            construct_schedule(interval=timedelta(seconds=interval))
+            if interval is not None
+            else construct_schedule(cron=cron, timezone=timezone)
+        )
     except ValueError as e:
         why = e.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(e, "errors") else str(e)
         _fail(f"--cron {cron!r} / --timezone {timezone!r}: {why}; allowed: a 5-field cron expression such as '0 2 * * *' and an IANA zone")
@@ -132,13 +143,20 @@ def serve(cron: Optional[str] = typer.Option(None, help="when to run, as a cron 
             from flows.stages import pipeline_flow, retry_settings
 
             os.environ.update(retry_settings(p))  # the runner's flow-run processes inherit these
-            typer.echo(f"serving emoprune-pipeline/{name} {when} ({timezone}) for {project.resolve()}; "
-                       f"{p.orchestration.retries} retries; Prefect server {url}"
-                       + (f" (started here, log {log})" if started else "") + ". Ctrl-C stops.")
+            typer.echo(
+                f"serving emoprune-pipeline/{name} {when} ({timezone}) for {project.resolve()}; "
+                f"{p.orchestration.retries} retries; Prefect server {url}"
+                + (f" (started here, log {log})" if started else "")
+                + ". Ctrl-C stops."
+            )
             with temporary_settings({PREFECT_API_URL: url}):
                 deployment = pipeline_flow.to_deployment(
-                    name=name, schedule=schedule, parameters={"project_dir": str(project.resolve())}, tags=["emoprune"],
-                    description="emoprune pipeline: dvc repro of every stage, logged in MLflow")
+                    name=name,
+                    schedule=schedule,
+                    parameters={"project_dir": str(project.resolve())},
+                    tags=["emoprune"],
+                    description="emoprune pipeline: dvc repro of every stage, logged in MLflow",
+                )
                 serve_until_stopped(deployment)
     except RuntimeError as e:
         _fail(str(e), code=1)
@@ -146,8 +164,10 @@ def serve(cron: Optional[str] = typer.Option(None, help="when to run, as a cron 
 
 
 @app.command()
-def scheme(target: float = typer.Option(..., help="fraction of FLOPs (or params) to remove, in (0, 1)"),
-           params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+def scheme(
+    target: float = typer.Option(..., help="fraction of FLOPs (or params) to remove, in (0, 1)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
     """Take another target from the finished search: rank again, no new search or constrained training."""
     p = _load(params)
     if not 0.0 < target < 1.0:
@@ -162,15 +182,20 @@ def scheme(target: float = typer.Option(..., help="fraction of FLOPs (or params)
     typer.echo(
         f"{doc['method']} at target {target:g}: removes {doc['flops']['reduction']:.2%} of FLOPs "
         f"({doc['flops']['pruned']:,} of {doc['flops']['base']:,}), {doc['params']['reduction']:.2%} of params; "
-        + (f"val acc predicted {info['predicted_val_acc']:.4f}, measured {info['measured_val_acc']:.4f}"
-           if "measured_val_acc" in info else f"search error {info.get('search_error', float('nan')):.4f}")
+        + (
+            f"val acc predicted {info['predicted_val_acc']:.4f}, measured {info['measured_val_acc']:.4f}"
+            if "measured_val_acc" in info
+            else f"search error {info.get('search_error', float('nan')):.4f}"
+        )
         + f"\nscheme: {doc_path}\nmodel (not finetuned): {model_path}"
     )
 
 
 @app.command()
-def compare(last: int = typer.Option(10, min=1, help="how many of the latest pipeline results"),
-            params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store")) -> None:
+def compare(
+    last: int = typer.Option(10, min=1, help="how many of the latest pipeline results"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store"),
+) -> None:
     """A table of the last runs' results from the tracking store: method, target, FLOPs, params, accuracy, search time."""
     p = _load(params)
     from rich.table import Table
@@ -184,14 +209,27 @@ def compare(last: int = typer.Option(10, min=1, help="how many of the latest pip
     for col in ("finished", "data", "model", "method", "target", "FLOPs", "FLOPs removed", "params", "test acc", "base acc", "search s"):
         table.add_column(col, justify="left" if col in ("finished", "data", "model", "method") else "right")
     for r in rows:
-        table.add_row(r["finished"], r["data"], r["model"], r["method"], r["target"], f"{r['flops']:,.0f}", f"{r['flops_reduction']:.1%}",
-                      f"{r['params']:,.0f}", f"{r['test_acc']:.2%}", f"{r['base_test_acc']:.2%}", f"{r['search_seconds']:.0f}")
+        table.add_row(
+            r["finished"],
+            r["data"],
+            r["model"],
+            r["method"],
+            r["target"],
+            f"{r['flops']:,.0f}",
+            f"{r['flops_reduction']:.1%}",
+            f"{r['params']:,.0f}",
+            f"{r['test_acc']:.2%}",
+            f"{r['base_test_acc']:.2%}",
+            f"{r['search_seconds']:.0f}",
+        )
     Console(width=200).print(table)
 
 
 @app.command()
-def ui(port: int = typer.Option(5000, help="port for the MLflow UI"),
-       params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store")) -> None:
+def ui(
+    port: int = typer.Option(5000, help="port for the MLflow UI"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file naming the tracking store"),
+) -> None:
     """Open the MLflow UI on the project's tracking store."""
     p = _load(params)
     from flows.serving import run_until_stopped

@@ -1,5 +1,6 @@
 """Long-running processes the CLI owns: a local Prefect server, the served pipeline, the MLflow UI, each
 stopped cleanly by Ctrl-C or SIGTERM (children included, no tracebacks)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def answers(api_url: str) -> bool:
@@ -51,8 +53,10 @@ def prefect_server(port: int, log: Path, timeout: float = 180.0) -> Iterator[tup
     configured = PREFECT_API_URL.value()
     if configured:
         if not answers(configured):
-            raise RuntimeError(f"PREFECT_API_URL={configured} does not answer; start that server, or unset "
-                               "PREFECT_API_URL to let `emoprune serve` start one")
+            raise RuntimeError(
+                f"PREFECT_API_URL={configured} does not answer; start that server, or unset "
+                "PREFECT_API_URL to let `emoprune serve` start one"
+            )
         yield configured, False
         return
     url = f"http://127.0.0.1:{port}/api"
@@ -64,8 +68,13 @@ def prefect_server(port: int, log: Path, timeout: float = 180.0) -> Iterator[tup
     with open(log, "ab") as out:
         # its own session: a Ctrl-C in the terminal reaches only the CLI, which stops the runner first and
         # the server last, so the runner never logs a vanished server
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                                 str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + timeout
         while not answers(url):

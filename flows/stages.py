@@ -1,16 +1,16 @@
 """Each pipeline stage as a Prefect flow, and the pipeline flow that chains them through DVC."""
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mlflow
 from prefect import flow, get_run_logger, task
-
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
@@ -19,6 +19,7 @@ from tasks import constrain, export, finetune, prepare, pretrain, rank, report, 
 from tasks.config import Params, load_params
 from tasks.paths import STAGES as STAGE_NAMES
 from tasks.tracking import PARENT_ENV, close_orphans, connect, owner_tags, pipeline_run_name, trace_tags
+
 
 @task(name="search-subnetwork", task_run_name="search-s{k}", cache_policy=NO_CACHE)
 def search_subnetwork_task(k: int, params_path: str, run_id: str, project: str) -> dict:
@@ -36,8 +37,7 @@ def _search_stage(params: Params, params_path: str) -> dict:
     params_path = str(Path(params_path).resolve())
 
     def mapper(ks, run_id):
-        futures = search_subnetwork_task.map(ks, params_path=unmapped(params_path), run_id=unmapped(run_id),
-                                             project=unmapped(project))
+        futures = search_subnetwork_task.map(ks, params_path=unmapped(params_path), run_id=unmapped(run_id), project=unmapped(project))
         return [f.result() for f in futures]
 
     return search.run(params, mapper)
@@ -81,9 +81,10 @@ def task_runner(params: Params) -> TaskRunner:
 
     if o.dask_address:
         return DaskTaskRunner(address=o.dask_address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+    )
 
 
 def _api_url() -> str | None:
@@ -130,7 +131,9 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
         lines.append(line)
     if proc.wait() != 0:
         last = [line.rstrip() for line in lines if line.strip()][-3:]
-        raise RuntimeError(f"stage {stage!r} failed (dvc exit code {proc.returncode}); its output is above. Last lines:\n" + "\n".join(last))
+        raise RuntimeError(
+            f"stage {stage!r} failed (dvc exit code {proc.returncode}); its output is above. Last lines:\n" + "\n".join(last)
+        )
     skipped = any("didn't change, skipping" in line for line in lines)
     logger.info("stage %s %s", stage, "up to date" if skipped else "ran")
     return not skipped
@@ -173,8 +176,14 @@ def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
             print(f"marked {len(closed)} MLflow run(s) of killed processes KILLED: {', '.join(closed)}")
         tags = {"emoprune.kind": "pipeline", **owner_tags(), **trace_tags(params)}
         with mlflow.start_run(run_name=pipeline_run_name(params), tags=tags) as parent:
-            mlflow.log_params({"data.source": params.data.source, "model.name": params.model.name,
-                               "prune.method": params.prune.method, "prune.target": params.prune.target})
+            mlflow.log_params(
+                {
+                    "data.source": params.data.source,
+                    "model.name": params.model.name,
+                    "prune.method": params.prune.method,
+                    "prune.target": params.prune.target,
+                }
+            )
             env = dict(os.environ)
             env[PARENT_ENV] = parent.info.run_id
             env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -1,22 +1,32 @@
 """`prune()`: EMO-DIR (or a baseline) on your own model and loaders, in memory, without DVC, Prefect or MLflow."""
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from pruning.channels import count_flops_params, group_importance, pruned_copy
-from pruning.constrain import train_front
-from pruning.distill import DynamicKDLoss, KDLoss
 from pruning.divide import boundary_features, divide
+from pruning.emodir import (
+    ConstrainSettings,
+    FinetuneSettings,
+    RankSettings,
+    SearchSettings,
+    SelectorSettings,
+    constrain_subnetwork,
+    finetune,
+    search_network,
+    train_selectors,
+)
 from pruning.gpir import rank
 from pruning.methods import METHODS, PruningResult, Target, cost_of
-from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search
-from pruning.selectors import train_selector
-from pruning.train import TrainConfig, fit, resolve_device, seed_everything
+from pruning.search import choose_for_target, spread_indices
+from pruning.train import resolve_device, seed_everything
 
 __all__ = ["PruneResult", "prune"]
 
@@ -26,6 +36,9 @@ class PruneResult(PruningResult):
     """A PruningResult that also carries the physically pruned (and finetuned if asked) model."""
 
     model: nn.Module | None = None
+
+
+_SEL, _SEARCH, _CON, _RANK, _FT = SelectorSettings(), SearchSettings(), ConstrainSettings(), RankSettings(), FinetuneSettings()
 
 
 def prune(
@@ -40,22 +53,25 @@ def prune(
     k: int = 3,
     cache_train: int = 2000,
     cache_val: int = 1000,
-    selector_epochs: int = 10,
-    pop_size: int = 16,
-    generations: int = 8,
-    levels: int = 10,
+    selector_epochs: int = _SEL.epochs,
+    selector_lr: float = _SEL.lr,
+    pop_size: int = _SEARCH.pop_size,
+    generations: int = _SEARCH.generations,
+    levels: int = _SEARCH.levels,
     round_to: int = 1,
-    encoding: Literal["levels", "binary"] = "levels",
-    calib_samples: int = 256,
-    candidates: int = 6,
-    constrain_epochs: int = 3,
-    constrain_lr: float = 0.01,
-    lam: float = 1.0,
-    top_t: int = 10,
-    max_overshoot: float = 0.02,
+    encoding: Literal["levels", "binary"] = _SEARCH.encoding,
+    calib_samples: int = _SEARCH.calib_samples,
+    candidates: int = _CON.candidates,
+    constrain_epochs: int = _CON.epochs,
+    constrain_lr: float = _CON.lr,
+    lam: float = _CON.lam,
+    top_t: int = _RANK.top_t,
+    max_overshoot: float = _RANK.max_overshoot,
     finetune_epochs: int = 0,
-    finetune_lr: float = 0.01,
-    kd: Literal["none", "kd", "dynamickd"] = "kd",
+    finetune_lr: float = _FT.lr,
+    kd: Literal["none", "kd", "dynamickd"] = _FT.kd,
+    kd_temperature: float = _FT.kd_temperature,
+    kd_alpha: float = _FT.kd_alpha,
     seed: int = 0,
     device: str = "auto",
 ) -> PruneResult:
@@ -63,10 +79,15 @@ def prune(
 
     The loaders yield (images, labels) batches: train feeds the feature caches, selectors, constrained
     training and finetuning; val scores candidates and ranks schemes. Keep your test split out of both.
+    Every step is the pipeline's own (pruning/emodir.py), with the same defaults as params.yaml;
+    `finetune_epochs` is 0 here (params.yaml's finetune.epochs is the pipeline's).
 
-    >>> result = prune(model, torch.zeros(1, 3, 32, 32), train_loader, val_loader, target=0.5)
-    >>> result.flops_reduction, result.scheme["layer1.0.conv1"][:4]
-    (0.503, [0, 2, 3, 5])
+    Example (illustrative, not run)::
+
+        result = prune(model, torch.zeros(1, 3, 32, 32), train_loader, val_loader, target=0.5)
+        result.flops_reduction          # the fraction of FLOPs removed
+        result.scheme["layer1.0.conv1"] # the channels kept in that layer's group
+        result.model                    # the physically smaller network
     """
     target_ = Target(target, metric)
     dev = resolve_device(device)
@@ -75,6 +96,7 @@ def prune(
     x1 = example_input[:1].cpu()
     base_flops, base_params = count_flops_params(base, x1)
     info: dict = {"method": method}
+    search = SearchSettings(pop_size=pop_size, generations=generations, levels=levels, encoding=encoding, calib_samples=calib_samples)
     if method in METHODS:
         result = METHODS[method](round_to=round_to, seed=seed)(base, x1, target_)
         pruned, scheme = pruned_copy(base, x1, result.scheme), result.scheme
@@ -84,47 +106,78 @@ def prune(
         tr, ytr = boundary_features(subs, train_loader, device=dev, max_samples=cache_train)
         va, yva = boundary_features(subs, val_loader, device=dev, max_samples=cache_val)
         num_classes = int(base(x1).shape[1])
-        search = dict(pop_size=pop_size, seed=seed, metric=metric)
         if method == "whole-emo":
-            scorer = Scorer(nn.Identity(), tr[0][:calib_samples], va[0], yva, device=dev)
-            space = SearchSpace(tuple(prunable_groups(base, x1)), levels, encoding, round_to)
-            front = run_search(base, x1, scorer, space=space, generations=generations * k, **search)
-            best = front.members[choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)]
+            front = search_network(
+                base,
+                x1,
+                nn.Identity(),
+                tr[0],
+                va[0],
+                yva,
+                search,
+                generations=generations * k,
+                round_to=round_to,
+                metric=metric,
+                seed=seed,
+                device=dev,
+            )
+            best = front.members[
+                choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)
+            ]
             scheme = front.space.decode(best.genes, group_importance(base, x1))
             pruned = pruned_copy(base, x1, scheme)
             info.update(evaluations=front.evaluations, search_error=best.error)
         else:
-            selectors = [train_selector(tr[s.index], ytr, num_classes, epochs=selector_epochs, seed=seed + s.index, device=dev)
-                         for s in subs[:-1]] + [head]
+            selectors = train_selectors(
+                subs, head, tr, ytr, num_classes, SelectorSettings(epochs=selector_epochs, lr=selector_lr), seed=seed, device=dev
+            )
+            constrain = ConstrainSettings(candidates=candidates, epochs=constrain_epochs, lr=constrain_lr, lam=lam)
             cands, evaluations = [], 0
             previous: list[nn.Module] = []
             for sub, selector in zip(subs, selectors):
                 ex = torch.zeros(1, *sub.in_shape)
-                scorer = Scorer(selector, tr[sub.index - 1][:calib_samples], va[sub.index - 1], yva, device=dev)
-                space = SearchSpace(tuple(prunable_groups(sub.module, ex)), levels, encoding, round_to)
-                front = run_search(sub.module, ex, scorer, space=space, generations=generations, **search)
+                front = search_network(
+                    sub.module,
+                    ex,
+                    selector,
+                    tr[sub.index - 1],
+                    va[sub.index - 1],
+                    yva,
+                    search,
+                    round_to=round_to,
+                    metric=metric,
+                    seed=seed,
+                    device=dev,
+                )
                 evaluations += front.evaluations
                 importance = group_importance(sub.module, ex)
-                local = [space.decode(m.genes, importance) for m in front.spread(candidates)]
-                trained = train_front(sub.module, ex, local, tr[sub.index - 1], tr[sub.index], ytr, selector,
-                                      predecessors=[subs[sub.index - 2].module, *previous] if sub.index > 1 else [],
-                                      predecessor_inputs=tr[sub.index - 2] if sub.index > 1 else None, lam=lam,
-                                      epochs=constrain_epochs, lr=constrain_lr, seed=seed + 100 * sub.index, device=dev)
+                chosen = [front.members[i] for i in spread_indices([m.cost for m in front.members], candidates)]
+                local = [front.space.decode(m.genes, importance) for m in chosen]
+                trained = constrain_subnetwork(sub, subs, local, tr, ytr, selector, previous, constrain, seed=seed, device=dev)
                 cands.append([(m, sch, cost_of(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])
                 previous = trained
-            pruned, scheme, decided = rank(base, x1, subs, head, cands, [cost_of((s.flops, s.params), metric) for s in subs],
-                                           cost_of((base_flops, base_params), metric), target, top_t=top_t,
-                                           max_overshoot=max_overshoot, features=va, labels=yva, device=dev)
+            pruned, scheme, decided = rank(
+                base,
+                x1,
+                subs,
+                head,
+                cands,
+                [cost_of((s.flops, s.params), metric) for s in subs],
+                cost_of((base_flops, base_params), metric),
+                target,
+                top_t=top_t,
+                max_overshoot=max_overshoot,
+                features=va,
+                labels=yva,
+                device=dev,
+            )
             decided.pop("table")
             info.update(evaluations=evaluations, **decided)
     else:
         raise ValueError(f"unknown method {method!r}; allowed: emo-dir, whole-emo, {', '.join(METHODS)}")
     if finetune_epochs > 0:
-        loss = {"kd": KDLoss(), "dynamickd": DynamicKDLoss()}.get(kd)
-        fit(pruned, train_loader, TrainConfig(epochs=finetune_epochs, lr=finetune_lr), dev, loss_fn=loss,
-            teacher=base if loss is not None else None, val_loader=val_loader, progress=False)
+        settings = FinetuneSettings(epochs=finetune_epochs, lr=finetune_lr, kd=kd, kd_temperature=kd_temperature, kd_alpha=kd_alpha)
+        finetune(pruned, base, train_loader, dev, settings, val_loader=val_loader, progress=False)
     pruned = pruned.cpu().eval()
     flops, params = count_flops_params(pruned, x1)
-    return PruneResult(scheme=scheme, base_flops=base_flops, base_params=base_params, flops=flops, params=params, info=info,
-                       model=pruned)
-
+    return PruneResult(scheme=scheme, base_flops=base_flops, base_params=base_params, flops=flops, params=params, info=info, model=pruned)

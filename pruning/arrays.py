@@ -1,4 +1,5 @@
 """Batches from cached features: tensors or (memory-mapped, read-only) numpy arrays, copied into a fresh tensor."""
+
 from __future__ import annotations
 
 import numpy as np

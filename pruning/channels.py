@@ -1,9 +1,10 @@
 """Channel groups from Torch-Pruning's dependency graph, and the two ways to remove channels: masking and physical pruning."""
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 import torch_pruning as tp
@@ -49,8 +50,16 @@ class UnsupportedLayerError(ValueError):
 # Layers with parameters that Torch-Pruning's dependency graph knows how to prune; parameter-free layers
 # (activations, pooling, dropout, flatten, identity) pass channels through and are always fine.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.LayerNorm, nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.LSTM,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.Linear,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.PReLU,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    nn.LSTM,
 )
 
 
@@ -106,8 +115,10 @@ def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.
         producers = [
             d.target.module
             for d, _ in group
-            if d.target.module in names and dg.is_out_channel_pruning_fn(d.handler)
-            and isinstance(d.target.module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(d.target.module)
+            if d.target.module in names
+            and dg.is_out_channel_pruning_fn(d.handler)
+            and isinstance(d.target.module, (nn.Conv2d, nn.Linear))
+            and not _is_depthwise(d.target.module)
         ]
         if not producers:  # e.g. a depthwise conv's own group: it follows its producer's group
             continue
@@ -123,9 +134,7 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
 
 
-def channel_groups(
-    model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None
-) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
     """The prunable channel groups of `model`, in the dependency graph's (deterministic) order.
 
     >>> groups = channel_groups(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32))
@@ -187,8 +196,9 @@ def prune_channels(
     return model
 
 
-def pruned_copy(model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]],
-                ignored: Sequence[nn.Module] | None = None) -> nn.Module:
+def pruned_copy(
+    model: nn.Module, example_input: torch.Tensor, scheme: Mapping[str, Sequence[int]], ignored: Sequence[nn.Module] | None = None
+) -> nn.Module:
     """A physically pruned deep copy; `model` is left untouched."""
     clone = copy.deepcopy(model)
     if ignored is not None:  # the same layers, inside the copy

@@ -1,8 +1,9 @@
 """Cross-network constrained training: a pruned sub-network learns to reproduce the original boundary feature
 from the features that pruned predecessors hand it, while its selector still classifies the result."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,13 +18,13 @@ __all__ = ["train_constrained", "train_front"]
 
 def train_constrained(
     candidate: nn.Module,
-    inputs,                      # X_{k-1} of the original network (N, ...), tensor or memory-mapped array
-    targets,                     # X_k of the original network
+    inputs,  # X_{k-1} of the original network (N, ...), tensor or memory-mapped array
+    targets,  # X_k of the original network
     labels,
     selector: nn.Module,
     *,
     predecessors: Sequence[nn.Module] = (),
-    predecessor_inputs=None,     # X_{k-2}: what the predecessors read
+    predecessor_inputs=None,  # X_{k-2}: what the predecessors read
     lam: float = 1.0,
     epochs: int = 2,
     lr: float = 0.01,
@@ -63,7 +64,7 @@ def train_constrained(
         sums, count = {"feature_mse": 0.0, "selector_ce": 0.0}, 0
         perm = rng.permutation(n)
         for start in range(0, n, batch_size):
-            idx = np.sort(perm[start:start + batch_size])
+            idx = np.sort(perm[start : start + batch_size])
             if preds:
                 with torch.no_grad():
                     prev = preds[int(rng.integers(len(preds)))]
@@ -112,8 +113,17 @@ def train_front(
     trained = []
     for j, scheme in enumerate(schemes):
         module = pruned_copy(subnetwork, example_input, scheme)
-        losses = train_constrained(module, inputs, targets, labels, selector, predecessors=predecessors,
-                                   predecessor_inputs=predecessor_inputs, seed=seed + j, **train_kwargs)
+        losses = train_constrained(
+            module,
+            inputs,
+            targets,
+            labels,
+            selector,
+            predecessors=predecessors,
+            predecessor_inputs=predecessor_inputs,
+            seed=seed + j,
+            **train_kwargs,
+        )
         module = module.cpu().eval()
         if on_trained is not None:
             on_trained(j, module, losses)

@@ -1,4 +1,5 @@
 """Knowledge-distillation losses: the student learns from the unpruned teacher's softened outputs."""
+
 from __future__ import annotations
 
 import torch

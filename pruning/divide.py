@@ -1,11 +1,12 @@
 """Divide a CNN into K sequential sub-networks of about equal FLOPs at block boundaries, plus its classifier head."""
+
 from __future__ import annotations
 
 import copy as copy_module
 import itertools
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -112,9 +113,7 @@ def _split(model: nn.Module) -> tuple[list[Block], nn.Module, int]:
         return _conv_units(model, "features", model.features), _head(model.pool, nn.Flatten(1), model.classifier), 0
     if isinstance(model, tvm.VGG):
         return _conv_units(model, "features", model.features), _head(model.avgpool, nn.Flatten(1), model.classifier), 0
-    raise ValueError(
-        f"cannot divide a {type(model).__name__} into blocks; supported models: {', '.join(SUPPORTED_MODELS)}"
-    )
+    raise ValueError(f"cannot divide a {type(model).__name__} into blocks; supported models: {', '.join(SUPPORTED_MODELS)}")
 
 
 def blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
@@ -182,9 +181,7 @@ def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
         m.training = t
 
 
-def divide(
-    model: nn.Module, example_input: torch.Tensor, k: int, copy: bool = False
-) -> tuple[list[SubNetwork], nn.Module]:
+def divide(model: nn.Module, example_input: torch.Tensor, k: int, copy: bool = False) -> tuple[list[SubNetwork], nn.Module]:
     """Cut `model` into `k` sub-networks of about equal FLOPs at block boundaries, and return them with the head.
 
     The stem always stays with the block after it, so k ranges over 1..(number of blocks - 1) for
@@ -202,8 +199,7 @@ def divide(
     if not isinstance(k, int) or not 1 <= k <= n_units:
         stem_note = " (the stem stays with the first block)" if n_stem else ""
         raise ValueError(
-            f"k={k} sub-networks requested, but {type(model).__name__} has {len(bl)} blocks, "
-            f"so k must be in 1..{n_units}{stem_note}"
+            f"k={k} sub-networks requested, but {type(model).__name__} has {len(bl)} blocks, so k must be in 1..{n_units}{stem_note}"
         )
     # Eval mode (BN statistics untouched) for the model and the new wrappers, restored afterwards.
     flags = [f for mod in (model, head, *(b for _, b in bl)) for f in _training_flags(mod)]
@@ -261,8 +257,9 @@ def replace(subnetworks: Sequence[SubNetwork], head: nn.Module, k: int, new_modu
     _check_order(subnetworks)
     if not 1 <= k <= len(subnetworks):
         raise ValueError(f"k={k} is not a sub-network index; allowed: 1..{len(subnetworks)}")
-    swapped = [s if s.index != k else SubNetwork(k, new_module, s.block_names, s.flops, s.params, s.in_shape, s.out_shape)
-               for s in subnetworks]
+    swapped = [
+        s if s.index != k else SubNetwork(k, new_module, s.block_names, s.flops, s.params, s.in_shape, s.out_shape) for s in subnetworks
+    ]
     return assemble(swapped, head)
 
 
@@ -340,10 +337,7 @@ def boundary_features(
         items: Iterable = ((chunk, None) for chunk in data.split(batch_size))
         capacity: int | None = len(data)
     else:
-        items = (
-            (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
-            for item in batches
-        )
+        items = ((item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None) for item in batches)
         capacity = max_samples
     device = torch.device(device)
     modules = [s.module for s in subnetworks]

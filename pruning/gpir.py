@@ -1,10 +1,11 @@
 """Global performance impairment ranking: score each sub-network candidate inside the otherwise original
 network, then join one candidate per sub-network into the scheme that loses least while meeting the target."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -14,14 +15,28 @@ from pruning.divide import SubNetwork
 from pruning.knapsack import Candidate, Combination, joint_front, top_combinations
 
 __all__ = [
-    "JointScheme", "accuracy_with", "check_reachable", "impairment_table", "joint_pareto", "joint_scheme", "merge_into",
-    "min_saving_for", "rank",
+    "JointScheme",
+    "accuracy_with",
+    "check_reachable",
+    "impairment_table",
+    "joint_pareto",
+    "joint_scheme",
+    "merge_into",
+    "min_saving_for",
+    "rank",
 ]
 
 
 @torch.no_grad()
-def accuracy_with(subnetworks: Sequence[SubNetwork], head: nn.Module, replacements: dict[int, nn.Module],
-                  features: Sequence, labels, batch_size: int = 256, device: torch.device | str = "cpu") -> float:
+def accuracy_with(
+    subnetworks: Sequence[SubNetwork],
+    head: nn.Module,
+    replacements: dict[int, nn.Module],
+    features: Sequence,
+    labels,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> float:
     """Val accuracy of the network with sub-networks `replacements` (1-based k -> module) swapped in.
 
     Starts from the cached original feature X_{j-1} at the first replaced sub-network j, so the
@@ -33,16 +48,22 @@ def accuracy_with(subnetworks: Sequence[SubNetwork], head: nn.Module, replacemen
     y = as_batch(labels)
     correct = 0
     for i in range(0, len(y), batch_size):
-        x = as_batch(features[start][i:i + batch_size]).to(device)
+        x = as_batch(features[start][i : i + batch_size]).to(device)
         for m in mods:
             x = m(x)
-        correct += (head(x).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+        correct += (head(x).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
     return correct / max(1, len(y))
 
 
-def impairment_table(subnetworks: Sequence[SubNetwork], head: nn.Module, candidates: Sequence[Sequence[tuple[nn.Module, int]]],
-                     base_costs: Sequence[int], features: Sequence, labels,
-                     device: torch.device | str = "cpu") -> tuple[float, list[list[dict]]]:
+def impairment_table(
+    subnetworks: Sequence[SubNetwork],
+    head: nn.Module,
+    candidates: Sequence[Sequence[tuple[nn.Module, int]]],
+    base_costs: Sequence[int],
+    features: Sequence,
+    labels,
+    device: torch.device | str = "cpu",
+) -> tuple[float, list[list[dict]]]:
     """acc(N) and, per sub-network, one row per candidate (module, cost): its accuracy with only that
     sub-network replaced, impairment = acc(N) - that, and the cost (FLOPs or params) it saves against
     `base_costs[k]`. Row 0 of every sub-network is 'keep it unpruned' (impairment 0, saving 0).
@@ -63,20 +84,30 @@ def impairment_table(subnetworks: Sequence[SubNetwork], head: nn.Module, candida
 
 @dataclass
 class JointScheme:
-    choice: tuple[int, ...]          # row per sub-network in the impairment table (0 = unpruned)
+    choice: tuple[int, ...]  # row per sub-network in the impairment table (0 = unpruned)
     predicted_acc: float
     measured_acc: float
     saving: int
-    verified: list[dict]             # the top-T combinations measured jointly
+    verified: list[dict]  # the top-T combinations measured jointly
 
 
 def _candidates(table: list[list[dict]]) -> list[list[Candidate]]:
     return [[Candidate(r["impairment"], int(r["saving"])) for r in rows] for rows in table]
 
 
-def joint_scheme(subnetworks: Sequence[SubNetwork], head: nn.Module, table: list[list[dict]], modules: Sequence[Sequence[nn.Module]],
-                 base_acc: float, min_saving: int, top_t: int, features: Sequence, labels,
-                 device: torch.device | str = "cpu", max_saving: int | None = None) -> JointScheme:
+def joint_scheme(
+    subnetworks: Sequence[SubNetwork],
+    head: nn.Module,
+    table: list[list[dict]],
+    modules: Sequence[Sequence[nn.Module]],
+    base_acc: float,
+    min_saving: int,
+    top_t: int,
+    features: Sequence,
+    labels,
+    device: torch.device | str = "cpu",
+    max_saving: int | None = None,
+) -> JointScheme:
     """Solve the multiple-choice knapsack exactly (least summed impairment with saving >= `min_saving`),
     measure the best `top_t` combinations with all their replacements at once (impairments do not add up
     exactly), and keep the most accurate one; at equal accuracy the one closest to the target.
@@ -102,8 +133,12 @@ def joint_scheme(subnetworks: Sequence[SubNetwork], head: nn.Module, table: list
 def joint_pareto(table: list[list[dict]], base_acc: float, base_cost: int) -> list[dict]:
     """The Pareto front of whole-network schemes (predicted accuracy vs cost) from one table: every target at once."""
     return [
-        {"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "cost": base_cost - c.saving,
-         "reduction": c.saving / base_cost}
+        {
+            "choice": list(c.choice),
+            "predicted_acc": base_acc - c.impairment,
+            "cost": base_cost - c.saving,
+            "reduction": c.saving / base_cost,
+        }
         for c in joint_front(_candidates(table))
     ]
 
@@ -112,17 +147,23 @@ def check_reachable(table: list[list[dict]], min_saving: int, base_cost: int, ta
     """A clear error when even the most pruned candidate of every sub-network saves less than the target asks."""
     reach = sum(max(r["saving"] for r in rows) for rows in table)
     if reach < min_saving:
-        raise ValueError(f"target reduction {target} is out of reach for these candidates: together they remove at most "
-                         f"{reach / base_cost:.4f}; allowed: a target up to {reach / base_cost:.4f} (or widen the search: "
-                         f"more constrain.candidates, search generations, or a larger divide.k)")
+        raise ValueError(
+            f"target reduction {target} is out of reach for these candidates: together they remove at most "
+            f"{reach / base_cost:.4f}; allowed: a target up to {reach / base_cost:.4f} (or widen the search: "
+            f"more constrain.candidates, search generations, or a larger divide.k)"
+        )
 
 
 def min_saving_for(target_reduction: float, base_cost: int) -> int:
     return int(math.ceil(target_reduction * base_cost - 1e-9))
 
 
-def merge_into(model: nn.Module, example_input: torch.Tensor, subnetworks: Sequence[SubNetwork],
-               chosen: dict[int, tuple[nn.Module, dict[str, list[int]]]]) -> tuple[nn.Module, dict[str, list[int]]]:
+def merge_into(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    subnetworks: Sequence[SubNetwork],
+    chosen: dict[int, tuple[nn.Module, dict[str, list[int]]]],
+) -> tuple[nn.Module, dict[str, list[int]]]:
     """One physically pruned copy of the whole `model` carrying the chosen sub-network candidates.
 
     `chosen` maps k to (trained pruned module, its keep-scheme in sub-network-local names). Returns the
@@ -149,10 +190,22 @@ def merge_into(model: nn.Module, example_input: torch.Tensor, subnetworks: Seque
     return pruned.eval(), full_scheme
 
 
-def rank(model: nn.Module, example_input: torch.Tensor, subnetworks: Sequence[SubNetwork], head: nn.Module,
-         candidates: Sequence[Sequence[tuple[nn.Module, dict[str, list[int]], int]]], base_costs: Sequence[int], total_cost: int,
-         target: float, *, top_t: int, max_overshoot: float, features: Sequence, labels,
-         device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, list[int]], dict]:
+def rank(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    subnetworks: Sequence[SubNetwork],
+    head: nn.Module,
+    candidates: Sequence[Sequence[tuple[nn.Module, dict[str, list[int]], int]]],
+    base_costs: Sequence[int],
+    total_cost: int,
+    target: float,
+    *,
+    top_t: int,
+    max_overshoot: float,
+    features: Sequence,
+    labels,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
 
     `candidates[k]` lists sub-network k+1's trained candidates as (module, local keep-scheme, cost).
@@ -162,13 +215,25 @@ def rank(model: nn.Module, example_input: torch.Tensor, subnetworks: Sequence[Su
     >>> pruned, scheme, info = rank(model, x, subs, head, cands, [s.flops for s in subs], total, 0.5, top_t=10,
     ...                             max_overshoot=0.02, features=X_val, labels=y_val)
     """
-    base_acc, table = impairment_table(subnetworks, head, [[(m, c) for m, _, c in cs] for cs in candidates], base_costs,
-                                       features, labels, device=device)
+    base_acc, table = impairment_table(
+        subnetworks, head, [[(m, c) for m, _, c in cs] for cs in candidates], base_costs, features, labels, device=device
+    )
     need = min_saving_for(target, total_cost)
     check_reachable(table, need, total_cost, target)
     modules = [[m for m, _, _ in cs] for cs in candidates]
-    best = joint_scheme(subnetworks, head, table, modules, base_acc, need, top_t, features, labels, device=device,
-                        max_saving=min_saving_for(min(1.0, target + max_overshoot), total_cost))
+    best = joint_scheme(
+        subnetworks,
+        head,
+        table,
+        modules,
+        base_acc,
+        need,
+        top_t,
+        features,
+        labels,
+        device=device,
+        max_saving=min_saving_for(min(1.0, target + max_overshoot), total_cost),
+    )
     chosen = {k + 1: candidates[k][row - 1][:2] for k, row in enumerate(best.choice) if row > 0}
     pruned, scheme = merge_into(model, example_input, subnetworks, chosen)
     info = {
@@ -176,8 +241,16 @@ def rank(model: nn.Module, example_input: torch.Tensor, subnetworks: Sequence[Su
         "predicted_val_acc": best.predicted_acc,
         "measured_val_acc": best.measured_acc,
         "predicted_saving": best.saving,
-        "choice": [{"k": k + 1, "row": row, "candidate": table[k][row]["candidate"], "impairment": table[k][row]["impairment"],
-                    "saving": table[k][row]["saving"]} for k, row in enumerate(best.choice)],
+        "choice": [
+            {
+                "k": k + 1,
+                "row": row,
+                "candidate": table[k][row]["candidate"],
+                "impairment": table[k][row]["impairment"],
+                "saving": table[k][row]["saving"],
+            }
+            for k, row in enumerate(best.choice)
+        ],
         "verified": best.verified,
         "table": table,
         "joint_front": joint_pareto(table, base_acc, total_cost),

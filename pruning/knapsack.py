@@ -26,6 +26,7 @@ are measured accuracies on a finite validation set. The problem is NP-hard, so t
 exponential: F reaches the product of the candidate counts when every impairment is exactly
 proportional to its saving.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -144,8 +145,7 @@ def _pareto(points: list[_Point]) -> list[_Point]:
 
 def _infeasible(min_saving: int, reachable: int) -> ValueError:
     return ValueError(
-        f"no combination reaches min_saving={min_saving}: the maximum reachable saving is {reachable} "
-        f"(short by {min_saving - reachable})"
+        f"no combination reaches min_saving={min_saving}: the maximum reachable saving is {reachable} (short by {min_saving - reachable})"
     )
 
 

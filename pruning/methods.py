@@ -3,6 +3,7 @@
 Every method is a small class with one call, `method(model, example_input, target) -> PruningResult`,
 registered in `METHODS` under its `prune.method` name.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,10 +16,27 @@ import torch_pruning as tp
 from torch import nn
 
 from pruning.channels import (
-    KeepScheme, channel_groups, classifier_layer, count_flops_params, group_importance, keep_by_importance, pruned_copy,
+    KeepScheme,
+    channel_groups,
+    classifier_layer,
+    count_flops_params,
+    group_importance,
+    keep_by_importance,
+    pruned_copy,
 )
 
-__all__ = ["METHODS", "METHOD_NAMES", "GlobalMagnitude", "PruningMethod", "PruningResult", "RandomRatios", "Target", "Uniform", "cost_of", "reduction_of"]
+__all__ = [
+    "METHODS",
+    "METHOD_NAMES",
+    "GlobalMagnitude",
+    "PruningMethod",
+    "PruningResult",
+    "RandomRatios",
+    "Target",
+    "Uniform",
+    "cost_of",
+    "reduction_of",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,9 @@ def cost_of(flops_params: tuple[int, int], metric: str) -> int:
     return flops_params[0] if metric == "flops" else flops_params[1]
 
 
-def reduction_of(model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, base: tuple[int, int], metric: str) -> tuple[float, int, int]:
+def reduction_of(
+    model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, base: tuple[int, int], metric: str
+) -> tuple[float, int, int]:
     flops, params = count_flops_params(pruned_copy(model, example_input, scheme), example_input)
     achieved = 1 - (flops / base[0] if metric == "flops" else params / base[1])
     return achieved, flops, params
@@ -78,8 +98,9 @@ def _round_keep(channels: int, ratio: float, round_to: int) -> int:
     return max(min(round_to, channels), min(channels, k))
 
 
-def _largest_feasible(model: nn.Module, example_input: torch.Tensor, target: Target, scheme_at, hi: float = 1.0,
-                      tolerance: float = 1e-3) -> tuple[float, KeepScheme, int, int]:
+def _largest_feasible(
+    model: nn.Module, example_input: torch.Tensor, target: Target, scheme_at, hi: float = 1.0, tolerance: float = 1e-3
+) -> tuple[float, KeepScheme, int, int]:
     """Bisection for the largest knob in [0, hi] whose scheme still reaches the target (reduction falls as the knob grows)."""
     base = count_flops_params(model, example_input)
     smallest = scheme_at(0.0)
@@ -148,13 +169,21 @@ class GlobalMagnitude(PruningMethod):
         m = copy.deepcopy(model).eval()
         names = {mod: n for n, mod in m.named_modules()}
         pruner = tp.pruner.MetaPruner(
-            m, example_input, importance=tp.importance.GroupMagnitudeImportance(p=self.p), global_pruning=True,
-            pruning_ratio=ratio, max_pruning_ratio=self.max_ratio, ignored_layers=[classifier_layer(m)],
+            m,
+            example_input,
+            importance=tp.importance.GroupMagnitudeImportance(p=self.p),
+            global_pruning=True,
+            pruning_ratio=ratio,
+            max_pruning_ratio=self.max_ratio,
+            ignored_layers=[classifier_layer(m)],
         )
         dropped: dict[str, list[int]] = {}
         for group in pruner.step(interactive=True):
-            by_layer = {names[dep.target.module]: list(idxs) for dep, idxs in group
-                        if dep.target.module in names and pruner.DG.is_out_channel_pruning_fn(dep.handler)}
+            by_layer = {
+                names[dep.target.module]: list(idxs)
+                for dep, idxs in group
+                if dep.target.module in names and pruner.DG.is_out_channel_pruning_fn(dep.handler)
+            }
             for g in groups:
                 if g.name in by_layer:
                     dropped[g.name] = by_layer[g.name]
@@ -201,7 +230,9 @@ class RandomRatios(PruningMethod):
         top = 1.0 / min(shape.values())
 
         def scheme_at(scale: float) -> KeepScheme:
-            return keep_by_importance(importance, {g.name: _round_keep(g.channels, min(1.0, scale * shape[g.name]), self.round_to) for g in groups})
+            return keep_by_importance(
+                importance, {g.name: _round_keep(g.channels, min(1.0, scale * shape[g.name]), self.round_to) for g in groups}
+            )
 
         scale, scheme, flops, params = _largest_feasible(model, example_input, target, scheme_at, hi=top)
         base = count_flops_params(model, example_input)

@@ -1,10 +1,11 @@
 """ONNX export of a (pruned) model and its verification: checker, onnxruntime agreement with PyTorch, latency."""
+
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -21,9 +22,16 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     batch = torch.export.Dim("batch", min=1, max=65536)
     x = example_input.expand(2, *example_input.shape[1:]).contiguous()  # batch 2: a size-1 dim would be specialised
     torch.onnx.export(
-        model, (x,), str(path), input_names=["input"], output_names=["logits"],
+        model,
+        (x,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
         dynamic_shapes={next(iter(_forward_arg_names(model))): {0: batch}},
-        opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
     )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
@@ -62,8 +70,15 @@ def latency_ms(sess: ort.InferenceSession, example_input: torch.Tensor, batch_si
     return latency_pair_ms(sess, None, example_input, batch_size, repeats, warmup)[0]
 
 
-def latency_pair_ms(first: ort.InferenceSession, second: ort.InferenceSession | None, example_input: torch.Tensor,
-                    batch_size: int, repeats: int = 50, warmup: int = 5, blocks: int = 4) -> tuple[float, float | None]:
+def latency_pair_ms(
+    first: ort.InferenceSession,
+    second: ort.InferenceSession | None,
+    example_input: torch.Tensor,
+    batch_size: int,
+    repeats: int = 50,
+    warmup: int = 5,
+    blocks: int = 4,
+) -> tuple[float, float | None]:
     """Median wall times (ms) of one call of each session on the same batch, timed in alternating blocks.
 
     The calls are split into `blocks` blocks per session, in the order first, second, second, first, ...,

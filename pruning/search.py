@@ -6,11 +6,13 @@ original weights, has its BatchNorm statistics re-estimated on a few cached batc
 a frozen selector on cached inputs. Objectives, both minimised: cost fraction (FLOPs or params of the
 pruned module over the original's) and selector error. Nothing of pymoo leaves this module.
 """
+
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,7 +32,14 @@ from pruning.arrays import as_batch
 from pruning.channels import ChannelGroup, KeepScheme, channel_groups, count_flops_params, group_importance, keep_by_importance, pruned_copy
 
 __all__ = [
-    "Evaluation", "ParetoFront", "SearchSpace", "Scorer", "choose_for_target", "prunable_groups", "recalibrate_bn", "run_search",
+    "Evaluation",
+    "ParetoFront",
+    "SearchSpace",
+    "Scorer",
+    "choose_for_target",
+    "prunable_groups",
+    "recalibrate_bn",
+    "run_search",
     "spread_indices",
 ]
 
@@ -113,7 +122,7 @@ class SearchSpace:
             return keep_by_importance({g.name: importance[g.name] for g in self.groups}, self.keep_counts(genes))
         scheme, pos = {}, 0
         for g in self.groups:
-            bits = [int(b) for b in genes[pos:pos + g.channels]]
+            bits = [int(b) for b in genes[pos : pos + g.channels]]
             pos += g.channels
             # bit i stands for the i-th most important channel, so 'uniform' seeds are magnitude pruning
             ranked = sorted(range(g.channels), key=lambda c: (-float(importance[g.name][c]), c))
@@ -130,8 +139,16 @@ class Scorer:
     0.41
     """
 
-    def __init__(self, selector: nn.Module, calib_inputs: torch.Tensor, val_inputs: torch.Tensor, val_labels: torch.Tensor,
-                 error: Literal["ce", "acc"] = "ce", batch_size: int = 256, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        selector: nn.Module,
+        calib_inputs: torch.Tensor,
+        val_inputs: torch.Tensor,
+        val_labels: torch.Tensor,
+        error: Literal["ce", "acc"] = "ce",
+        batch_size: int = 256,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.selector = selector.eval().to(device)
         self.calib, self.val_x, self.val_y = calib_inputs, val_inputs, val_labels
         self.error, self.batch_size, self.device = error, batch_size, torch.device(device)
@@ -142,7 +159,7 @@ class Scorer:
         recalibrate_bn(module, self.calib, self.batch_size, self.device)
         logits = []
         for i in range(0, len(self.val_x), self.batch_size):
-            x = as_batch(self.val_x[i:i + self.batch_size]).to(self.device)
+            x = as_batch(self.val_x[i : i + self.batch_size]).to(self.device)
             logits.append(self.selector(module(x)).float().cpu())
         z, y = torch.cat(logits), as_batch(self.val_y)
         if self.error == "acc":
@@ -162,15 +179,15 @@ def recalibrate_bn(module: nn.Module, inputs: torch.Tensor, batch_size: int, dev
         bn.momentum = None  # cumulative moving average over the calibration batches
     module.train()
     for i in range(0, len(inputs), batch_size):
-        module(as_batch(inputs[i:i + batch_size]).to(device))
+        module(as_batch(inputs[i : i + batch_size]).to(device))
     module.eval()
 
 
 @dataclass
 class Evaluation:
     genes: tuple[int, ...]
-    cost: float          # pruned / original FLOPs (or params) of the searched module
-    error: float         # selector error
+    cost: float  # pruned / original FLOPs (or params) of the searched module
+    error: float  # selector error
     flops: int
     params: int
 
@@ -208,8 +225,10 @@ def choose_for_target(costs: Sequence[float], errors: Sequence[float], target: f
     feasible = [i for i, c in enumerate(costs) if c <= limit + 1e-12]
     if not feasible:
         reach = 1.0 - min(costs)
-        raise ValueError(f"target reduction {target} is beyond this front, which reaches at most {reach:.4f}; "
-                         f"allowed: a target up to {reach:.4f}, or a longer search")
+        raise ValueError(
+            f"target reduction {target} is beyond this front, which reaches at most {reach:.4f}; "
+            f"allowed: a target up to {reach:.4f}, or a longer search"
+        )
     near = [i for i in feasible if costs[i] >= limit - max_overshoot] or feasible
     return min(near, key=lambda i: (errors[i], -costs[i], i))
 
@@ -227,8 +246,14 @@ class _PruningProblem(Problem):
 class _Search:
     """Evaluation cache and archive around one module; pickled (minus the module) into checkpoints."""
 
-    def __init__(self, module: nn.Module, example_input: torch.Tensor, space: SearchSpace, scorer: Callable[[nn.Module], float],
-                 metric: Literal["flops", "params"]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        example_input: torch.Tensor,
+        space: SearchSpace,
+        scorer: Callable[[nn.Module], float],
+        metric: Literal["flops", "params"],
+    ) -> None:
         self.module, self.example, self.space, self.scorer, self.metric = module, example_input, space, scorer, metric
         self.importance = group_importance(module, example_input)
         self.importance = {g.name: self.importance[g.name] for g in space.groups}
@@ -287,8 +312,10 @@ def _initial_population(space: SearchSpace, pop_size: int, seed: int) -> np.ndar
 def _operators(space: SearchSpace) -> dict:
     if space.encoding == "binary":
         return {"crossover": TwoPointCrossover(), "mutation": BitflipMutation(prob=1.0, prob_var=min(0.5, 2.0 / space.n_var))}
-    return {"crossover": SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-            "mutation": PM(eta=20, vtype=float, repair=RoundingRepair())}
+    return {
+        "crossover": SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+        "mutation": PM(eta=20, vtype=float, repair=RoundingRepair()),
+    }
 
 
 def run_search(
@@ -323,7 +350,13 @@ def run_search(
     if state is not None:
         saved = pickle.loads(state)
         algorithm, search.cache, search.evaluations, history, fronts, ref = (
-            saved["algorithm"], saved["cache"], saved["evaluations"], saved["history"], saved["fronts"], saved["ref"])
+            saved["algorithm"],
+            saved["cache"],
+            saved["evaluations"],
+            saved["history"],
+            saved["fronts"],
+            saved["ref"],
+        )
         algorithm.problem = _PruningProblem(space, search)
     else:
         algorithm = NSGA2(
@@ -343,15 +376,29 @@ def run_search(
             all_err = [e.error for e in search.cache.values()]
             ref = np.array([1.0 + 1e-9, max(all_err) * 1.1 + 1e-9])
         gen = int(algorithm.n_gen) - 1
-        metrics = {"generation": gen, "hypervolume": float(HV(ref_point=ref)(F_)), "front_size": len(front),
-                   "evaluations": search.evaluations, "best_error": float(F_[:, 1].min()), "min_cost": float(F_[:, 0].min())}
+        metrics = {
+            "generation": gen,
+            "hypervolume": float(HV(ref_point=ref)(F_)),
+            "front_size": len(front),
+            "evaluations": search.evaluations,
+            "best_error": float(F_[:, 1].min()),
+            "min_cost": float(F_[:, 0].min()),
+        }
         history.append(metrics)
         fronts.append([(e.cost, e.error) for e in front])
         if on_generation is not None:
             problem, algorithm.problem = algorithm.problem, None
             try:
-                blob = pickle.dumps({"algorithm": algorithm, "cache": search.cache, "evaluations": search.evaluations,
-                                     "history": history, "fronts": fronts, "ref": ref})
+                blob = pickle.dumps(
+                    {
+                        "algorithm": algorithm,
+                        "cache": search.cache,
+                        "evaluations": search.evaluations,
+                        "history": history,
+                        "fronts": fronts,
+                        "ref": ref,
+                    }
+                )
             finally:
                 algorithm.problem = problem
             on_generation(gen, metrics, blob)

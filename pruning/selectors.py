@@ -1,4 +1,5 @@
 """Feature selectors: small frozen classifiers that score how well a (pruned) sub-network's output still serves the task."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,11 +35,20 @@ class FeatureSelector(nn.Module):
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for i in range(0, n, batch_size):
-        yield np.sort(order[i:i + batch_size])
+        yield np.sort(order[i : i + batch_size])
 
 
-def train_selector(features, labels, num_classes: int, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 128,
-                   seed: int = 0, device: torch.device | str = "cpu") -> FeatureSelector:
+def train_selector(
+    features,
+    labels,
+    num_classes: int,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> FeatureSelector:
     """Train a FeatureSelector on cached features (a tensor or a memory-mapped array), then freeze it."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -1,10 +1,12 @@
 """Training and evaluation loops shared by pretraining and finetuning: SGD with a cosine schedule, optional distillation."""
+
 from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +16,18 @@ from torch import nn
 
 from pruning.distill import Distiller
 
-__all__ = ["ResumeError", "TrainConfig", "autocast", "evaluate", "fit", "get_rng_state", "predict", "resolve_device", "seed_everything", "set_rng_state"]
+__all__ = [
+    "ResumeError",
+    "TrainConfig",
+    "autocast",
+    "evaluate",
+    "fit",
+    "get_rng_state",
+    "predict",
+    "resolve_device",
+    "seed_everything",
+    "set_rng_state",
+]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -94,8 +107,13 @@ def autocast(device: torch.device, precision: str):
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"), disable=not enabled, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not enabled,
+        transient=False,
     )
 
 
@@ -152,7 +170,9 @@ def fit(
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:  # e.g. DynamicKD's entropy controller: learnt, never decayed towards 0
         groups.append({"params": loss_params, "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
+    opt = torch.optim.SGD(
+        groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0
+    )
     steps = max(1, config.epochs * len(train_loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history: list[dict[str, float]] = []
@@ -167,8 +187,9 @@ def fit(
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
             raise ResumeError(f"the resume state does not fit this training run: {type(err).__name__}: {str(err)[:300]}") from None
         if not 0 <= len(history) <= config.epochs or resume.get("epoch") != len(history):
-            raise ResumeError(f"the resume state is at epoch {resume.get('epoch')!r} with {len(history)} epochs of history; "
-                              f"allowed: 0..{config.epochs}")
+            raise ResumeError(
+                f"the resume state is at epoch {resume.get('epoch')!r} with {len(history)} epochs of history; allowed: 0..{config.epochs}"
+            )
         if on_epoch is not None:
             for epoch, metrics in enumerate(history):
                 on_epoch(epoch, metrics)
@@ -205,9 +226,17 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             if on_checkpoint is not None:
-                on_checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "loss_fn": loss_fn.state_dict(),
-                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                               "rng": get_rng_state(train_loader)})
+                on_checkpoint(
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "loss_fn": loss_fn.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "history": history,
+                        "rng": get_rng_state(train_loader),
+                    }
+                )
             status = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_acc"))
             bar.update(task, advance=1, status=status)
     model.to(memory_format=torch.contiguous_format)  # what the pruning and export code expects

@@ -1,11 +1,13 @@
 """Model files (the architecture name, its channel scheme and the weights, so a pruned model rebuilds without
 pickled code) and the resume checkpoints that training stages write after every epoch."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +47,9 @@ def _verify(state: Any, expected: Any, path: Path) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its weights do not match the checksum saved with them")
 
 
-def save_model(model: nn.Module, path: str | Path, *, name: str, num_classes: int, image_size: int, scheme: KeepScheme | None = None, **extra: Any) -> None:
+def save_model(
+    model: nn.Module, path: str | Path, *, name: str, num_classes: int, image_size: int, scheme: KeepScheme | None = None, **extra: Any
+) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(
         {
@@ -75,14 +79,20 @@ def _load_weights(model: nn.Module, state: dict, path: Path, name: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         detail = "; ".join(
-            s for s in (
+            s
+            for s in (
                 f"missing {missing[:5]}" if missing else "",
                 f"unexpected {unexpected[:5]}" if unexpected else "",
                 f"shape mismatch {shapes[:3]}" if shapes else "",
-            ) if s
+            )
+            if s
         )
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit model {name!r}: {detail}")
     model.load_state_dict(state)
@@ -108,8 +118,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except CheckpointError:
         raise
     except _DAMAGE as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: cannot rebuild {blob['model']!r} from it "
-                              f"({type(err).__name__}: {str(err)[:200]})") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: cannot rebuild {blob['model']!r} from it ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
 
@@ -120,7 +131,9 @@ def load_user_weights(path: str | Path, name: str, num_classes: int) -> nn.Modul
     blob = _read(path)
     if isinstance(blob, dict) and blob.get("schema_version") == CKPT_SCHEMA:
         if blob.get("model") != name or blob.get("num_classes") != num_classes:
-            raise CheckpointError(f"checkpoint {str(path)!r} holds {blob.get('model')!r} with {blob.get('num_classes')} classes, but params ask for {name!r} with {num_classes}")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds {blob.get('model')!r} with {blob.get('num_classes')} classes, but params ask for {name!r} with {num_classes}"
+            )
         if blob.get("scheme"):
             raise CheckpointError(f"checkpoint {str(path)!r} is an already pruned model; model.checkpoint takes an unpruned one")
         state = blob["state_dict"]
@@ -165,9 +178,14 @@ def load_resume(path: str | Path) -> dict[str, Any] | None:
         return None
     blob = _read(path)
     keys = {"epoch", "model", "loss_fn", "optimizer", "scheduler", "history", "rng"}
-    if (not isinstance(blob, dict) or blob.get("schema_version") != RESUME_SCHEMA or not keys <= blob.keys()
-            or not isinstance(blob["epoch"], int) or not isinstance(blob["history"], list) or blob["epoch"] != len(blob["history"])):
-        raise CheckpointError(f"resume checkpoint {str(path)!r} is damaged or from another version; "
-                              f"delete it to start the stage over")
+    if (
+        not isinstance(blob, dict)
+        or blob.get("schema_version") != RESUME_SCHEMA
+        or not keys <= blob.keys()
+        or not isinstance(blob["epoch"], int)
+        or not isinstance(blob["history"], list)
+        or blob["epoch"] != len(blob["history"])
+    ):
+        raise CheckpointError(f"resume checkpoint {str(path)!r} is damaged or from another version; delete it to start the stage over")
     _verify(blob["model"], blob.get("digest"), path)
     return blob

@@ -1,15 +1,17 @@
 """Pieces the stage modules share: loaders from the prepared data, per-epoch logging, history files."""
+
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mlflow
 import torch
 
-from pruning.train import ResumeError, TrainConfig, evaluate, fit
+from pruning.train import ResumeError, evaluate
 from tasks import paths
 from tasks.checkpoints import CheckpointError, load_resume, resume_path, save_resume
 from tasks.config import Params
@@ -40,18 +42,20 @@ def log_epoch(prefix: str):
     return on_epoch
 
 
-def fit_resumable(stage: str, params: Params, sections: Sequence[str], inputs: Sequence[Path], model: torch.nn.Module,
-                  train_loader, config: TrainConfig, device, **fit_kwargs) -> tuple[list[dict[str, float]], int, Callable[[], None]]:
-    """`fit` checkpointed after every epoch to .emoprune/checkpoints/STAGE_<hash of sections and inputs>.pt,
-    resuming from that file when it exists. Returns (history, epochs restored, a callback that removes the
-    checkpoint: call it once the stage's outputs are written)."""
+def fit_resumable(
+    stage: str, params: Params, sections: Sequence[str], inputs: Sequence[Path], train: Callable[..., list[dict[str, float]]], epochs: int
+) -> tuple[list[dict[str, float]], int, Callable[[], None]]:
+    """`train(resume=..., on_checkpoint=...)` (a call of `fit` or a function around it) checkpointed after every
+    epoch to .emoprune/checkpoints/STAGE_<hash of sections and inputs>.pt, resuming from that file when it
+    exists. Returns (history, epochs restored, a callback that removes the checkpoint: call it once the
+    stage's outputs are written)."""
     ckpt = resume_path(stage, params, sections, inputs)
     state = load_resume(ckpt)
     resumed = state["epoch"] if state else 0
     if state:
-        print(f"{stage}: resuming after epoch {resumed} of {config.epochs} from {ckpt}", flush=True)
+        print(f"{stage}: resuming after epoch {resumed} of {epochs} from {ckpt}", flush=True)
     try:
-        history = fit(model, train_loader, config, device, resume=state, on_checkpoint=lambda s: save_resume(s, ckpt), **fit_kwargs)
+        history = train(resume=state, on_checkpoint=lambda s: save_resume(s, ckpt))
     except ResumeError as err:
         raise CheckpointError(f"resume checkpoint {str(ckpt)!r}: {err}; delete it to start the stage over") from None
     return history, resumed, lambda: ckpt.unlink(missing_ok=True)

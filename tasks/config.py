@@ -1,16 +1,20 @@
 """params.yaml as typed, validated settings: one section per stage, checked once at load."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from pruning.emodir import ConstrainSettings, FinetuneSettings, RankSettings, SearchSettings, SelectorSettings
 from pruning.methods import METHOD_NAMES
 from pruning.models import build_model
 
 SCHEMA_VERSION = 1
+# EMO-DIR's defaults live in pruning/emodir.py (the Python API uses the same); the sections below take them
+SELECTORS, SEARCH, CONSTRAIN, RANK, FINETUNE = SelectorSettings(), SearchSettings(), ConstrainSettings(), RankSettings(), FinetuneSettings()
 
 
 class ConfigError(ValueError):
@@ -68,10 +72,14 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(30, ge=0)
+    """Pretraining; FinetuneParams takes the same keys with its own defaults."""
+
+    epochs: int = Field(25, ge=0)
     lr: float = Field(0.1, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
+    precision: Literal["bf16", "fp32"] = Field(FINETUNE.precision, description="bf16: bfloat16 autocast (fp32 weights)")
+    channels_last: bool = FINETUNE.channels_last
 
 
 class DivideParams(_Section):
@@ -81,31 +89,35 @@ class DivideParams(_Section):
 
 
 class SelectorParams(_Section):
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(SELECTORS.epochs, ge=1)
+    lr: float = Field(SELECTORS.lr, gt=0.0, le=1.0)
+    batch_size: int = Field(SELECTORS.batch_size, ge=1)
 
 
 class SearchParams(_Section):
-    pop_size: int = Field(16, ge=4)
-    generations: int = Field(8, ge=1)
-    levels: int = Field(10, ge=2, le=100, description="keep-ratio levels per channel group")
-    encoding: Literal["levels", "binary"] = "levels"
-    error: Literal["ce", "acc"] = "ce"
-    calib_samples: int = Field(256, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
+    pop_size: int = Field(SEARCH.pop_size, ge=4)
+    generations: int = Field(SEARCH.generations, ge=1)
+    levels: int = Field(SEARCH.levels, ge=2, le=100, description="keep-ratio levels per channel group")
+    encoding: Literal["levels", "binary"] = SEARCH.encoding
+    error: Literal["ce", "acc"] = SEARCH.error
+    calib_samples: int = Field(SEARCH.calib_samples, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
 
 
 class ConstrainParams(_Section):
-    candidates: int = Field(6, ge=0, description="front members trained per sub-network, spread along the front; 0 = all")
-    epochs: int = Field(3, ge=0)
-    lr: float = Field(0.01, gt=0.0, le=10.0)
-    lam: float = Field(1.0, ge=0.0, description="weight of the selector cross-entropy against the feature loss")
-    batch_size: int = Field(128, ge=1)
+    candidates: int = Field(
+        CONSTRAIN.candidates, ge=0, description="front members trained per sub-network, spread along the front; 0 = all"
+    )
+    epochs: int = Field(CONSTRAIN.epochs, ge=0)
+    lr: float = Field(CONSTRAIN.lr, gt=0.0, le=10.0)
+    lam: float = Field(CONSTRAIN.lam, ge=0.0, description="weight of the selector cross-entropy against the feature loss")
+    batch_size: int = Field(CONSTRAIN.batch_size, ge=1)
 
 
 class RankParams(_Section):
-    top_t: int = Field(10, ge=1, description="best knapsack combinations verified jointly")
-    max_overshoot: float = Field(0.02, ge=0.0, le=1.0, description="schemes removing more than target + this are passed over when others exist")
+    top_t: int = Field(RANK.top_t, ge=1, description="best knapsack combinations verified jointly")
+    max_overshoot: float = Field(
+        RANK.max_overshoot, ge=0.0, le=1.0, description="schemes removing more than target + this are passed over when others exist"
+    )
 
 
 class PruneParams(_Section):
@@ -123,11 +135,13 @@ class PruneParams(_Section):
 
 
 class FinetuneParams(TrainParams):
-    epochs: int = Field(15, ge=0)
-    lr: float = Field(0.01, gt=0.0, le=10.0)
-    kd: Literal["none", "kd", "dynamickd"] = "kd"
-    kd_temperature: float = Field(4.0, gt=0.0, le=100.0)
-    kd_alpha: float = Field(0.9, ge=0.0, le=1.0)
+    epochs: int = Field(FINETUNE.epochs, ge=0)
+    lr: float = Field(FINETUNE.lr, gt=0.0, le=10.0)
+    momentum: float = Field(FINETUNE.momentum, ge=0.0, lt=1.0)
+    weight_decay: float = Field(FINETUNE.weight_decay, ge=0.0, lt=1.0)
+    kd: Literal["none", "kd", "dynamickd"] = FINETUNE.kd
+    kd_temperature: float = Field(FINETUNE.kd_temperature, gt=0.0, le=100.0)
+    kd_alpha: float = Field(FINETUNE.kd_alpha, ge=0.0, le=1.0)
 
 
 class ExportParams(_Section):
@@ -145,6 +159,7 @@ class ExportParams(_Section):
 
 class OrchestrationParams(_Section):
     """How the flows run. Never changes a result, so no DVC stage depends on this section."""
+
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     workers: int = Field(0, ge=0, description="sub-networks searched at once; 0 = one per sub-network")
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler (tcp://host:8786); null = a LocalCluster")
@@ -160,7 +175,9 @@ class OrchestrationParams(_Section):
 
 
 class ResourcesParams(_Section):
-    memory_budget_mb: int = Field(8192, ge=16, description="RAM the feature caches and the search may use; beyond it features stay on disk (memory-mapped)")
+    memory_budget_mb: int = Field(
+        8192, ge=16, description="RAM the feature caches and the search may use; beyond it features stay on disk (memory-mapped)"
+    )
 
 
 class Params(_Section):
@@ -220,7 +237,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.object[err.start:err.start + 1]!r}); allowed: YAML text") from None
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {err.start}: {err.object[err.start : err.start + 1]!r}); allowed: YAML text"
+        ) from None
     except (yaml.YAMLError, RecursionError) as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err)[:500]}") from None
     return parse_params(raw, str(path))

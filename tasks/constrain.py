@@ -1,5 +1,6 @@
 """Stage constrain: train the kept weights of front candidates of each sub-network under cross-network
 feature constraints, k = 1..K in order (sub-network k learns from k-1's trained candidates)."""
+
 from __future__ import annotations
 
 import time
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 
 from pruning.channels import count_flops_params, pruned_copy
-from pruning.constrain import train_front
+from pruning.emodir import ConstrainSettings, constrain_subnetwork
 from pruning.search import spread_indices
-from pruning.train import resolve_device, seed_everything
+from pruning.train import resolve_device
 from tasks import paths
 from tasks.common import log_metrics_flat
 from tasks.config import Params
@@ -49,35 +50,54 @@ def run(params: Params) -> dict:
         ytr = load_labels("train")
         index: dict = {"method": method, "subnetworks": []}
         previous: list[nn.Module] = []
+        train_features = [load_feature("train", k) for k in range(division.k + 1)]  # memory-mapped: read as used
         for sub in division.subnetworks:
             k = sub.index
-            seed_everything(params.seed + k)
             front = read_json(paths.SEARCH / f"front_s{k}.json")
             chosen = [front["members"][i] for i in spread_indices([m["cost"] for m in front["members"]], c.candidates)]
-            x_in = load_feature("train", k - 1)
-            x_out = load_feature("train", k)
-            x_prev = load_feature("train", k - 2) if k > 1 else None
-            # X~_{k-1}: the original S_{k-1} or one of its trained pruned candidates, drawn per batch
-            preds = [division.subnetworks[k - 2].module, *previous] if k > 1 else []
             selector = load_selector(division, k)
             rows = []
 
-            def keep(j: int, module: nn.Module, losses: dict[str, float]) -> None:
+            def keep(j: int, module: nn.Module, losses: dict[str, float], k: int = k, chosen: list = chosen, rows: list = rows) -> None:
                 member = chosen[j]
                 flops, n_params = count_flops_params(module, division.example(k))
-                atomic_torch_save({"scheme": member["scheme"], "genes": member["genes"], "flops": flops, "params": n_params,
-                                   "search_error": member["error"], "losses": losses,
-                                   "state_dict": {n: t.detach().cpu() for n, t in module.state_dict().items()}}, candidate_path(k, j))
-                rows.append({"candidate": j, "flops": flops, "params": n_params, "cost": member["cost"],
-                             "search_error": member["error"], **losses})
-                mlflow.log_metrics({f"constrain.s{k}.feature_mse": losses["feature_mse"],
-                                    f"constrain.s{k}.selector_ce": losses["selector_ce"]}, step=j)
-                print(f"constrain s{k}: candidate {j + 1}/{len(chosen)}  flops={flops:,}  mse={losses['feature_mse']:.4f}  "
-                      f"ce={losses['selector_ce']:.4f}", flush=True)
+                atomic_torch_save(
+                    {
+                        "scheme": member["scheme"],
+                        "genes": member["genes"],
+                        "flops": flops,
+                        "params": n_params,
+                        "search_error": member["error"],
+                        "losses": losses,
+                        "state_dict": {n: t.detach().cpu() for n, t in module.state_dict().items()},
+                    },
+                    candidate_path(k, j),
+                )
+                rows.append(
+                    {"candidate": j, "flops": flops, "params": n_params, "cost": member["cost"], "search_error": member["error"], **losses}
+                )
+                mlflow.log_metrics(
+                    {f"constrain.s{k}.feature_mse": losses["feature_mse"], f"constrain.s{k}.selector_ce": losses["selector_ce"]}, step=j
+                )
+                print(
+                    f"constrain s{k}: candidate {j + 1}/{len(chosen)}  flops={flops:,}  mse={losses['feature_mse']:.4f}  "
+                    f"ce={losses['selector_ce']:.4f}",
+                    flush=True,
+                )
 
-            trained = train_front(sub.module, division.example(k), [m["scheme"] for m in chosen], x_in, x_out, ytr, selector,
-                                  predecessors=preds, predecessor_inputs=x_prev, lam=c.lam, epochs=c.epochs, lr=c.lr,
-                                  batch_size=c.batch_size, seed=params.seed + 100 * k, device=device, on_trained=keep)
+            trained = constrain_subnetwork(
+                sub,
+                division.subnetworks,
+                [m["scheme"] for m in chosen],
+                train_features,
+                ytr,
+                selector,
+                previous,
+                ConstrainSettings(**c.model_dump()),
+                seed=params.seed,
+                device=device,
+                on_trained=keep,
+            )
             index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows})
             previous = trained
         index["seconds"] = time.perf_counter() - start

@@ -1,4 +1,5 @@
 """Data sources (digits, CIFAR-10/100, any ImageFolder), the fixed-seed splits, and the loaders every stage uses."""
+
 from __future__ import annotations
 
 import hashlib
@@ -66,7 +67,12 @@ def _cifar(p: DataParams) -> dict[str, Any]:
     def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         if x.shape[-1] != p.image_size:
-            x = F.interpolate(x.float(), size=(p.image_size, p.image_size), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+            x = (
+                F.interpolate(x.float(), size=(p.image_size, p.image_size), mode="bilinear", antialias=True)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         return x, torch.as_tensor(ds.targets, dtype=torch.long)
 
     return {"classes": list(train.classes), "train": arrays(train), "test": arrays(test)}
@@ -79,7 +85,9 @@ def _imagefolder_dirs(p: DataParams) -> tuple[Path, Path]:
     train = root / "train"
     test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not train.is_dir() or test is None:
-        raise DataError(f"data.root={p.root!r} must hold train/ and val/ or test/ class folders (found: {sorted(x.name for x in root.iterdir()) if root.is_dir() else 'no such folder'})")
+        raise DataError(
+            f"data.root={p.root!r} must hold train/ and val/ or test/ class folders (found: {sorted(x.name for x in root.iterdir()) if root.is_dir() else 'no such folder'})"
+        )
     return train, test
 
 
@@ -254,8 +262,9 @@ class TensorBatches:
     augmentation draw from `generator`, which training checkpoints save and restore.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any], batch_size: int,
-                 train: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any], batch_size: int, train: bool = False, seed: int = 0
+    ) -> None:
         kind = meta["augment"] if train else "none"
         if kind not in ("none", "crop", "crop-flip"):
             raise ValueError(f"TensorBatches augments with none, crop or crop-flip, not {kind!r}")
@@ -289,7 +298,7 @@ class TensorBatches:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
+            idx = order[i : i + self.batch_size]
             x = self.images[idx]
             if self.train:
                 x = self._augment(x)
@@ -311,8 +320,14 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int = 
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=g,
-        drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=g,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
     )
 
 

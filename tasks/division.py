@@ -1,5 +1,6 @@
 """The base model divided into sub-networks, the boundary features cached on disk (held in memory when the
 whole cache fits `resources.memory_budget_mb`, memory-mapped otherwise), and the memory estimates behind that."""
+
 from __future__ import annotations
 
 import math
@@ -93,9 +94,14 @@ def memory_plan(params: Params, division: Division) -> MemoryPlan:
         each, searches = 2 * model + 2 * SCORER_BATCH * 4 * (sizes[0] + max(sizes)), 1
     else:  # one-shot baselines do not search
         each, searches = 0, 0
-    return MemoryPlan(budget=params.resources.memory_budget_mb * MB,
-                      features=(params.divide.cache_train + params.divide.cache_val) * per_sample,
-                      per_sample=per_sample, caching=caching, search=each * searches, searches=searches)
+    return MemoryPlan(
+        budget=params.resources.memory_budget_mb * MB,
+        features=(params.divide.cache_train + params.divide.cache_val) * per_sample,
+        per_sample=per_sample,
+        caching=caching,
+        search=each * searches,
+        searches=searches,
+    )
 
 
 def feature_path(split: str, k: int) -> Path:

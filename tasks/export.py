@@ -1,4 +1,5 @@
 """Stage export: ONNX files of the pruned and the unpruned model, checked, compared with PyTorch and timed."""
+
 from __future__ import annotations
 
 import mlflow

@@ -1,15 +1,16 @@
 """Stage outputs written atomically (a temporary file renamed into place), so a killed stage never leaves a file that looks complete."""
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,4 +1,5 @@
 """Where each stage reads and writes, relative to the project root (the folder holding dvc.yaml)."""
+
 from pathlib import Path
 
 # The pipeline's stages in dvc.yaml order: the CLI's choices, the flows' dispatch and preflight all come from here.
@@ -23,6 +24,7 @@ def metrics_file(stage: str) -> Path:
 
 def history_file(stage: str) -> Path:
     return PLOTS / f"{stage}_history.csv"
+
 
 FEATURES = Path("artifacts/features")
 SELECTORS = Path("models/selectors.pt")

@@ -1,6 +1,7 @@
 """Checks run before any heavy work by `emoprune stage`, `emoprune run` and `emoprune check`: every input the
 stages will need is there, readable and consistent with params.yaml, so a bad value fails in seconds, named
 as `key = value: what is allowed`, instead of deep inside a stage. Nothing here trains or writes an output."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ import math
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import urlparse
 
 import torch
@@ -27,9 +28,15 @@ DATA_STAGES = {"pretrain", "selectors", "rank", "finetune", "export"}  # these r
 # the stages reading artifacts/features, by method (models/selectors.pt: emo-dir only); the one-shot baselines read neither
 FEATURE_STAGES = {"emo-dir": {"search", "constrain", "rank"}, "whole-emo": {"search"}}
 # model files a stage reads, and the stage that writes them: checked only when that stage is not part of this run
-READS = {"selectors": [paths.BASE], "search": [paths.BASE, paths.SELECTORS], "constrain": [paths.BASE, paths.SELECTORS],
-         "rank": [paths.BASE], "finetune": [paths.BASE, paths.PRUNED_INIT], "export": [paths.BASE, paths.PRUNED],
-         "report": [paths.PRUNED]}
+READS = {
+    "selectors": [paths.BASE],
+    "search": [paths.BASE, paths.SELECTORS],
+    "constrain": [paths.BASE, paths.SELECTORS],
+    "rank": [paths.BASE],
+    "finetune": [paths.BASE, paths.PRUNED_INIT],
+    "export": [paths.BASE, paths.PRUNED],
+    "report": [paths.PRUNED],
+}
 WRITER = {paths.BASE: "pretrain", paths.SELECTORS: "selectors", paths.PRUNED_INIT: "rank", paths.PRUNED: "finetune"}
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 TIMEOUT_S = 3.0
@@ -88,14 +95,17 @@ def _device(r: _Report, device: str) -> None:
 
 
 def _tracking(r: _Report, uri: str, root: Path) -> None:
-    key, allowed = "tracking.uri", "allowed: sqlite:///path/to/mlflow.db in a writable folder, a local folder, or a reachable http(s):// server"
+    key, allowed = (
+        "tracking.uri",
+        "allowed: sqlite:///path/to/mlflow.db in a writable folder, a local folder, or a reachable http(s):// server",
+    )
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower().split("+")[0]
     if scheme == "sqlite":
         if not uri.startswith("sqlite:///") or uri == "sqlite:///":
             r.fail(key, uri, f"an SQLite URI names a file: sqlite:///relative.db or sqlite:////absolute.db; {allowed}")
             return
-        _writable(r, key, uri, _under(root, uri[len("sqlite:///"):]), allowed, folder=False)
+        _writable(r, key, uri, _under(root, uri[len("sqlite:///") :]), allowed, folder=False)
     elif scheme in ("", "file"):
         _writable(r, key, uri, _under(root, parsed.path if scheme == "file" else uri), allowed, folder=True)
     elif scheme in DEFAULT_PORTS:
@@ -152,13 +162,21 @@ def _data_root(r: _Report, params: Params, root: Path) -> None:
         folder = path / cls.base_folder
         if not folder.is_dir():
             if not p.download:
-                r.fail("data.root", p.root, f"holds no {cls.base_folder}/ folder; allowed: a folder holding torchvision's "
-                                            f"{p.source} copy, or data.download: true to fetch it")
+                r.fail(
+                    "data.root",
+                    p.root,
+                    f"holds no {cls.base_folder}/ folder; allowed: a folder holding torchvision's "
+                    f"{p.source} copy, or data.download: true to fetch it",
+                )
             return
         bad = [name for name, md5 in (*cls.train_list, *cls.test_list) if not check_integrity(str(folder / name), md5)]
         if bad:
-            r.fail("data.root", p.root, f"{cls.base_folder}/{', '.join(bad)} missing or corrupted (checksum mismatch); "
-                                        f"allowed: an intact copy (delete the folder and set data.download: true to fetch it again)")
+            r.fail(
+                "data.root",
+                p.root,
+                f"{cls.base_folder}/{', '.join(bad)} missing or corrupted (checksum mismatch); "
+                f"allowed: an intact copy (delete the folder and set data.download: true to fetch it again)",
+            )
         return
     _image_folder(r, p.root, path)
 
@@ -211,7 +229,9 @@ def _prepared(r: _Report, root: Path) -> None:
         try:
             torch.load(prepared / f"{split}.pt", mmap=True, weights_only=True)
         except Exception as err:  # torch raises many types for a damaged file
-            r.problems.append(f"{paths.PREPARED / f'{split}.pt'} is missing or damaged ({type(err).__name__}); rerun `emoprune stage prepare`")
+            r.problems.append(
+                f"{paths.PREPARED / f'{split}.pt'} is missing or damaged ({type(err).__name__}); rerun `emoprune stage prepare`"
+            )
 
 
 def _inputs(r: _Report, params: Params, stages: set[str], root: Path) -> None:
@@ -284,8 +304,12 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
         with torch.no_grad():
             model(x)
     except RuntimeError as err:
-        r.fail("data.image_size", s, f"model.name = {name!r} cannot run on {s}x{s} images ({str(err).splitlines()[0][:200]}); "
-                                     f"allowed: a size its downsampling accepts, e.g. 32 for the CIFAR models, 224 for torchvision's")
+        r.fail(
+            "data.image_size",
+            s,
+            f"model.name = {name!r} cannot run on {s}x{s} images ({str(err).splitlines()[0][:200]}); "
+            f"allowed: a size its downsampling accepts, e.g. 32 for the CIFAR models, 224 for torchvision's",
+        )
         return
     try:
         blocks(model)
@@ -299,19 +323,27 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
         return
     reach, what = _reach(params, nc, model, x, subs, head, root)
     if params.prune.target > reach:
-        r.fail("prune.target", params.prune.target,
-               f"out of reach: {what} removes at most {reach:.4f} of the {params.prune.metric}; allowed: a target up to {reach:.4f}")
+        r.fail(
+            "prune.target",
+            params.prune.target,
+            f"out of reach: {what} removes at most {reach:.4f} of the {params.prune.metric}; allowed: a target up to {reach:.4f}",
+        )
     plan = memory_plan(params, Division(model, {}, subs, head))
     budget = params.resources.memory_budget_mb
     if plan.floor > plan.budget:
         need = math.ceil(plan.floor / MB)
-        r.fail("resources.memory_budget_mb", budget,
-               f"this run needs about {need:,} MB at once even with the feature cache on disk (caching one data batch: "
-               f"{plan.caching / MB:,.0f} MB; {plan.searches} searches at once: {plan.search / MB:,.0f} MB); allowed: at least "
-               f"{need:,}, or fewer searches at once (orchestration.workers) or a smaller data.batch_size")
+        r.fail(
+            "resources.memory_budget_mb",
+            budget,
+            f"this run needs about {need:,} MB at once even with the feature cache on disk (caching one data batch: "
+            f"{plan.caching / MB:,.0f} MB; {plan.searches} searches at once: {plan.search / MB:,.0f} MB); allowed: at least "
+            f"{need:,}, or fewer searches at once (orchestration.workers) or a smaller data.batch_size",
+        )
     elif not plan.in_memory:
-        r.notes.append(f"the feature cache (about {plan.features / MB:,.0f} MB) does not fit resources.memory_budget_mb = "
-                       f"{budget:,} beside the work ({plan.floor / MB:,.0f} MB): it stays on disk, memory-mapped")
+        r.notes.append(
+            f"the feature cache (about {plan.features / MB:,.0f} MB) does not fit resources.memory_budget_mb = "
+            f"{budget:,} beside the work ({plan.floor / MB:,.0f} MB): it stays on disk, memory-mapped"
+        )
 
 
 def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, head, root: Path) -> tuple[float, str]:
@@ -320,8 +352,11 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
     import pruning
 
     p, s = params.prune, params.search
-    key = hashlib.sha256(json.dumps([params.model.name, nc, params.data.image_size, p.method, p.metric, p.round_to,
-                                     params.divide.k, s.levels, s.encoding]).encode())
+    key = hashlib.sha256(
+        json.dumps(
+            [params.model.name, nc, params.data.image_size, p.method, p.metric, p.round_to, params.divide.k, s.levels, s.encoding]
+        ).encode()
+    )
     for f in ("channels.py", "divide.py", "search.py", "methods.py"):
         key.update((Path(pruning.__file__).parent / f).read_bytes())
     cache = root / ".emoprune" / "preflight" / f"reach_{key.hexdigest()[:16]}.json"
@@ -353,8 +388,10 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
 
     if p.method == "emo-dir":
         small = assemble([dataclasses.replace(sub, module=smallest(sub.module, torch.zeros(1, *sub.in_shape))) for sub in subs], head)
-        what = (f"the emo-dir search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
-                f"keep level, boundary channels kept)")
+        what = (
+            f"the emo-dir search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
+            f"keep level, boundary channels kept)"
+        )
     elif p.method == "whole-emo":
         small, what = smallest(model, x), "the whole-emo search space (every channel group at its lowest keep level)"
     else:

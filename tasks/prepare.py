@@ -1,4 +1,5 @@
 """Stage prepare: read the data source, carve the fixed-seed val split, write data/prepared/."""
+
 from __future__ import annotations
 
 import mlflow

@@ -2,15 +2,17 @@
 
 Training checkpoints after every epoch under .emoprune/checkpoints/; a rerun after a kill resumes there and
 ends with the same model as an uninterrupted run. The checkpoint is removed once the outputs are written."""
+
 from __future__ import annotations
 
+import functools
 import time
 
 import mlflow
 
 from pruning.channels import count_flops_params
 from pruning.models import build_model
-from pruning.train import TrainConfig, resolve_device, seed_everything
+from pruning.train import TrainConfig, fit, resolve_device, seed_everything
 from tasks import paths
 from tasks.checkpoints import load_user_weights, save_model
 from tasks.common import Data, accuracy, fit_resumable, log_epoch, log_metrics_flat, write_history
@@ -33,10 +35,19 @@ def run(params: Params) -> dict:
         else:
             model = build_model(params.model.name, nc)
             cfg = TrainConfig(**params.pretrain.model_dump())
+            train = functools.partial(
+                fit,
+                model,
+                data.loader("train", train=True),
+                cfg,
+                device,
+                val_loader=data.loader("val"),
+                on_epoch=log_epoch("pretrain"),
+                description="pretrain",
+            )
             history, resumed, done = fit_resumable(
-                "pretrain", params, ("seed", "device", "data", "model", "pretrain"), [paths.PREPARED / "meta.json"],
-                model, data.loader("train", train=True), cfg, device, val_loader=data.loader("val"),
-                on_epoch=log_epoch("pretrain"), description="pretrain")
+                "pretrain", params, ("seed", "device", "data", "model", "pretrain"), [paths.PREPARED / "meta.json"], train, cfg.epochs
+            )
         model.to(device)
         flops, n_params = count_flops_params(model.cpu(), data.example)
         model.to(device)

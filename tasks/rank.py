@@ -3,6 +3,7 @@
 emo-dir: global performance impairment ranking over the trained sub-network candidates (exact
 multiple-choice knapsack, top-T verified jointly); whole-emo: the most accurate member of its whole-network
 front that meets the target; one-shot baselines (uniform, global-magnitude, random): the method itself."""
+
 from __future__ import annotations
 
 import time
@@ -28,7 +29,9 @@ from tasks.tracking import stage_run
 SCHEME_SCHEMA = 2
 
 
-def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, write_tables: bool = True) -> tuple[torch.nn.Module, dict, dict]:
+def rank_emo_dir(
+    params: Params, division: Division, example: torch.Tensor, write_tables: bool = True
+) -> tuple[torch.nn.Module, dict, dict]:
     device = resolve_device(params.device)
     metric = params.prune.metric
     index = read_json(paths.CANDIDATES / "index.json")
@@ -39,28 +42,45 @@ def rank_emo_dir(params: Params, division: Division, example: torch.Tensor, writ
     feats, labels = load_features("val", division.k)
     base_costs = [getattr(s, metric) for s in division.subnetworks]
     total = cost_of(count_flops_params(division.model, example), metric)
-    pruned, full_scheme, info = gpir_rank(division.model, example, division.subnetworks, division.head, cands, base_costs, total,
-                                          params.prune.target, top_t=params.rank.top_t, max_overshoot=params.rank.max_overshoot,
-                                          features=feats, labels=labels, device=device)
+    pruned, full_scheme, info = gpir_rank(
+        division.model,
+        example,
+        division.subnetworks,
+        division.head,
+        cands,
+        base_costs,
+        total,
+        params.prune.target,
+        top_t=params.rank.top_t,
+        max_overshoot=params.rank.max_overshoot,
+        features=feats,
+        labels=labels,
+        device=device,
+    )
     table, front = info.pop("table"), info.pop("joint_front")
     if write_tables:
         base_acc = info["val_cache_acc_base"]
         atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "table": table}, paths.GPIR_TABLE)
-        atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc,
-                     "chosen": [c["row"] for c in info["choice"]], "front": front}, paths.JOINT_FRONT)
+        atomic_json(
+            {"metric": metric, "base_cost": total, "base_acc": base_acc, "chosen": [c["row"] for c in info["choice"]], "front": front},
+            paths.JOINT_FRONT,
+        )
     return pruned, full_scheme, info
 
 
 def rank_whole_emo(params: Params, division: Division, example: torch.Tensor) -> tuple[torch.nn.Module, dict, dict]:
     members = read_json(paths.SEARCH / "front_whole.json")["members"]
     # as for emo-dir: near the target when the front allows it, not a much smaller model that ties on error
-    best = members[choose_for_target([m["cost"] for m in members], [m["error"] for m in members],
-                                     params.prune.target, params.rank.max_overshoot)]
+    best = members[
+        choose_for_target([m["cost"] for m in members], [m["error"] for m in members], params.prune.target, params.rank.max_overshoot)
+    ]
     scheme = best["scheme"]
     return pruned_copy(division.model, example, scheme), scheme, {"search_error": best["error"], "genes": best["genes"]}
 
 
-def choose(params: Params, example: torch.Tensor, write_tables: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, dict, KeepScheme, dict]:
+def choose(
+    params: Params, example: torch.Tensor, write_tables: bool = True
+) -> tuple[torch.nn.Module, torch.nn.Module, dict, KeepScheme, dict]:
     """(base model, its metadata, pruned model, keep-scheme, method info) for `prune.method` at `prune.target`."""
     p = params.prune
     if p.method in METHODS:
@@ -80,12 +100,16 @@ def scheme_document(params: Params, base, base_meta: dict, pruned, scheme: KeepS
     flops, n_params = count_flops_params(pruned, example)
     kept = {name: len(idx) for name, idx in scheme.items()}
     return {
-        "schema_version": SCHEME_SCHEMA, "model": base_meta["model"], "method": params.prune.method,
+        "schema_version": SCHEME_SCHEMA,
+        "model": base_meta["model"],
+        "method": params.prune.method,
         "target": {"reduction": params.prune.target, "metric": params.prune.metric},
         "flops": {"base": base_flops, "pruned": flops, "reduction": 1 - flops / base_flops},
         "params": {"base": base_params, "pruned": n_params, "reduction": 1 - n_params / base_params},
-        "groups": [{"name": g.name, "channels": g.channels, "kept": kept.get(g.name, g.channels), "layers": list(g.layers)}
-                   for g in channel_groups(base, example)],
+        "groups": [
+            {"name": g.name, "channels": g.channels, "kept": kept.get(g.name, g.channels), "layers": list(g.layers)}
+            for g in channel_groups(base, example)
+        ],
         "keep": scheme,
         "info": info,
     }
@@ -104,16 +128,27 @@ def run(params: Params) -> dict:
         seconds = time.perf_counter() - start
         doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
         out = {
-            "method": p.method, "target": p.target, "metric": p.metric,
-            "base_flops": doc["flops"]["base"], "base_params": doc["params"]["base"],
-            "flops": doc["flops"]["pruned"], "params": doc["params"]["pruned"],
-            "flops_reduction": doc["flops"]["reduction"], "params_reduction": doc["params"]["reduction"],
+            "method": p.method,
+            "target": p.target,
+            "metric": p.metric,
+            "base_flops": doc["flops"]["base"],
+            "base_params": doc["params"]["base"],
+            "flops": doc["flops"]["pruned"],
+            "params": doc["params"]["pruned"],
+            "flops_reduction": doc["flops"]["reduction"],
+            "params_reduction": doc["params"]["reduction"],
             "val_acc_before_finetune": accuracy(pruned.to(device), data.loader("val"), device),
             "test_acc_before_finetune": accuracy(pruned, data.loader("test"), device),  # reported only, never used to choose
             "rank_seconds": seconds,
         }
-        save_model(pruned.cpu(), paths.PRUNED_INIT, name=base_meta["model"], num_classes=base_meta["num_classes"],
-                   image_size=base_meta["image_size"], scheme=scheme)
+        save_model(
+            pruned.cpu(),
+            paths.PRUNED_INIT,
+            name=base_meta["model"],
+            num_classes=base_meta["num_classes"],
+            image_size=base_meta["image_size"],
+            scheme=scheme,
+        )
         atomic_json(doc, paths.SCHEME)
         log_metrics_flat(out, "rank.")
         mlflow.log_artifact(str(paths.SCHEME))
@@ -126,14 +161,22 @@ def scheme_for_target(params: Params, target: float) -> tuple[dict, Path, Path]:
     artifacts/schemes/target-<t>.json and models/pruned_init-target-<t>.pt; the pipeline's outputs stay as they are."""
     params = params.model_copy(update={"prune": params.prune.model_copy(update={"target": target})})
     if params.prune.method not in ("emo-dir", "whole-emo"):
-        raise ValueError(f"prune.method={params.prune.method!r} keeps no front to rank again; allowed: emo-dir, whole-emo "
-                         f"(for one-shot baselines, rerun the rank stage with another prune.target)")
+        raise ValueError(
+            f"prune.method={params.prune.method!r} keeps no front to rank again; allowed: emo-dir, whole-emo "
+            f"(for one-shot baselines, rerun the rank stage with another prune.target)"
+        )
     data = Data(params)
     base, base_meta, pruned, scheme, info = choose(params, data.example, write_tables=False)
     doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
     tag = f"target-{target:g}"
     doc_path, model_path = paths.SCHEMES / f"{tag}.json", paths.PRUNED_INIT.with_name(f"pruned_init-{tag}.pt")
-    save_model(pruned.cpu(), model_path, name=base_meta["model"], num_classes=base_meta["num_classes"],
-               image_size=base_meta["image_size"], scheme=scheme)
+    save_model(
+        pruned.cpu(),
+        model_path,
+        name=base_meta["model"],
+        num_classes=base_meta["num_classes"],
+        image_size=base_meta["image_size"],
+        scheme=scheme,
+    )
     atomic_json(doc, doc_path)
     return doc, doc_path, model_path

@@ -1,4 +1,5 @@
 """Stage report: gather every stage's metrics into metrics/summary.json, plot the channels kept, register the model."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -45,8 +46,11 @@ def write_accuracy_vs_flops(summary: dict, path) -> None:
     """Two points, the base and the pruned model: `dvc plots diff` over experiments overlays them into
     one accuracy-vs-FLOPs chart of every method and target tried."""
     label = f"{summary['method']}@{summary['target']['reduction']:g}"
-    rows = [("model", "flops", "test_acc"), ("base", summary["base"]["flops"], summary["base"]["test_acc"]),
-            (label, summary["pruned"]["flops"], summary["pruned"]["test_acc"])]
+    rows = [
+        ("model", "flops", "test_acc"),
+        ("base", summary["base"]["flops"], summary["base"]["test_acc"]),
+        (label, summary["pruned"]["flops"], summary["pruned"]["test_acc"]),
+    ]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(",".join(str(v) for v in row) + "\n" for row in rows))
 
@@ -125,8 +129,13 @@ def register(params: Params, summary: dict) -> dict:
     model, meta = load_model(paths.PRUNED)
     size = meta["image_size"]
     example = torch.zeros(1, 3, size, size)
-    info = mlflow.pytorch.log_model(model, name="pruned_model", input_example=example.numpy(), pip_requirements=[],
-                                    registered_model_name=params.tracking.registered_model)
+    info = mlflow.pytorch.log_model(
+        model,
+        name="pruned_model",
+        input_example=example.numpy(),
+        pip_requirements=[],
+        registered_model_name=params.tracking.registered_model,
+    )
     client = MlflowClient()
     name, version = params.tracking.registered_model, info.registered_model_version
     client.set_registered_model_alias(name, "candidate", version)

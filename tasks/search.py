@@ -1,11 +1,12 @@
 """Stage search: NSGA-II per sub-network for `emo-dir` (one task each, mapped by the flow), over the whole
 network for `whole-emo`; one-shot baselines have nothing to search. Fronts go to artifacts/search/."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from mlflow import MlflowClient
@@ -13,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pruning.channels import group_importance
-from pruning.search import ParetoFront, Scorer, SearchSpace, prunable_groups, run_search
+from pruning.emodir import SearchSettings, search_network
+from pruning.search import ParetoFront, prunable_groups
 from pruning.selectors import FeatureSelector
 from pruning.train import resolve_device
 from tasks import paths
@@ -44,14 +46,28 @@ def _fingerprint(params: Params, tag: str) -> str:
     h = hashlib.sha256()
     for f in (paths.BASE, paths.SELECTORS):
         h.update(f.read_bytes() if f.is_file() else b"")
-    h.update(json.dumps([tag, params.seed, params.divide.model_dump(), params.search.model_dump(), params.prune.metric,
-                        params.prune.round_to],
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [tag, params.seed, params.divide.model_dump(), params.search.model_dump(), params.prune.metric, params.prune.round_to],
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:16]
 
 
-def _search(params: Params, tag: str, module: nn.Module, example: torch.Tensor, scorer: Scorer, space: SearchSpace,
-            generations: int, run_id: str | None) -> dict:
+def _search(
+    params: Params,
+    tag: str,
+    module: nn.Module,
+    example: torch.Tensor,
+    selector: nn.Module,
+    train_inputs,
+    val_inputs,
+    val_labels,
+    generations: int,
+    run_id: str | None,
+    device: torch.device,
+) -> dict:
     s = params.search
     ckpt = paths.CHECKPOINTS / f"search_{tag}_{_fingerprint(params, tag)}.pkl"
     state = ckpt.read_bytes() if ckpt.is_file() else None
@@ -73,20 +89,41 @@ def _search(params: Params, tag: str, module: nn.Module, example: torch.Tensor, 
             ts = int(time.time() * 1000)
             from mlflow.entities import Metric
 
-            client.log_batch(run_id, metrics=[Metric(f"search.{tag}.{k}", float(v), ts, gen)
-                                              for k, v in metrics.items() if k != "generation"])
+            client.log_batch(
+                run_id, metrics=[Metric(f"search.{tag}.{k}", float(v), ts, gen) for k, v in metrics.items() if k != "generation"]
+            )
 
     start = time.perf_counter()
     if state is not None:
         print(f"search {tag}: resuming from {ckpt}", flush=True)
-    front = run_search(module, example, scorer, space=space, pop_size=s.pop_size, generations=generations, seed=params.seed,
-                       metric=params.prune.metric, state=state, on_generation=on_generation)
+    front = search_network(
+        module,
+        example,
+        selector,
+        train_inputs,
+        val_inputs,
+        val_labels,
+        SearchSettings(**s.model_dump()),
+        generations=generations,
+        round_to=params.prune.round_to,
+        metric=params.prune.metric,
+        seed=params.seed,
+        device=device,
+        state=state,
+        on_generation=on_generation,
+    )
     seconds = time.perf_counter() - start
     importance = group_importance(module, example)
     doc = front_document(tag, front, importance, seconds)
     atomic_json(doc, paths.SEARCH / f"front_{tag}.json")
-    return {"tag": tag, "evaluations": front.evaluations, "front_size": len(front.members), "seconds": seconds,
-            "hypervolume": front.history[-1]["hypervolume"], "resumed": state is not None}
+    return {
+        "tag": tag,
+        "evaluations": front.evaluations,
+        "front_size": len(front.members),
+        "seconds": seconds,
+        "hypervolume": front.history[-1]["hypervolume"],
+        "resumed": state is not None,
+    }
 
 
 def front_document(tag: str, front: ParetoFront, importance: dict, seconds: float) -> dict:
@@ -102,8 +139,14 @@ def front_document(tag: str, front: ParetoFront, importance: dict, seconds: floa
         "evaluations": front.evaluations,
         "seconds": seconds,
         "members": [
-            {"genes": list(m.genes), "cost": m.cost, "error": m.error, "flops": m.flops, "params": m.params,
-             "scheme": space.decode(m.genes, importance)}
+            {
+                "genes": list(m.genes),
+                "cost": m.cost,
+                "error": m.error,
+                "flops": m.flops,
+                "params": m.params,
+                "scheme": space.decode(m.genes, importance),
+            }
             for m in front.members
         ],
         "history": front.history,
@@ -118,13 +161,12 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     sub = division.subnetworks[k - 1]
     xtr = load_feature("train", k - 1)
     xva, yva = load_feature("val", k - 1), load_labels("val")
-    scorer = Scorer(load_selector(division, k), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
     example = division.example(k)
-    space = SearchSpace(tuple(prunable_groups(sub.module, example)), params.search.levels, params.search.encoding,
-                        params.prune.round_to)
-    if not space.groups:
+    if not prunable_groups(sub.module, example):
         raise ValueError(f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group; use a smaller divide.k")
-    return _search(params, f"s{k}", sub.module, example, scorer, space, params.search.generations, run_id)
+    return _search(
+        params, f"s{k}", sub.module, example, load_selector(division, k), xtr, xva, yva, params.search.generations, run_id, device
+    )
 
 
 def subnetwork_device(device: str, k: int) -> torch.device:
@@ -144,11 +186,9 @@ def search_whole(params: Params, run_id: str | None = None) -> dict:
     model = division.model
     xtr = load_feature("train", 0)
     xva, yva = load_feature("val", 0), load_labels("val")
-    scorer = Scorer(nn.Identity(), xtr[: params.search.calib_samples], xva, yva, error=params.search.error, device=device)
-    example = division.example(1)
-    space = SearchSpace(tuple(prunable_groups(model, example)), params.search.levels, params.search.encoding,
-                        params.prune.round_to)
-    return _search(params, "whole", model, example, scorer, space, params.search.generations * division.k, run_id)
+    return _search(
+        params, "whole", model, division.example(1), nn.Identity(), xtr, xva, yva, params.search.generations * division.k, run_id, device
+    )
 
 
 def sequential(params: Params) -> Mapper:
@@ -174,8 +214,13 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
             results = [search_whole(params, run_id)]
         else:
             results = []
-        out = {"method": method, "searched": bool(results), "seconds": time.perf_counter() - start,
-               "evaluations": int(sum(r["evaluations"] for r in results)), "subnetworks": results}
+        out = {
+            "method": method,
+            "searched": bool(results),
+            "seconds": time.perf_counter() - start,
+            "evaluations": int(sum(r["evaluations"] for r in results)),
+            "subnetworks": results,
+        }
         fresh = {f"front_{r['tag']}.json" for r in results}
         for stale in paths.SEARCH.glob("front_*.json"):  # another method's fronts must not leak into this run's plots;
             if stale.name not in fresh:  # removed only now, so a failed search leaves the last good ones in place
@@ -188,5 +233,11 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("generations"),
-                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("generations"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )

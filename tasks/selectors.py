@@ -1,4 +1,5 @@
 """Stage selectors: divide the base model, cache its boundary features, train one frozen selector per inner boundary."""
+
 from __future__ import annotations
 
 import time
@@ -10,7 +11,8 @@ import numpy as np
 from torch.utils.data import Subset
 
 from pruning.divide import boundary_features
-from pruning.selectors import selector_accuracy, train_selector
+from pruning.emodir import SelectorSettings, train_selectors
+from pruning.selectors import selector_accuracy
 from pruning.train import resolve_device
 from tasks import paths
 from tasks.common import Data, log_metrics_flat
@@ -42,7 +44,7 @@ def _cache(params: Params, division, split: str, n: int, device, plan: MemoryPla
                 a = t.numpy()
                 if len(arrays) <= i:
                     arrays.append(np.lib.format.open_memmap(tmps[i], mode="w+", dtype=a.dtype, shape=(len(idx), *a.shape[1:])))
-                arrays[i][row:row + len(a)] = a
+                arrays[i][row : row + len(a)] = a
             row += len(labels)
         for a in arrays:
             a.flush()
@@ -60,23 +62,49 @@ def run(params: Params) -> dict:
         print(f"selectors: feature cache about {plan.features / MB:,.0f} MB, budget {plan.budget / MB:,.0f} MB: held {where}", flush=True)
         for split, n in (("train", params.divide.cache_train), ("val", params.divide.cache_val)):
             _cache(params, division, split, n, device, plan)
-        atomic_json({"schema_version": 1, "in_memory": plan.in_memory, "feature_mb": plan.features / MB,
-                     "budget_mb": params.resources.memory_budget_mb}, FEATURE_INDEX)
+        atomic_json(
+            {
+                "schema_version": 1,
+                "in_memory": plan.in_memory,
+                "feature_mb": plan.features / MB,
+                "budget_mb": params.resources.memory_budget_mb,
+            },
+            FEATURE_INDEX,
+        )
         nc = data.meta["num_classes"]
         states, out = {}, {"k": division.k, "subnetworks": []}
-        for sub in division.subnetworks:
+        train_features = [load_feature("train", k) for k in range(division.k + 1)]  # memory-mapped: read as used
+        selectors = train_selectors(
+            division.subnetworks,
+            division.head,
+            train_features,
+            load_labels("train"),
+            nc,
+            SelectorSettings(**params.selectors.model_dump()),
+            seed=params.seed,
+            device=device,
+        )
+        for sub, g in zip(division.subnetworks, selectors):  # the last one is the model's own head
             k = sub.index
-            xtr, ytr = load_feature("train", k), load_labels("train")
             xva, yva = load_feature("val", k), load_labels("val")
             if k < division.k:
-                s = params.selectors
-                g = train_selector(xtr, ytr, nc, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=params.seed + k, device=device)
-                states[k] = {"in_channels": int(xtr.shape[1]), "num_classes": nc, "state_dict": {n: t.cpu() for n, t in g.state_dict().items()}}
-                acc = selector_accuracy(g, xva, yva, device=device)
-            else:  # the last boundary's selector is the model's own head
-                acc = selector_accuracy(division.head, xva, yva, device=device)
-            out["subnetworks"].append({"k": k, "blocks": sub.block_names, "flops": sub.flops, "params": sub.params,
-                                       "in_shape": list(sub.in_shape), "out_shape": list(sub.out_shape), "selector_val_acc": acc})
+                states[k] = {
+                    "in_channels": int(train_features[k].shape[1]),
+                    "num_classes": nc,
+                    "state_dict": {n: t.cpu() for n, t in g.state_dict().items()},
+                }
+            acc = selector_accuracy(g, xva, yva, device=device)
+            out["subnetworks"].append(
+                {
+                    "k": k,
+                    "blocks": sub.block_names,
+                    "flops": sub.flops,
+                    "params": sub.params,
+                    "in_shape": list(sub.in_shape),
+                    "out_shape": list(sub.out_shape),
+                    "selector_val_acc": acc,
+                }
+            )
             mlflow.log_metric(f"selector.s{k}.val_acc", acc)
         out["cached"] = {"train": int(len(load_labels("train"))), "val": int(len(load_labels("val")))}
         out["seconds"] = time.perf_counter() - start

@@ -1,11 +1,14 @@
 """MLflow bookkeeping: one run per stage, nested under the pipeline's parent run when there is one."""
+
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from datetime import UTC
+from typing import Any
 
 import mlflow
 
@@ -118,9 +121,16 @@ def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator
     connect(params)
     close_orphans(params)
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {**owner_tags(), "emoprune.stage": stage, "emoprune.pipeline": pipeline_run_name(params), "emoprune.data": params.data.source,
-            "emoprune.model": params.model.name, "emoprune.method": params.prune.method, "emoprune.target": f"{params.prune.target:g}",
-            **trace_tags(params)}
+    tags = {
+        **owner_tags(),
+        "emoprune.stage": stage,
+        "emoprune.pipeline": pipeline_run_name(params),
+        "emoprune.data": params.data.source,
+        "emoprune.model": params.model.name,
+        "emoprune.method": params.prune.method,
+        "emoprune.target": f"{params.prune.target:g}",
+        **trace_tags(params),
+    }
     dump = params.model_dump()
     logged = {"seed": params.seed, "device": params.device}
     for s in sections:
@@ -132,23 +142,35 @@ def stage_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator
 
 def report_runs(params: Params, last: int) -> list[dict[str, Any]]:
     """The latest finished `report` stage runs of the experiment, newest first, as plain rows."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
     exp = client.get_experiment_by_name(params.tracking.experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`emoprune.stage` = 'report' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=last)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`emoprune.stage` = 'report' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
     rows = []
     for r in runs:
         m, t = r.data.metrics, r.data.tags
-        rows.append({
-            "finished": datetime.fromtimestamp((r.info.end_time or r.info.start_time) / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "data": t.get("emoprune.data", "?"), "model": t.get("emoprune.model", "?"), "method": t.get("emoprune.method", "?"),
-            "target": t.get("emoprune.target", "?"), "flops": m.get("pruned.flops", float("nan")),
-            "flops_reduction": m.get("pruned.flops_reduction", float("nan")), "params": m.get("pruned.params", float("nan")),
-            "test_acc": m.get("pruned.test_acc", float("nan")), "base_test_acc": m.get("base.test_acc", float("nan")),
-            "search_seconds": m.get("search.seconds", 0.0), "run_id": r.info.run_id,
-        })
+        rows.append(
+            {
+                "finished": datetime.fromtimestamp((r.info.end_time or r.info.start_time) / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+                "data": t.get("emoprune.data", "?"),
+                "model": t.get("emoprune.model", "?"),
+                "method": t.get("emoprune.method", "?"),
+                "target": t.get("emoprune.target", "?"),
+                "flops": m.get("pruned.flops", float("nan")),
+                "flops_reduction": m.get("pruned.flops_reduction", float("nan")),
+                "params": m.get("pruned.params", float("nan")),
+                "test_acc": m.get("pruned.test_acc", float("nan")),
+                "base_test_acc": m.get("base.test_acc", float("nan")),
+                "search_seconds": m.get("search.seconds", 0.0),
+                "run_id": r.info.run_id,
+            }
+        )
     return rows

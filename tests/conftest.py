@@ -83,7 +83,8 @@ def dvc_project(root: Path, params: dict, prefect_url: str) -> dict[str, str]:
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.emoprune/\n")
     env = dict(os.environ, PREFECT_API_URL=prefect_url, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("EMOPRUNE_PARENT_RUN_ID", None)
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["cp", str(REPO / ".dvcignore"), "."],
+                ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return env

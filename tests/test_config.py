@@ -11,10 +11,13 @@ from tasks.config import ConfigError, load_params, parse_params
 from tests.conftest import REPO
 
 
-def test_default_params_file_is_valid():
+def test_params_yaml_holds_exactly_the_code_defaults():
+    """params.yaml, tasks/config.py and pruning/emodir.py name one set of defaults: a change in one place fails here."""
+    from tasks.config import Params
+
     p = load_params(REPO / "params.yaml")
-    assert p.data.source == "digits"
-    assert p.prune.method == "emo-dir" and 0 < p.prune.target < 1
+    assert p.model_dump() == Params().model_dump()
+    assert p.data.source == "digits" and p.prune.method == "emo-dir"
 
 
 @pytest.mark.parametrize(
