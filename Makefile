@@ -37,12 +37,13 @@ lock: | $(UV)  ## re-resolve requirements.lock from pyproject.toml (then run mak
 run: $(STAMP)  ## run the whole pipeline (dvc repro through Prefect, logged in MLflow)
 	$(BIN)/emoprune run
 
-test: $(STAMP)  ## the test suite, slow end-to-end tests included
-	$(BIN)/python -m pytest
+test: $(STAMP)  ## the test suite, slow end-to-end tests included, on 2 worker processes
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
-lint: $(STAMP)  ## ruff (lint and format) over pruning/, tasks/, flows/
+lint: $(STAMP)  ## ruff (lint and format) and mypy over pruning/, tasks/, flows/
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check
+	$(BIN)/mypy
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -22,7 +22,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
-Stage = Enum("Stage", {name: name for name in STAGES}, type=str)  # typer choices, one per DVC stage
+Stage = Enum("Stage", {name: name for name in STAGES}, type=str)  # type: ignore[misc]  # typer choices, one per DVC stage
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -98,6 +98,37 @@ def run(
     except RuntimeError as e:
         _fail(str(e), code=1)
     typer.echo("up to date: no stage ran" if result["up_to_date"] else f"stages run: {', '.join(result['ran']) or 'none'}")
+    _print_summary(project)
+
+
+def _print_summary(project: Path) -> None:
+    """The run's result in a few lines: what was pruned, what it cost, where the files are."""
+    import json
+
+    from tasks import paths
+
+    path = project / paths.SUMMARY
+    if not path.is_file():
+        return
+    s = json.loads(path.read_text())
+    base, pruned, onnx = s["base"], s["pruned"], s["onnx"]
+    lines = [
+        f"{s['method']} at target {s['target']['reduction']:g} ({s['target']['metric']}):",
+        f"  test accuracy  {base['test_acc']:.2%} base -> {pruned['test_acc']:.2%} pruned and finetuned "
+        f"({pruned['val_acc_before_finetune']:.2%} val before finetuning)",
+        f"  FLOPs          {base['flops']:,} -> {pruned['flops']:,} ({pruned['flops_reduction']:.1%} removed)",
+        f"  parameters     {base['params']:,} -> {pruned['params']:,} ({pruned['params_reduction']:.1%} removed)",
+    ]
+    if "top1_agreement" in onnx:
+        lines.append(f"  ONNX           top-1 agreement with PyTorch {onnx['top1_agreement']:.2%}, max |diff| {onnx['max_abs_diff']:.1e}")
+    for key in sorted(k for k in onnx if k.startswith("latency_ratio_b")):
+        b = key.removeprefix("latency_ratio_b")
+        lines.append(
+            f"  latency b{b:<4}   {onnx[f'latency_ms_base_b{b}']:.2f} ms -> {onnx[f'latency_ms_pruned_b{b}']:.2f} ms "
+            f"({onnx[key]:.2f}x the base's time, ONNX Runtime on this machine)"
+        )
+    lines.append(f"  files          {paths.PRUNED} {paths.PRUNED_ONNX} {paths.SCHEME} {paths.SUMMARY}; `emoprune ui` for every run")
+    typer.echo("\n".join(lines))
 
 
 @app.command()
@@ -152,7 +183,7 @@ def serve(
             with temporary_settings({PREFECT_API_URL: url}):
                 deployment = pipeline_flow.to_deployment(
                     name=name,
-                    schedule=schedule,
+                    schedule=schedule,  # type: ignore[arg-type]  # construct_schedule's union, each a valid schedule
                     parameters={"project_dir": str(project.resolve())},
                     tags=["emoprune"],
                     description="emoprune pipeline: dvc repro of every stage, logged in MLflow",
@@ -176,7 +207,7 @@ def scheme(
 
     try:
         doc, doc_path, model_path = scheme_for_target(p, target)
-    except (*_user_errors(), ValueError, FileNotFoundError) as e:
+    except _user_errors() + (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     info = doc["info"]
     typer.echo(
@@ -246,6 +277,11 @@ def _interrupted(signum: int, frame) -> None:
 
 
 def main() -> None:
+    import os
+
+    # before Prefect or MLflow load: no usage reports from an offline machine (each failed one logs an error)
+    for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_ENABLE_TELEMETRY", "false"), ("DO_NOT_TRACK", "true")):
+        os.environ.setdefault(key, value)
     signal.signal(signal.SIGTERM, _interrupted)
     app()
 

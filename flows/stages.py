@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -15,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from tasks import constrain, export, finetune, prepare, pretrain, rank, report, search, selectors
 from tasks.config import Params, load_params
 from tasks.paths import STAGES as STAGE_NAMES
 from tasks.tracking import PARENT_ENV, close_orphans, connect, owner_tags, pipeline_run_name, trace_tags
@@ -29,6 +29,8 @@ def search_subnetwork_task(k: int, params_path: str, run_id: str, project: str) 
     at the same path), so it moves to the project folder first: every stage path is relative to it."""
     if Path.cwd() != Path(project):
         os.chdir(project)
+    from tasks import search
+
     return search.search_subnetwork(load_params(params_path), k, run_id)
 
 
@@ -40,20 +42,18 @@ def _search_stage(params: Params, params_path: str) -> dict:
         futures = search_subnetwork_task.map(ks, params_path=unmapped(params_path), run_id=unmapped(run_id), project=unmapped(project))
         return [f.result() for f in futures]
 
+    from tasks import search
+
     return search.run(params, mapper)
 
 
-_RUN: dict[str, Callable[[Params, str], dict]] = {
-    "prepare": lambda p, _: prepare.run(p),
-    "pretrain": lambda p, _: pretrain.run(p),
-    "selectors": lambda p, _: selectors.run(p),
-    "search": _search_stage,
-    "constrain": lambda p, _: constrain.run(p),
-    "rank": lambda p, _: rank.run(p),
-    "finetune": lambda p, _: finetune.run(p),
-    "export": lambda p, _: export.run(p),
-    "report": lambda p, _: report.run(p),
-}
+def _module_stage(name: str) -> Callable[[Params, str], dict]:
+    # imported when the stage runs: each stage process loads only its own module (torchvision alone costs seconds)
+    return lambda params, _: importlib.import_module(f"tasks.{name}").run(params)
+
+
+_RUN: dict[str, Callable[[Params, str], dict]] = {name: _module_stage(name) for name in STAGE_NAMES}
+_RUN["search"] = _search_stage
 STAGES: dict[str, Callable[[Params, str], dict]] = {name: _RUN[name] for name in STAGE_NAMES}  # dvc.yaml order
 
 
@@ -108,10 +108,11 @@ def run_stage(name: str, params_path: str = "params.yaml") -> dict:
     """`stage_flow` with the task runner chosen in params (it only matters for the search)."""
     params = load_params(params_path)
     if name != "search" or params.prune.method != "emo-dir":
-        return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(name, params_path)
+        # Prefect's with_options annotation is narrower than the task runners it takes
+        return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(name, params_path)  # type: ignore[arg-type]
     if params.orchestration.task_runner != "threads":
         _export_api_url()
-    return stage_flow.with_options(task_runner=task_runner(params))(name, params_path)
+    return stage_flow.with_options(task_runner=task_runner(params))(name, params_path)  # type: ignore[arg-type]
 
 
 def _dvc(*args: str, env: dict[str, str] | None = None, cwd: str | Path = ".") -> subprocess.CompletedProcess:
@@ -127,7 +128,8 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
-        print(line, end="", flush=True)
+        if not _dvc_hint(line):
+            print(line, end="", flush=True)
         lines.append(line)
     if proc.wait() != 0:
         last = [line.rstrip() for line in lines if line.strip()][-3:]
@@ -137,6 +139,14 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
     skipped = any("didn't change, skipping" in line for line in lines)
     logger.info("stage %s %s", stage, "up to date" if skipped else "ran")
     return not skipped
+
+
+# DVC's advice after every stage (git add, autostage, dvc push) says nothing about this run
+_DVC_HINTS = ("To track the changes with git", "To enable auto staging", "dvc config core.autostage", "Use `dvc push`", "git add ")
+
+
+def _dvc_hint(line: str) -> bool:
+    return line.strip().startswith(_DVC_HINTS)
 
 
 def retry_settings(params: Params) -> dict[str, str]:

@@ -106,7 +106,9 @@ def train_front(
     """Physically prune `subnetwork` to each keep-scheme (weights inherited) and train each with
     `train_constrained`; `on_trained(j, module, losses)` sees every result as it is done.
 
-    >>> trained = train_front(sub.module, x, [front_scheme_a, front_scheme_b], X_km1, X_k, y, selector)
+    Example (illustrative, not run)::
+
+        trained = train_front(sub.module, x, [front_scheme_a, front_scheme_b], X_km1, X_k, y, selector)
     """
     from pruning.channels import pruned_copy
 

@@ -221,11 +221,11 @@ def divide(model: nn.Module, example_input: torch.Tensor, k: int, copy: bool = F
     m = min(n_stem, len(bl) - 1)
     unit_flops = [sum(flops[: m + 1]), *flops[m + 1 :]]
     subs = []
-    for idx, (a, b) in enumerate(balanced_partition(unit_flops, k), start=1):
-        a, b = (a + m if a > 0 else 0), b + m
-        names = [n for n, _ in bl[a:b]]
-        module = _sequential(*(mod for _, mod in bl[a:b]))
-        subs.append(SubNetwork(idx, module, names, sum(flops[a:b]), sum(params[a:b]), shapes[a], shapes[b]))
+    for idx, (first, last) in enumerate(balanced_partition(unit_flops, k), start=1):
+        lo, hi = (first + m if first > 0 else 0), last + m
+        names = [n for n, _ in bl[lo:hi]]
+        module = _sequential(*(mod for _, mod in bl[lo:hi]))
+        subs.append(SubNetwork(idx, module, names, sum(flops[lo:hi]), sum(params[lo:hi]), shapes[lo], shapes[hi]))
     return subs, head
 
 
@@ -238,6 +238,7 @@ def _check_order(subnetworks: Sequence[SubNetwork]) -> None:
 def assemble(subnetworks: Sequence[SubNetwork], head: nn.Module) -> nn.Module:
     """A Sequential applying S_1..S_K then the head (children "s1".."sK", "head"): model(x) again.
 
+    >>> model, x = build_model("resnet20", 10).eval(), torch.randn(2, 3, 32, 32)
     >>> subs, head = divide(model, x, k=2)
     >>> torch.allclose(assemble(subs, head)(x), model(x))
     True
@@ -250,6 +251,8 @@ def assemble(subnetworks: Sequence[SubNetwork], head: nn.Module) -> nn.Module:
 def replace(subnetworks: Sequence[SubNetwork], head: nn.Module, k: int, new_module: nn.Module) -> nn.Module:
     """assemble() with sub-network `k` (1-based) replaced by `new_module` (e.g. its pruned version).
 
+    >>> subs, head = divide(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32), k=3)
+    >>> pruned_s2 = copy.deepcopy(subs[1].module)
     >>> pruned = replace(subs, head, 2, pruned_s2)
     >>> pruned.s2 is pruned_s2
     True
@@ -266,6 +269,7 @@ def replace(subnetworks: Sequence[SubNetwork], head: nn.Module, k: int, new_modu
 def source_name(subnetwork: SubNetwork, local_name: str) -> str:
     """The qualified name in the original model of module `local_name` of `subnetwork.module`.
 
+    >>> subs, head = divide(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32), k=3)
     >>> source_name(subs[0], "0.0"), source_name(subs[0], "1.conv1")
     ('conv1', 'layer1.0.conv1')
     """
@@ -325,6 +329,7 @@ def boundary_features(
     (x, y) batches (or bare x); at most `max_samples` inputs are used (all when None). X_0 is the input.
     The sub-networks are moved to `device` for the run and back afterwards.
 
+    >>> subs, head = divide(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32), k=3)
     >>> feats, labels = boundary_features(subs, torch.randn(8, 3, 32, 32), max_samples=4)
     >>> len(feats) == len(subs) + 1, feats[0].shape[0], labels
     (True, 4, None)

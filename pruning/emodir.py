@@ -131,7 +131,7 @@ def search_network(
     *,
     generations: int | None = None,
     round_to: int = 1,
-    metric: str = "flops",
+    metric: Literal["flops", "params"] = "flops",
     seed: int = 0,
     device: torch.device | str = "cpu",
     state: bytes | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,8 +69,10 @@ def impairment_table(
     sub-network replaced, impairment = acc(N) - that, and the cost (FLOPs or params) it saves against
     `base_costs[k]`. Row 0 of every sub-network is 'keep it unpruned' (impairment 0, saving 0).
 
-    >>> base_acc, table = impairment_table(subs, head, [[(c, c_flops)] for c, c_flops in ...], [s.flops for s in subs], X_val, y_val)
-    >>> table[0][1]["impairment"]
+    Example (illustrative, not run)::
+
+        base_acc, table = impairment_table(subs, head, [[(c, c_flops)] for c, c_flops in ...], [s.flops for s in subs], X_val, y_val)
+        table[0][1]["impairment"]
     """
     base_acc = accuracy_with(subnetworks, head, {}, features, labels, device=device)
     table = []
@@ -121,7 +124,7 @@ def joint_scheme(
     if max_saving is not None:
         inside = [c for c in combos if c.saving <= max_saving]
         combos = inside[:top_t] if inside else combos[:top_t]
-    verified = []
+    verified: list[dict[str, Any]] = []
     for c in combos:
         repl = {sub.index: modules[k][row - 1] for k, (sub, row) in enumerate(zip(subnetworks, c.choice)) if row > 0}
         acc = accuracy_with(subnetworks, head, repl, features, labels, device=device)
@@ -212,8 +215,10 @@ def rank(
     Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
     choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
 
-    >>> pruned, scheme, info = rank(model, x, subs, head, cands, [s.flops for s in subs], total, 0.5, top_t=10,
-    ...                             max_overshoot=0.02, features=X_val, labels=y_val)
+    Example (illustrative, not run)::
+
+        pruned, scheme, info = rank(model, x, subs, head, cands, [s.flops for s in subs], total, 0.5, top_t=10,
+                                    max_overshoot=0.02, features=X_val, labels=y_val)
     """
     base_acc, table = impairment_table(
         subnetworks, head, [[(m, c) for m, _, c in cs] for cs in candidates], base_costs, features, labels, device=device

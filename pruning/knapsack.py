@@ -226,7 +226,8 @@ def top_combinations(candidates: Sequence[Sequence[Candidate]], min_saving: int,
     # Heap entries: (impairment bound, -saving bound, prefix, prefix saving, prefix impairment).
     # Each bound is that of the best completion, so a prefix never sorts after any of its completions.
     root = best_completion(0, min_saving)
-    heap = [(root[0], -root[1], (), 0, 0)]
+    assert root is not None  # checked just above
+    heap: list[tuple[int, int, tuple[int, ...], int, int]] = [(root[0], -root[1], (), 0, 0)]  # impairments in integer units
     while heap and len(out) < t:
         _, _, prefix, s, i = heapq.heappop(heap)
         k = len(prefix)

@@ -89,6 +89,9 @@ class PruningMethod:
 
     name = "base"
 
+    def __init__(self, round_to: int = 1, seed: int = 0, **_: object) -> None:
+        self.round_to, self.seed = round_to, seed
+
     def __call__(self, model: nn.Module, example_input: torch.Tensor, target: Target) -> PruningResult:
         raise NotImplementedError
 

@@ -76,6 +76,7 @@ class VGGCifar(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
+                assert isinstance(v, int), f"VGG config entries are channel counts or 'M', not {v!r}"
                 layers += [nn.Conv2d(in_ch, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 in_ch = v
         self.features = nn.Sequential(*layers)

@@ -74,8 +74,10 @@ class SearchSpace:
     `binary`: one bit per channel; a group whose bits are all 0 keeps its most important channel.
     `round_to` (levels only) makes every kept count a multiple of it, where the group is that wide.
 
-    >>> space = SearchSpace(tuple(prunable_groups(sub, x)), levels=10)
-    >>> space.decode(space.uniform(0.5), importance)   # half of every group, largest L1 first
+    Example (illustrative, not run)::
+
+        space = SearchSpace(tuple(prunable_groups(sub, x)), levels=10)
+        space.decode(space.uniform(0.5), importance)   # half of every group, largest L1 first
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -134,9 +136,10 @@ class SearchSpace:
 class Scorer:
     """Selector error of a pruned module on cached inputs, after re-estimating its BatchNorm statistics.
 
-    >>> scorer = Scorer(selector, calib_inputs, val_inputs, val_labels)
-    >>> scorer(pruned_subnetwork)   # cross-entropy of selector(pruned(val_inputs))
-    0.41
+    Example (illustrative, not run)::
+
+        scorer = Scorer(selector, calib_inputs, val_inputs, val_labels)
+        scorer(pruned_subnetwork)   # cross-entropy of selector(pruned(val_inputs))
     """
 
     def __init__(
@@ -336,9 +339,11 @@ def run_search(
     After every generation `on_generation(gen, metrics, state)` receives a checkpoint (`state`, bytes);
     passing the latest one back as `state` resumes there, and with the same seed ends with the same front.
 
-    >>> space = SearchSpace(tuple(prunable_groups(sub, x)))
-    >>> front = run_search(sub, x, Scorer(selector, calib, val_x, val_y), space=space, pop_size=16, generations=8, seed=0)
-    >>> [(m.cost, m.error) for m in front.members][:2]
+    Example (illustrative, not run)::
+
+        space = SearchSpace(tuple(prunable_groups(sub, x)))
+        front = run_search(sub, x, Scorer(selector, calib, val_x, val_y), space=space, pop_size=16, generations=8, seed=0)
+        [(m.cost, m.error) for m in front.members][:2]
     """
     if not space.groups:
         raise ValueError("the module has no prunable channel group: nothing to search")
@@ -378,7 +383,9 @@ def run_search(
         gen = int(algorithm.n_gen) - 1
         metrics = {
             "generation": gen,
-            "hypervolume": float(HV(ref_point=ref)(F_)),
+            # the fraction of the reference box [0, 1] x [0, 1.1 x the worst error of generation 1] the front
+            # dominates: in [0, 1], comparable across generations of one search
+            "hypervolume": float(HV(ref_point=ref)(F_)) / float(ref[0] * ref[1]),
             "front_size": len(front),
             "evaluations": search.evaluations,
             "best_error": float(F_[:, 1].min()),

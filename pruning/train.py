@@ -56,7 +56,7 @@ def get_rng_state(loader: Iterable | None = None) -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -161,19 +161,19 @@ def fit(
     """
     loss_fn = (loss_fn or Distiller()).to(device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    model.to(device, memory_format=layout)
+    model.to(device).to(memory_format=layout)
     if teacher is not None:
-        teacher = copy.deepcopy(teacher).to(device, memory_format=layout).eval()
+        teacher = copy.deepcopy(teacher).to(device).to(memory_format=layout).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:  # e.g. DynamicKD's entropy controller: learnt, never decayed towards 0
         groups.append({"params": loss_params, "weight_decay": 0.0})
     opt = torch.optim.SGD(
         groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0
     )
-    steps = max(1, config.epochs * len(train_loader))
+    steps = max(1, config.epochs * len(train_loader))  # type: ignore[arg-type]  # loaders and batch lists have a length
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history: list[dict[str, float]] = []
     if resume is not None:
@@ -191,8 +191,8 @@ def fit(
                 f"the resume state is at epoch {resume.get('epoch')!r} with {len(history)} epochs of history; allowed: 0..{config.epochs}"
             )
         if on_epoch is not None:
-            for epoch, metrics in enumerate(history):
-                on_epoch(epoch, metrics)
+            for epoch, past in enumerate(history):
+                on_epoch(epoch, past)
     with _progress(progress) as bar:
         task = bar.add_task(description, total=config.epochs, completed=len(history), status="")
         for epoch in range(len(history), config.epochs):
@@ -217,7 +217,7 @@ def fit(
                 loss_sum += loss.item() * len(y)
                 correct += (out.argmax(1) == y).sum().item()
                 total += len(y)
-            metrics = {"train_loss": loss_sum / total, "train_acc": correct / total, "lr": sched.get_last_lr()[0]}
+            metrics: dict[str, float] = {"train_loss": loss_sum / total, "train_acc": correct / total, "lr": float(sched.get_last_lr()[0])}
             metrics.update(_extra_metrics(loss_fn))
             if val_loader is not None:
                 val = evaluate(model, val_loader, device)
@@ -237,8 +237,10 @@ def fit(
                         "rng": get_rng_state(train_loader),
                     }
                 )
-            status = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_acc"))
+            status = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "train_acc", "val_acc"))
             bar.update(task, advance=1, status=status)
+            if progress and not bar.console.is_terminal:  # logs (DVC, Prefect): a line per epoch, not a silent bar
+                print(f"{description}: epoch {epoch + 1}/{config.epochs}  {status}", flush=True)
     model.to(memory_format=torch.contiguous_format)  # what the pruning and export code expects
     return history
 

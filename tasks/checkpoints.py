@@ -18,7 +18,7 @@ from tasks import paths
 from tasks.io import atomic_torch_save
 
 CKPT_SCHEMA = 1
-RESUME_SCHEMA = 1
+RESUME_SCHEMA = 2  # 2: the digest covers the whole state, not the model weights alone
 # what a damaged file can make model building or loading raise, besides our own errors
 _DAMAGE = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError)
 
@@ -33,6 +33,34 @@ def digest(state: dict[str, torch.Tensor]) -> str:
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 of a whole training state (nested dicts, lists and tuples of tensors, numbers and strings): every
+    byte of a resume checkpoint is covered, the optimizer's momentum and the random states included."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
     return h.hexdigest()
 
 
@@ -168,7 +196,7 @@ def resume_path(stage: str, params: Any, sections: Sequence[str], inputs: Sequen
 
 
 def save_resume(state: dict[str, Any], path: str | Path) -> None:
-    atomic_torch_save({"schema_version": RESUME_SCHEMA, **state, "digest": digest(state["model"])}, path)
+    atomic_torch_save({"schema_version": RESUME_SCHEMA, **state, "digest": state_digest(state)}, path)
 
 
 def load_resume(path: str | Path) -> dict[str, Any] | None:
@@ -187,5 +215,13 @@ def load_resume(path: str | Path) -> dict[str, Any] | None:
         or blob["epoch"] != len(blob["history"])
     ):
         raise CheckpointError(f"resume checkpoint {str(path)!r} is damaged or from another version; delete it to start the stage over")
-    _verify(blob["model"], blob.get("digest"), path)
+    try:
+        ok = state_digest({k: v for k, v in blob.items() if k not in ("schema_version", "digest")}) == blob.get("digest")
+    except _DAMAGE:
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"resume checkpoint {str(path)!r} is damaged: its state does not match the checksum saved with it; "
+            "delete it to start the stage over"
+        )
     return blob

@@ -56,7 +56,7 @@ def run(params: Params) -> dict:
             front = read_json(paths.SEARCH / f"front_s{k}.json")
             chosen = [front["members"][i] for i in spread_indices([m["cost"] for m in front["members"]], c.candidates)]
             selector = load_selector(division, k)
-            rows = []
+            rows: list[dict] = []
 
             def keep(j: int, module: nn.Module, losses: dict[str, float], k: int = k, chosen: list = chosen, rows: list = rows) -> None:
                 member = chosen[j]

@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2
 
 from tasks.config import DataParams
 from tasks.io import atomic_json, atomic_torch_save, read_json
+
+if TYPE_CHECKING:  # torchvision takes seconds to import; stages reading decoded tensors never need it
+    from torchvision.transforms import v2
 
 META_SCHEMA = 1
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -29,6 +30,8 @@ class DataError(ValueError):
 
 def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(len(labels))
+    from sklearn.model_selection import train_test_split  # a second of import, for the prepare stage only
+
     keep, carve = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
     return np.sort(keep), np.sort(carve)
 
@@ -93,6 +96,7 @@ def _imagefolder_dirs(p: DataParams) -> tuple[Path, Path]:
 
 def _read_folder(folder: Path, size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
 
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     ds = ImageFolder(str(folder), transform=tf)
@@ -137,6 +141,8 @@ def prepare(p: DataParams, seed: int, out_dir: Path) -> dict[str, Any]:
     x, y = raw["train"]
     train_idx, val_idx = _stratified(y.numpy(), p.val_fraction, seed)
     if p.limit_train is not None and p.limit_train < len(train_idx):
+        from sklearn.model_selection import train_test_split
+
         keep, _ = train_test_split(train_idx, train_size=p.limit_train, stratify=y[train_idx].numpy(), random_state=seed)
         train_idx = np.sort(keep)
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": raw["test"]}
@@ -171,6 +177,8 @@ def _prepare_streaming(p: DataParams, seed: int, out_dir: Path, train_dir: Path,
     y = np.asarray(train.targets)
     train_idx, val_idx = _stratified(y, p.val_fraction, seed)
     if p.limit_train is not None and p.limit_train < len(train_idx):
+        from sklearn.model_selection import train_test_split
+
         keep, _ = train_test_split(train_idx, train_size=p.limit_train, stratify=y[train_idx], random_state=seed)
         train_idx = np.sort(keep)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +217,8 @@ class TensorImages(Dataset):
 
 
 def _transform(meta: dict[str, Any], train: bool, from_pil: bool) -> v2.Transform:
+    from torchvision.transforms import v2
+
     size = meta["image_size"]
     head: list[v2.Transform] = [v2.PILToTensor()] if from_pil else []
     kind = meta["augment"] if train else "none"

@@ -26,6 +26,7 @@ def run(params: Params) -> dict:
         out = compare_with_torch(pruned, s_pruned, data.loader("test"))
         for b in p.latency_batch_sizes:
             base_ms, pruned_ms = latency_pair_ms(s_base, s_pruned, data.example, b, p.latency_repeats)
+            assert pruned_ms is not None  # two sessions timed, two times
             out[f"latency_ms_base_b{b}"] = base_ms
             out[f"latency_ms_pruned_b{b}"] = pruned_ms
             out[f"latency_ratio_b{b}"] = pruned_ms / base_ms

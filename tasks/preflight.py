@@ -279,6 +279,7 @@ def _num_classes(params: Params, root: Path) -> int:
 def _checkpoint(r: _Report, params: Params, nc: int, root: Path) -> None:
     from tasks.checkpoints import CheckpointError, load_user_weights
 
+    assert params.model.checkpoint is not None  # called only when one is set
     try:
         load_user_weights(_under(root, params.model.checkpoint), params.model.name, nc)
     except CheckpointError as err:

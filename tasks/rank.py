@@ -35,6 +35,12 @@ def rank_emo_dir(
     device = resolve_device(params.device)
     metric = params.prune.metric
     index = read_json(paths.CANDIDATES / "index.json")
+    if "subnetworks" not in index:
+        raise ValueError(
+            f"this workspace holds no EMO-DIR search: its last search and constrain stages ran for prune.method="
+            f"{index.get('method')!r}; run the pipeline with prune.method: emo-dir first "
+            "(dvc exp run -S prune.method=emo-dir, or emoprune run)"
+        )
     cands = []
     for entry in index["subnetworks"]:
         loaded = [load_candidate(division, entry["k"], row["candidate"]) for row in entry["candidates"]]
@@ -80,7 +86,7 @@ def rank_whole_emo(params: Params, division: Division, example: torch.Tensor) ->
 
 def choose(
     params: Params, example: torch.Tensor, write_tables: bool = True
-) -> tuple[torch.nn.Module, torch.nn.Module, dict, KeepScheme, dict]:
+) -> tuple[torch.nn.Module, dict, torch.nn.Module, KeepScheme, dict]:
     """(base model, its metadata, pruned model, keep-scheme, method info) for `prune.method` at `prune.target`."""
     p = params.prune
     if p.method in METHODS:

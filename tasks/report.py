@@ -139,26 +139,29 @@ def register(params: Params, summary: dict) -> dict:
     client = MlflowClient()
     name, version = params.tracking.registered_model, info.registered_model_version
     client.set_registered_model_alias(name, "candidate", version)
-    for key in ("test_acc", "flops", "flops_reduction"):
+    for key in ("val_acc", "test_acc", "flops", "flops_reduction"):
         client.set_model_version_tag(name, version, key, str(summary["pruned"][key]))
     for key, value in trace_tags(params).items():
         client.set_model_version_tag(name, version, key.removeprefix("mlflow.source.git.").replace("emoprune.", ""), value)
     aliases = ["candidate"]
-    if beats_champion(client, name, summary["pruned"]["test_acc"], summary["pruned"]["flops"]):
+    if beats_champion(client, name, summary["pruned"]["val_acc"], summary["pruned"]["flops"]):
         client.set_registered_model_alias(name, "champion", version)
         aliases.append("champion")
     return {"name": name, "version": int(version), "aliases": aliases}
 
 
-def beats_champion(client: MlflowClient, name: str, test_acc: float, flops: int) -> bool:
-    """The first model is champion; later ones take the title with higher test accuracy at no more FLOPs."""
+def beats_champion(client: MlflowClient, name: str, val_acc: float, flops: int) -> bool:
+    """The first model is champion; later ones take the title with higher validation accuracy at no more FLOPs.
+
+    Validation, not test: the test split only reports, it never chooses (choosing on it would make the
+    champion's reported test accuracy an optimistic estimate)."""
     from mlflow.exceptions import MlflowException
 
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         return True
-    return test_acc > float(champ.tags.get("test_acc", "-1")) and flops <= int(float(champ.tags.get("flops", "inf")))
+    return val_acc > float(champ.tags.get("val_acc", "-1")) and flops <= int(float(champ.tags.get("flops", "inf")))
 
 
 def run(params: Params) -> dict:

@@ -74,18 +74,18 @@ def _search(
     client = MlflowClient(tracking_uri=params.tracking.uri) if run_id else None
 
     # a bar on a terminal; in logs (under DVC, Prefect workers) one line per generation reads better
-    live = _PROGRESS is not None and _PROGRESS.console.is_terminal
-    bar = _PROGRESS.add_task(f"search {tag}", total=generations, status="") if live else None
+    progress = _PROGRESS if _PROGRESS is not None and _PROGRESS.console.is_terminal else None
+    bar = progress.add_task(f"search {tag}", total=generations, status="") if progress is not None else None
 
     def on_generation(gen: int, metrics: dict[str, float], blob: bytes) -> None:
         with atomic_path(ckpt) as tmp:
             tmp.write_bytes(blob)
         status = f"hv={metrics['hypervolume']:.4f} front={metrics['front_size']} evals={metrics['evaluations']}"
-        if bar is not None:
-            _PROGRESS.update(bar, completed=gen, status=status)
+        if progress is not None and bar is not None:
+            progress.update(bar, completed=gen, status=status)
         else:
             print(f"search {tag}: generation {gen}/{generations}  {status}", flush=True)
-        if client is not None:
+        if client is not None and run_id is not None:
             ts = int(time.time() * 1000)
             from mlflow.entities import Metric
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from itertools import islice
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -29,17 +30,19 @@ def _cache(params: Params, division, split: str, n: int, device, plan: MemoryPla
     ds = load_split(paths.PREPARED, split, train=False)  # no augmentation: features of the images as they are
     rng = np.random.default_rng(params.seed)
     # a seeded random subset: prepared splits are ordered (an ImageFolder by class), the first n would be one class
-    idx = np.sort(rng.permutation(len(ds))[: min(n, len(ds))])
+    size = len(ds)  # type: ignore[arg-type]  # every split's Dataset has a length
+    idx = np.sort(rng.permutation(size)[: min(n, size)])
     bs = params.data.batch_size
     loader = iter(make_loader(Subset(ds, idx.tolist()), bs, shuffle=False, num_workers=params.data.num_workers))
     per_chunk = -(-plan.chunk_rows(bs, len(idx)) // bs)  # whole batches: every sample lands in the same batch as in one pass
     files = [feature_path(split, k) for k in range(division.k + 1)] + [label_path(split)]
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(f)) for f in files]
-        arrays: list[np.ndarray] = []
+        arrays: list[np.memmap] = []
         row = 0
         while batches := list(islice(loader, per_chunk)):
             feats, labels = boundary_features(division.subnetworks, batches, device=device)
+            assert labels is not None  # batches of (images, labels)
             for i, t in enumerate([*feats, labels]):
                 a = t.numpy()
                 if len(arrays) <= i:
@@ -72,7 +75,8 @@ def run(params: Params) -> dict:
             FEATURE_INDEX,
         )
         nc = data.meta["num_classes"]
-        states, out = {}, {"k": division.k, "subnetworks": []}
+        states: dict[int, dict] = {}
+        out: dict[str, Any] = {"k": division.k, "subnetworks": []}
         train_features = [load_feature("train", k) for k in range(division.k + 1)]  # memory-mapped: read as used
         selectors = train_selectors(
             division.subnetworks,

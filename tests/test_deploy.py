@@ -74,7 +74,8 @@ def _scheduled_runs(deployment_id, proc: subprocess.Popen, log: Path, want: int,
 
 
 def test_scheduled_runs_fire_then_ctrl_c_stops_the_runner_and_its_server(tmp_path):
-    """`emoprune serve --cron '* * * * *'` with no server configured: it starts a real Prefect server (scheduler
+    """`emoprune serve --interval 15` with no server configured (cron schedules take the same path through the
+    scheduler; `make serve CRON="* * * * *"` was checked by hand): it starts a real Prefect server (scheduler
     service included), the scheduler creates the runs and the served process executes them; the first runs the
     pipeline, the next finds nothing changed; Ctrl-C then stops the runner and the server it started."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -90,13 +91,13 @@ def test_scheduled_runs_fire_then_ctrl_c_stops_the_runner_and_its_server(tmp_pat
     url = f"http://127.0.0.1:{port}/api"
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "* * * * *", "--name", "test-serve",
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "15", "--name", "test-serve",
                                   "--server-port", str(port), "--project", str(root)], cwd=root, env=env, stdout=out,
                                  stderr=subprocess.STDOUT)
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             deployment = _wait_for_deployment("emoprune-pipeline/test-serve", serve, timeout=240)
-            assert [s.schedule.cron for s in deployment.schedules] == ["* * * * *"] and deployment.schedules[0].active
+            assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [15] and deployment.schedules[0].active
             assert deployment.parameters["project_dir"] == str(root)
             first, second = _scheduled_runs(deployment.id, serve, log, want=2, timeout=480)[:2]
             assert first.auto_scheduled and second.auto_scheduled, "runs not created by the scheduler"

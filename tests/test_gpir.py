@@ -71,3 +71,67 @@ def test_constrained_training_pulls_the_pruned_feature_towards_the_original():
     assert all(not p.requires_grad for p in head.parameters())
     with torch.no_grad():  # the original network is untouched
         assert torch.allclose(assemble(subs, head)(x), model(x))
+
+
+def _candidates_of(model, x, fracs=(0.3, 0.6)):
+    subs, head = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x)
+    modules, cands = [], []
+    for sub in subs:
+        ex = feats[sub.index - 1][:1]
+        space = SearchSpace(tuple(prunable_groups(sub.module, ex)))
+        imp = group_importance(sub.module, ex)
+        mods = [pruned_copy(sub.module, ex, space.decode(space.uniform(f), imp)).eval() for f in fracs]
+        modules.append(mods)
+        cands.append([(m, count_flops_params(m, ex)[0]) for m in mods])
+    return subs, head, feats, modules, cands
+
+
+def test_gpir_choice_beats_the_feasible_combinations_of_the_same_candidates():
+    """Every combination of the same candidates that saves enough, measured on the same val features: GPIR's
+    choice is at least as accurate as the median one and better than the worst (a ranking that picked any
+    feasible combination would not be)."""
+    import itertools
+
+    import numpy as np
+
+    model, x, y = self_labelled(96, seed=1)
+    subs, head, feats, modules, cands = _candidates_of(model, x, fracs=(0.2, 0.5, 0.8))
+    base_acc, table = impairment_table(subs, head, cands, [s.flops for s in subs], feats, y)
+    total = count_flops_params(model, x[:1])[0]
+    need = int(0.35 * total)
+    best = joint_scheme(subs, head, table, modules, base_acc, need, top_t=3, features=feats, labels=y)
+    accs = []
+    for choice in itertools.product(*(range(len(rows)) for rows in table)):
+        if sum(table[k][r]["saving"] for k, r in enumerate(choice)) < need:
+            continue
+        repl = {k + 1: modules[k][r - 1] for k, r in enumerate(choice) if r > 0}
+        accs.append(accuracy_with(subs, head, repl, feats, y))
+    assert len(accs) >= 10 and min(accs) < max(accs)  # a real choice among many feasible combinations
+    assert best.measured_acc >= float(np.median(accs)) and best.measured_acc > min(accs), (best.measured_acc, sorted(accs))
+
+
+def test_constrained_training_mixes_its_predecessors():
+    """X~ is drawn per batch from the original S_{k-1} and its trained candidates: every predecessor feeds
+    some batches (counted by a wrapper around each real module)."""
+
+    class Counted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, t):
+            self.calls += 1
+            return self.inner(t)
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    subs, head = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x)
+    ex = feats[2][:1]
+    space = SearchSpace(tuple(prunable_groups(subs[2].module, ex)))
+    cand = pruned_copy(subs[2].module, ex, space.decode(space.uniform(0.4), group_importance(subs[2].module, ex)))
+    preds = [Counted(subs[1].module), Counted(copy.deepcopy(subs[1].module)), Counted(copy.deepcopy(subs[1].module))]
+    train_constrained(cand, feats[2], feats[3], y, head, predecessors=preds, predecessor_inputs=feats[1], epochs=2, batch_size=8)
+    assert [p.calls for p in preds] and all(p.calls > 0 for p in preds) and sum(p.calls for p in preds) == 16

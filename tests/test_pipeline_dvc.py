@@ -40,6 +40,10 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     assert f"stages run: {', '.join(STAGES)}" in first.stdout, first.stdout[-2000:]
     for out in ("models/base.pt", "models/pruned.pt", "models/pruned.onnx", "metrics/summary.json", "dvc.lock"):
         assert (root / out).is_file(), out
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    # the run ends with its result: the FLOPs line carries the numbers of summary.json
+    assert f"{summary['base']['flops']:,} -> {summary['pruned']['flops']:,}" in first.stdout, first.stdout[-2000:]
+    assert "pretrain: epoch 2/2" in first.stdout  # training reports each epoch in logs too, not only on a terminal
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("emoprune")
@@ -72,7 +76,7 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     champion = client.get_model_version_by_alias("emoprune", "champion")
     first = client.get_model_version("emoprune", "1")
     assert str(candidate.version) == "2"
-    assert str(champion.version) == ("2" if float(candidate.tags["test_acc"]) > float(first.tags["test_acc"]) else "1")
+    assert str(champion.version) == ("2" if float(candidate.tags["val_acc"]) > float(first.tags["val_acc"]) else "1")
     # every model traces back to its code, params and data
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`emoprune.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])
     lock = yaml.safe_load((root / "dvc.lock").read_text())

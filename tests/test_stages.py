@@ -31,8 +31,20 @@ def project(tmp_path_factory, prefect_server):
     parent = parent_client.create_run(exp, run_name="pipeline")
     mp.setenv("EMOPRUNE_PARENT_RUN_ID", parent.info.run_id)
     results = {name: stage_flow(name, str(params_path)) for name in STAGES}
+    results["scheme.json"] = read_json(root / paths.SCHEME)  # as the first run left it (a later test ranks again)
     yield root, results, parent.info.run_id
     mp.undo()
+
+
+def _test_accuracy(root, model) -> float:
+    from pruning.train import evaluate
+    from tasks.datasets import split_batches
+
+    return evaluate(model, split_batches(root / paths.PREPARED, "test", 64), torch.device("cpu"))["acc"]
+
+
+def _project_results(project) -> dict:
+    return project[1]
 
 
 def test_prepare_writes_splits(project):
@@ -46,7 +58,8 @@ def test_pretrain_writes_a_usable_base_model(project):
     model, meta = load_model(root / paths.BASE)
     assert meta["scheme"] is None and meta["model"] == "resnet20"
     out = results["pretrain"]
-    assert 0.0 <= out["test_acc"] <= 1.0 and out["epochs"] == 2
+    assert out["epochs"] == 2
+    assert out["test_acc"] == pytest.approx(_test_accuracy(root, model))  # the reported number is the saved model's
     assert out["flops"] == count_flops_params(model, torch.zeros(1, 3, 32, 32))[0]
     assert len((root / paths.history_file("pretrain")).read_text().splitlines()) == 3  # header + 2 epochs
 
@@ -56,7 +69,8 @@ def test_selectors_cache_features_and_score_them(project):
     out = results["selectors"]
     assert out["k"] == 3 and out["cached"] == {"train": 128, "val": 96}
     assert sum(s["flops"] for s in out["subnetworks"]) < results["pretrain"]["flops"]
-    assert all(0.0 <= s["selector_val_acc"] <= 1.0 for s in out["subnetworks"])
+    # the last selector is the model's own head: on the cached X_K it scores what the whole network scores
+    assert out["subnetworks"][-1]["selector_val_acc"] == pytest.approx(results["scheme.json"]["info"]["val_cache_acc_base"])
     x1 = np.load(root / "artifacts/features/val_x1.npy", mmap_mode="r")
     assert x1.shape == (96, *out["subnetworks"][0]["out_shape"])
 
@@ -98,7 +112,8 @@ def test_rank_meets_the_target_and_the_model_has_the_predicted_flops(project):
 
 def test_finetune_and_export(project):
     root, results, _ = project
-    assert 0.0 <= results["finetune"]["test_acc"] <= 1.0
+    pruned, _ = load_model(root / paths.PRUNED)
+    assert results["finetune"]["test_acc"] == pytest.approx(_test_accuracy(root, pruned))
     onnx = results["export"]
     assert onnx["top1_agreement"] >= 0.999 and onnx["max_abs_diff"] < 1e-3
     assert onnx["latency_ms_base_b8"] > 0 and onnx["latency_ms_pruned_b8"] > 0
@@ -111,8 +126,8 @@ def test_summary_has_the_promised_keys(project):
     assert {"test_acc", "flops", "params"} <= summary["base"].keys()
     assert {"test_acc", "flops", "params", "flops_reduction", "params_reduction"} <= summary["pruned"].keys()
     assert {"max_abs_diff", "top1_agreement", "latency_ms_base", "latency_ms_pruned"} <= summary["onnx"].keys()
-    for acc in (summary["base"]["test_acc"], summary["pruned"]["test_acc"]):
-        assert 0.0 <= acc <= 1.0
+    assert summary["base"]["test_acc"] == _project_results(project)["pretrain"]["test_acc"]
+    assert summary["pruned"]["test_acc"] == _project_results(project)["finetune"]["test_acc"]
     assert summary["pruned"]["flops"] < summary["base"]["flops"]
     assert (root / paths.PLOTS / "channels.png").stat().st_size > 1000
 
@@ -175,7 +190,36 @@ def test_compare_lists_runs_at_two_targets_and_champion_follows_the_rules(projec
     champion = client.get_model_version_by_alias("emoprune", "champion")
     candidate = client.get_model_version_by_alias("emoprune", "candidate")
     assert str(candidate.version) == "2"
-    first_acc = results["finetune"]["test_acc"]
-    second_acc = float(candidate.tags["test_acc"])
-    # fewer FLOPs at 0.6, so the second run takes the title exactly when it is more accurate
+    first_acc = results["finetune"]["val_acc"]
+    second_acc = float(candidate.tags["val_acc"])
+    # fewer FLOPs at 0.6, so the second run takes the title exactly when it is more accurate on val (never test)
     assert str(champion.version) == ("2" if second_acc > first_acc else "1")
+
+
+def test_the_python_api_finds_the_pipelines_scheme(project):
+    """One EMO-DIR: `prune()` on the pipeline's base model, fed the images the selectors stage cached (same
+    subsets, same order) and the same settings, chooses exactly the scheme the stages chose."""
+    from torch.utils.data import Subset
+
+    from pruning import prune
+    from tasks.config import load_params
+    from tasks.datasets import load_split, make_loader
+
+    root, _, _ = project
+    p = load_params(root / "params.yaml")
+    base, _ = load_model(root / paths.BASE)
+
+    def cached(split: str, n: int):  # what tasks/selectors.py:_cache feeds the division
+        ds = load_split(root / paths.PREPARED, split, train=False)
+        idx = np.sort(np.random.default_rng(p.seed).permutation(len(ds))[: min(n, len(ds))])
+        return make_loader(Subset(ds, idx.tolist()), p.data.batch_size, shuffle=False)
+
+    s, c = p.search, p.constrain
+    result = prune(base, torch.zeros(1, 3, 32, 32), cached("train", p.divide.cache_train), cached("val", p.divide.cache_val),
+                   p.prune.target, method="emo-dir", metric=p.prune.metric, k=p.divide.k, cache_train=p.divide.cache_train,
+                   cache_val=p.divide.cache_val, selector_epochs=p.selectors.epochs, selector_lr=p.selectors.lr,
+                   pop_size=s.pop_size, generations=s.generations, levels=s.levels, round_to=p.prune.round_to, encoding=s.encoding,
+                   calib_samples=s.calib_samples, candidates=c.candidates, constrain_epochs=c.epochs, constrain_lr=c.lr, lam=c.lam,
+                   top_t=p.rank.top_t, max_overshoot=p.rank.max_overshoot, seed=p.seed, device="cpu")
+    assert result.scheme == project[1]["scheme.json"]["keep"]
+    assert result.flops == project[1]["rank"]["flops"]
