@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup lock lint run test test-fast ui serve bench bench-quick clean
+.PHONY: setup lock lint bench-bases run test test-fast ui serve bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,9 @@ CRON ?= 0 2 * * *
 PREFECT_PORT ?= 4200
 serve: $(STAMP)  ## serve the pipeline on a schedule (make serve CRON="0 2 * * *"); starts a Prefect server on :4200 if none answers, log in .emoprune/prefect-server.log; Ctrl-C stops both
 	$(BIN)/emoprune serve --cron "$(CRON)" --server-port $(PREFECT_PORT)
+
+bench-bases: $(STAMP)  ## train (or resume training) the benchmarks' base models, ResNet-20 then ResNet-56 (hours on 2 cores)
+	$(BIN)/python bench/bases.py resnet20 resnet56
 
 bench: $(STAMP)  ## full benchmark profile (ResNet-56 on the CIFAR-10 copy), then docs/benchmarks.md
 	$(BIN)/python bench/run.py --profile full

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -115,9 +116,10 @@ def train(name: str) -> dict:
                    "augment": meta["augment"], "seed": SEED},
         "data": {"source": "CIFAR-10 JPEG copy (../shared/data/cifar10-jpeg.tar.gz)", "counts": meta["counts"],
                  "fingerprint": meta["fingerprint"], "mean": meta["mean"], "std": meta["std"]},
-        # an epoch's time includes its val pass (5,000 images forward, about 3% of it)
-        "train_images_per_s": n_train * len(timings) / sum(timings),
-        "train_seconds": sum(timings),
+        # the median epoch: an epoch's wall time also counts any pause of the process (a stopped sitting, a
+        # machine shared with other work); it includes the val pass (5,000 images forward, about 3% of it)
+        "train_images_per_s": n_train / statistics.median(timings),
+        "median_epoch_seconds": statistics.median(timings),
         "epoch_seconds": timings,
         "history": history,
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),

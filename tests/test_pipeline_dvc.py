@@ -43,7 +43,6 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     summary = json.loads((root / "metrics/summary.json").read_text())
     # the run ends with its result: the FLOPs line carries the numbers of summary.json
     assert f"{summary['base']['flops']:,} -> {summary['pruned']['flops']:,}" in first.stdout, first.stdout[-2000:]
-    assert "pretrain: epoch 2/2" in first.stdout  # training reports each epoch in logs too, not only on a terminal
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("emoprune")

@@ -33,3 +33,11 @@ def test_fit_learns_a_task_the_untrained_network_cannot(precision, channels_last
 def test_a_bad_precision_is_named():
     with pytest.raises(ValueError, match="'fp8'.*bf16, fp32"):
         TrainConfig(epochs=1, lr=0.1, precision="fp8")
+
+
+def test_fit_reports_each_epoch_when_not_on_a_terminal(capsys):
+    """Under DVC or Prefect the output is a pipe, where a progress bar shows nothing until the end: one line per epoch."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    fit(model, _task(64, 0), TrainConfig(epochs=2, lr=0.1), torch.device("cpu"), val_loader=_task(32, 1), description="pretrain")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("pretrain: epoch")]
+    assert [ln.split()[2] for ln in lines] == ["1/2", "2/2"] and all("val_acc=" in ln for ln in lines)
