@@ -20,14 +20,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 METHODS = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random"]
 
 # Overrides of params.yaml per profile; budgets are the same for every method of a profile.
@@ -87,14 +85,9 @@ def _sh(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comple
 
 
 def _cifar_root(work: Path) -> str:
-    root = work.parent / "cifar10"
-    if not (root / "train").is_dir():
-        if not SHARED_CIFAR.is_file():
-            raise SystemExit(f"the CIFAR-10 copy {SHARED_CIFAR} is missing; see ../shared/data/README.md")
-        root.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(SHARED_CIFAR) as tar:
-            tar.extractall(root, filter="data")
-    return str(root.resolve())
+    from bases import cifar_root  # bench/bases.py: the one place that unpacks the shared copy (bench/work/cifar10)
+
+    return str(cifar_root())
 
 
 def setup(profile: str, work: Path) -> None:
