@@ -14,6 +14,9 @@ setup: $(STAMP)
 # machine gets exactly the tested set. `make lock` regenerates it after a change to pyproject.toml.
 UV_VERSION := 0.13.9
 UV := $(VENV)/.uv/bin/uv
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (as on this
+# machine kind) every process would compile torch, mlflow and prefect from source again: about 5 s per
+# process, and every pipeline stage is a process. Compiling once at install takes about 40 s.
 # This machine kind keeps torch's wheels on disk; uv does not read pip.conf, so they are named here.
 LOCAL_WHEELS := $(wildcard /opt/wheels)
 LOCAL_INDEX := $(wildcard /opt/pypi-more/simple)
@@ -25,7 +28,7 @@ $(UV):
 
 $(STAMP): requirements.lock pyproject.toml | $(UV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(UV) pip sync --quiet --python $(BIN)/python $(UV_SOURCES) --require-hashes requirements.lock
+	$(UV) pip sync --quiet --python $(BIN)/python $(UV_SOURCES) --require-hashes --compile-bytecode requirements.lock
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(UV) pip check --python $(BIN)/python
 	touch $(STAMP)

@@ -82,6 +82,15 @@ def stage(
 
 
 @app.command()
+def sources(params: Path = typer.Option(Path("params.yaml"), help="params file naming data.root and model.checkpoint")) -> None:
+    """Fingerprint the inputs outside the repository into data/sources.json (what dvc.yaml's first stage calls)."""
+    from tasks.sources import SOURCES, write
+
+    changed = write(params, params.parent / SOURCES)
+    typer.echo(f"{SOURCES}: {'changed' if changed else 'unchanged'}")
+
+
+@app.command()
 def run(
     force: bool = typer.Option(False, help="rerun every stage even if DVC finds it up to date"),
     project: Path = typer.Option(Path("."), help="project folder holding dvc.yaml and params.yaml"),

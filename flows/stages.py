@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from tasks import sources
 from tasks.config import Params, load_params
 from tasks.paths import STAGES as STAGE_NAMES
 from tasks.tracking import PARENT_ENV, close_orphans, connect, owner_tags, pipeline_run_name, trace_tags
@@ -128,9 +130,12 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
-        if not _dvc_hint(line):
-            print(line, end="", flush=True)
         lines.append(line)
+        if (route := output_route(line)) == "raw":
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        elif route == "log":
+            print(line, end="", flush=True)
     if proc.wait() != 0:
         last = [line.rstrip() for line in lines if line.strip()][-3:]
         raise RuntimeError(
@@ -141,12 +146,18 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
     return not skipped
 
 
+_PREFECT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| ")
 # DVC's advice after every stage (git add, autostage, dvc push) says nothing about this run
 _DVC_HINTS = ("To track the changes with git", "To enable auto staging", "dvc config core.autostage", "Use `dvc push`", "git add ")
 
 
-def _dvc_hint(line: str) -> bool:
-    return line.strip().startswith(_DVC_HINTS)
+def output_route(line: str) -> str | None:
+    """Where a line of `dvc repro`'s output goes: None (dropped: DVC's git hints, blank lines), "raw" (a log line of
+    the stage's own flow, already timestamped and already in Prefect under that flow: printed as it is, not
+    stamped a second time) or "log" (DVC's own lines: printed into the pipeline flow's log)."""
+    if not line.strip() or line.strip().startswith(_DVC_HINTS):
+        return None
+    return "raw" if _PREFECT_LINE.match(line) else "log"
 
 
 def retry_settings(params: Params) -> dict[str, str]:
@@ -172,10 +183,13 @@ def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml")
+    # the `sources` stage, here in-process: DVC always counts it as changed, what matters is whether its output did
+    if sources.write(project / "params.yaml", project / sources.SOURCES):
+        logger.info("inputs outside the repository changed (%s)", sources.SOURCES)
     status = _dvc("status", "--json", cwd=project)
     if status.returncode != 0:
         raise RuntimeError(f"dvc status failed in {project}: {status.stderr.strip() or status.stdout.strip()}")
-    if not force and json.loads(status.stdout or "{}") == {}:
+    if not force and not {k: v for k, v in json.loads(status.stdout or "{}").items() if k != "sources"}:
         logger.info("nothing changed: every stage is up to date, no stage ran")
         return {"ran": [], "parent_run_id": None, "up_to_date": True}
     cwd = os.getcwd()

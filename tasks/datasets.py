@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tasks.config import DataParams
 from tasks.io import atomic_json, atomic_torch_save, read_json
+from tasks.sources import listing
 
 if TYPE_CHECKING:  # torchvision takes seconds to import; stages reading decoded tensors never need it
     from torchvision.transforms import v2
@@ -197,6 +198,8 @@ def _prepare_streaming(p: DataParams, seed: int, out_dir: Path, train_dir: Path,
         "augment": _augment_kind(p),
         "counts": {"train": len(train_idx), "val": len(val_idx), "test": len(test)},
         "fingerprint": files.hexdigest()[:16],
+        # read from disk every epoch, so an image edited in place (same name and size) must change this file too
+        "files": listing([train_dir, test_dir])["digest"],
         "dirs": {"train": str(train_dir), "test": str(test_dir)},
     }
     atomic_json(meta, out_dir / "meta.json")

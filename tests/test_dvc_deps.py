@@ -71,3 +71,11 @@ def test_code_folders_ignore_bytecode():
     """`pruning` is a directory dependency: Python's bytecode caches inside it must not count as changes."""
     ignored = (REPO / ".dvcignore").read_text().split()
     assert "__pycache__/" in ignored
+
+
+def test_the_sources_stage_is_light_and_declares_what_it_runs():
+    """It runs on every repro: nothing of torch, Prefect or MLflow, and its one module is its dependency."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sources"]
+    assert import_closure("tasks.sources") == {"tasks/__init__.py", "tasks/sources.py"}
+    assert stage["deps"] == ["tasks/sources.py"] and stage["always_changed"] is True
+    assert not any("torch" in n or "prefect" in n or "mlflow" in n for n in _imports(REPO / "tasks/sources.py", "tasks.sources"))
