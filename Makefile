@@ -41,7 +41,7 @@ run: $(STAMP)  ## run the whole pipeline (dvc repro through Prefect, logged in M
 	$(BIN)/emoprune run
 
 test: $(STAMP)  ## the test suite, slow end-to-end tests included, on 2 worker processes
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)  ## ruff (lint and format) and mypy over pruning/, tasks/, flows/
 	$(BIN)/ruff check

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import itertools
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -92,26 +93,26 @@ def _conv_units(model: nn.Module, prefix: str, seq: nn.Sequential) -> list[Block
 
 def _split(model: nn.Module) -> tuple[list[Block], nn.Module, int]:
     """(blocks, head, number of leading stem blocks that must stay with the next block)."""
-    import torchvision
-
-    tvm = torchvision.models
+    # A torchvision model can only exist once torchvision.models is loaded; importing it just to learn that a
+    # CIFAR model is not one of its classes costs every stage process 1.5 s.
+    tvm = sys.modules.get("torchvision.models")
     if isinstance(model, ResNetCifar):
         stem = _chain(model, ["conv1", "bn1", "relu"])
         body = [(f"{layer}.{i}", b) for layer in ("layer1", "layer2", "layer3") for i, b in enumerate(getattr(model, layer))]
         return [stem, *body], _head(model.pool, nn.Flatten(1), model.fc), 1
-    if isinstance(model, tvm.ResNet):
+    if tvm is not None and isinstance(model, tvm.ResNet):
         stem = _chain(model, ["conv1", "bn1", "relu", "maxpool"])
         layers = ("layer1", "layer2", "layer3", "layer4")
         body = [(f"{layer}.{i}", b) for layer in layers for i, b in enumerate(getattr(model, layer))]
         return [stem, *body], _head(model.avgpool, nn.Flatten(1), model.fc), 1
-    if isinstance(model, (MobileNetV2Cifar, tvm.MobileNetV2)):
+    if isinstance(model, MobileNetV2Cifar) or (tvm is not None and isinstance(model, tvm.MobileNetV2)):
         # features.0 is the stem, then the inverted residual blocks, then the last 1x1 conv.
         feats = [(f"features.{i}", m) for i, m in enumerate(model.features)]
         pool = model.pool if isinstance(model, MobileNetV2Cifar) else nn.AdaptiveAvgPool2d((1, 1))
         return feats, _head(pool, nn.Flatten(1), model.classifier), 1
     if isinstance(model, VGGCifar):
         return _conv_units(model, "features", model.features), _head(model.pool, nn.Flatten(1), model.classifier), 0
-    if isinstance(model, tvm.VGG):
+    if tvm is not None and isinstance(model, tvm.VGG):
         return _conv_units(model, "features", model.features), _head(model.avgpool, nn.Flatten(1), model.classifier), 0
     raise ValueError(f"cannot divide a {type(model).__name__} into blocks; supported models: {', '.join(SUPPORTED_MODELS)}")
 

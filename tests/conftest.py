@@ -14,12 +14,18 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.pop("EMOPRUNE_PARENT_RUN_ID", None)
 
+# One share of the cores per xdist worker, for this process and every process a test starts (stages, the CLI):
+# two workers with two OpenMP threads each (plus their subprocesses) oversubscribe 2 cores, and OpenMP threads
+# that spin waiting for each other made some tests 4x slower.
+_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +94,14 @@ def dvc_project(root: Path, params: dict, prefect_url: str) -> dict[str, str]:
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return env
+
+
+# The longest files, longest first. `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: each file goes
+# whole to one worker, in collection order, so the longest start first and the short ones fill the gaps after
+# (xdist's default order, most tests first, started the two longest files last and left one worker idle at the end).
+LONGEST_FIRST = ("test_pipeline_dvc.py", "test_deploy.py", "test_kill_resume.py", "test_stages.py", "test_runners.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order otherwise kept

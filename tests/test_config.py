@@ -83,12 +83,13 @@ def test_cli_help_lists_commands():
 
 
 def test_one_stage_list_matches_dvc_yaml_and_the_cli():
-    """tasks.paths.STAGES is the list the flows dispatch on and the CLI offers: it must be dvc.yaml's, in order."""
+    """tasks.paths.STAGES is the list the flows dispatch on and the CLI offers: it must be dvc.yaml's, in order,
+    after `sources` (a fingerprint, not a Prefect flow: `emoprune sources`)."""
     from flows.cli import Stage
     from flows.stages import STAGES as DISPATCH
     from tasks.paths import STAGES
 
-    assert list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == list(STAGES)
+    assert list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == ["sources", *STAGES]
     assert list(DISPATCH) == list(STAGES) and [s.value for s in Stage] == list(STAGES)
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "prune"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
