@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from pruning.methods import method_spec
 from tasks import sources
 from tasks.config import Params, load_params
 from tasks.paths import STAGES as STAGE_NAMES
@@ -109,7 +110,7 @@ def _export_api_url() -> None:
 def run_stage(name: str, params_path: str = "params.yaml") -> dict:
     """`stage_flow` with the task runner chosen in params (it only matters for the search)."""
     params = load_params(params_path)
-    if name != "search" or params.prune.method != "emo-dir":
+    if name != "search" or method_spec(params.prune.method).search != "subnetworks":  # one search task per sub-network
         # Prefect's with_options annotation is narrower than the task runners it takes
         return stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(name, params_path)  # type: ignore[arg-type]
     if params.orchestration.task_runner != "threads":

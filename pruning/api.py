@@ -24,7 +24,7 @@ from pruning.emodir import (
     train_selectors,
 )
 from pruning.gpir import rank
-from pruning.methods import METHODS, PruningResult, Target, cost_of
+from pruning.methods import PruningResult, Target, cost_of, method_spec
 from pruning.search import choose_for_target, spread_indices
 from pruning.train import resolve_device, seed_everything
 
@@ -90,6 +90,7 @@ def prune(
         result.model                    # the physically smaller network
     """
     target_ = Target(target, metric)
+    spec = method_spec(method)  # an unknown method fails here, before any work
     dev = resolve_device(device)
     seed_everything(seed)
     base = copy.deepcopy(model).cpu().eval()
@@ -97,16 +98,16 @@ def prune(
     base_flops, base_params = count_flops_params(base, x1)
     info: dict = {"method": method}
     search = SearchSettings(pop_size=pop_size, generations=generations, levels=levels, encoding=encoding, calib_samples=calib_samples)
-    if method in METHODS:
-        result = METHODS[method](round_to=round_to, seed=seed)(base, x1, target_)
+    if spec.one_shot is not None:
+        result = spec.one_shot(round_to=round_to, seed=seed)(base, x1, target_)
         pruned, scheme = pruned_copy(base, x1, result.scheme), result.scheme
         info.update(result.info)
-    elif method in ("emo-dir", "whole-emo"):
+    else:  # a search: over the whole network, or per sub-network then GPIR
         subs, head = divide(base, x1, k)
         tr, ytr = boundary_features(subs, train_loader, device=dev, max_samples=cache_train)
         va, yva = boundary_features(subs, val_loader, device=dev, max_samples=cache_val)
         num_classes = int(base(x1).shape[1])
-        if method == "whole-emo":
+        if spec.search == "network":
             front = search_network(
                 base,
                 x1,
@@ -173,8 +174,6 @@ def prune(
             )
             decided.pop("table")
             info.update(evaluations=evaluations, **decided)
-    else:
-        raise ValueError(f"unknown method {method!r}; allowed: emo-dir, whole-emo, {', '.join(METHODS)}")
     if finetune_epochs > 0:
         settings = FinetuneSettings(epochs=finetune_epochs, lr=finetune_lr, kd=kd, kd_temperature=kd_temperature, kd_alpha=kd_alpha)
         finetune(pruned, base, train_loader, dev, settings, val_loader=val_loader, progress=False)

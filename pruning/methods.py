@@ -28,13 +28,16 @@ from pruning.channels import (
 __all__ = [
     "METHODS",
     "METHOD_NAMES",
+    "REGISTRY",
     "GlobalMagnitude",
+    "MethodSpec",
     "PruningMethod",
     "PruningResult",
     "RandomRatios",
     "Target",
     "Uniform",
     "cost_of",
+    "method_spec",
     "reduction_of",
 ]
 
@@ -244,4 +247,52 @@ class RandomRatios(PruningMethod):
 
 # One-shot methods that the rank stage runs directly; EMO-DIR and whole-emo go through search stages.
 METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Uniform, GlobalMagnitude, RandomRatios)}
-METHOD_NAMES = ("emo-dir", "whole-emo", *METHODS)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a `prune.method` needs from the pipeline and how far it reaches: the stages and the API ask this
+    record, never the method's name.
+
+    - `search`: None for a one-shot method (`one_shot` is its class, run by the rank stage); "subnetworks" for
+      NSGA-II on each sub-network (one task each); "network" for NSGA-II over the whole network.
+    - `selectors`: searches score candidates with trained selector networks g_k (on their cached features).
+    - `candidates`: the constrain stage trains several schemes per sub-network under the feature constraint.
+    - `gpir`: the rank stage combines the sub-networks' candidates by GPIR (and writes the joint front);
+      otherwise a search method's scheme is the front member nearest the target.
+    - reach (the smallest model the method can build, for the out-of-reach check): the groups a search covers
+      at their lowest keep level (inside the sub-networks, boundary channels kept, or every group), or every
+      group at a one-shot method's smallest width."""
+
+    name: str
+    search: Literal["subnetworks", "network"] | None = None
+    selectors: bool = False
+    candidates: bool = False
+    gpir: bool = False
+    one_shot: type[PruningMethod] | None = None
+
+    @property
+    def searches(self) -> bool:
+        return self.search is not None
+
+    @property
+    def feature_stages(self) -> frozenset[str]:
+        """The pipeline stages that read the cached sub-network features for this method."""
+        if not self.searches:
+            return frozenset()
+        return frozenset({"search"} | ({"constrain"} if self.candidates else set()) | ({"rank"} if self.gpir else set()))
+
+
+REGISTRY: dict[str, MethodSpec] = {
+    "emo-dir": MethodSpec("emo-dir", search="subnetworks", selectors=True, candidates=True, gpir=True),
+    "whole-emo": MethodSpec("whole-emo", search="network"),
+    **{name: MethodSpec(name, one_shot=cls) for name, cls in METHODS.items()},
+}
+METHOD_NAMES = tuple(REGISTRY)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registry entry of `name`; a ValueError names the methods there are."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pruning.emodir import ConstrainSettings, FinetuneSettings, RankSettings, SearchSettings, SelectorSettings
-from pruning.methods import METHOD_NAMES
+from pruning.methods import method_spec
 from pruning.models import build_model
 
 SCHEMA_VERSION = 1
@@ -129,8 +129,7 @@ class PruneParams(_Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in METHOD_NAMES:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHOD_NAMES)}")
+        method_spec(v)  # the registry: a ValueError names the methods there are
         return v
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from pruning.channels import count_flops_params, pruned_copy
 from pruning.emodir import ConstrainSettings, constrain_subnetwork
+from pruning.methods import method_spec
 from pruning.search import spread_indices
 from pruning.train import resolve_device
 from tasks import paths
@@ -38,7 +39,7 @@ def run(params: Params) -> dict:
     method = params.prune.method
     with stage_run(params, "constrain", ("constrain",)):
         paths.CANDIDATES.mkdir(parents=True, exist_ok=True)
-        if method != "emo-dir":
+        if not method_spec(method).candidates:
             out = {"method": method, "trained": 0, "note": f"{method} does not train sub-network candidates"}
             atomic_json(out, paths.CANDIDATES / "index.json")
             atomic_json(out, paths.metrics_file("constrain"))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pruning.divide import SubNetwork, divide
+from pruning.methods import method_spec
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.config import Params
@@ -86,11 +87,11 @@ def memory_plan(params: Params, division: Division) -> MemoryPlan:
     per_sample = 4 * sum(sizes)
     model = _param_bytes(division.model)
     caching = model + 2 * params.data.batch_size * per_sample  # the batch's features plus activations in flight
-    method = params.prune.method
-    if method == "emo-dir":
+    search = method_spec(params.prune.method).search
+    if search == "subnetworks":
         each = max(2 * _param_bytes(s.module) + 2 * SCORER_BATCH * 4 * (math.prod(s.in_shape) + math.prod(s.out_shape)) for s in subs)
         searches = min(params.orchestration.workers or division.k, division.k)
-    elif method == "whole-emo":
+    elif search == "network":
         each, searches = 2 * model + 2 * SCORER_BATCH * 4 * (sizes[0] + max(sizes)), 1
     else:  # one-shot baselines do not search
         each, searches = 0, 0

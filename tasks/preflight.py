@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from pruning.methods import method_spec
 from tasks import paths
 from tasks.config import ConfigError, Params
 from tasks.io import atomic_json, read_json
@@ -25,8 +26,6 @@ from tasks.paths import STAGES
 
 MODEL_STAGES = {"selectors", "search", "constrain", "rank"}  # these divide and prune the model
 DATA_STAGES = {"pretrain", "selectors", "rank", "finetune", "export"}  # these read data/prepared
-# the stages reading artifacts/features, by method (models/selectors.pt: emo-dir only); the one-shot baselines read neither
-FEATURE_STAGES = {"emo-dir": {"search", "constrain", "rank"}, "whole-emo": {"search"}}
 # model files a stage reads, and the stage that writes them: checked only when that stage is not part of this run
 READS = {
     "selectors": [paths.BASE],
@@ -237,8 +236,9 @@ def _prepared(r: _Report, root: Path) -> None:
 def _inputs(r: _Report, params: Params, stages: set[str], root: Path) -> None:
     from tasks.checkpoints import CheckpointError, load_model
 
-    features = stages & FEATURE_STAGES.get(params.prune.method, set())
-    selectors = features and params.prune.method == "emo-dir"
+    spec = method_spec(params.prune.method)
+    features = stages & spec.feature_stages  # artifacts/features (and models/selectors.pt if the method uses selectors)
+    selectors = features and spec.selectors
     files = {f for s in stages for f in READS.get(s, []) if WRITER[f] not in stages and (f != paths.SELECTORS or selectors)}
     for f in sorted(files):
         try:
@@ -374,7 +374,7 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
 def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head) -> tuple[float, str]:
     from pruning.channels import channel_groups, count_flops_params, pruned_copy
     from pruning.divide import assemble
-    from pruning.methods import METHODS, cost_of
+    from pruning.methods import cost_of
     from pruning.search import SearchSpace, prunable_groups
 
     p, s = params.prune, params.search
@@ -387,16 +387,18 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         genes = [space.bounds[0]] * space.n_var
         return pruned_copy(module, example, space.decode(genes, {g.name: torch.zeros(g.channels) for g in groups}))
 
-    if p.method == "emo-dir":
+    spec = method_spec(p.method)
+    if spec.search == "subnetworks":
         small = assemble([dataclasses.replace(sub, module=smallest(sub.module, torch.zeros(1, *sub.in_shape))) for sub in subs], head)
         what = (
-            f"the emo-dir search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
+            f"the {p.method} search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
             f"keep level, boundary channels kept)"
         )
-    elif p.method == "whole-emo":
-        small, what = smallest(model, x), "the whole-emo search space (every channel group at its lowest keep level)"
+    elif spec.search == "network":
+        small, what = smallest(model, x), f"the {p.method} search space (every channel group at its lowest keep level)"
     else:
-        ratio = getattr(METHODS[p.method](), "max_ratio", 1.0)  # global-magnitude prunes at most this fraction of a layer
+        assert spec.one_shot is not None  # neither search kind: a one-shot method
+        ratio = getattr(spec.one_shot(), "max_ratio", 1.0)  # global-magnitude prunes at most this fraction of a layer
 
         def keep(c: int) -> int:
             return max(min(p.round_to, c), c - math.floor(ratio * c), 1)

@@ -14,7 +14,7 @@ import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
 from pruning.gpir import rank as gpir_rank
-from pruning.methods import METHODS, Target, cost_of
+from pruning.methods import METHOD_NAMES, Target, cost_of, method_spec
 from pruning.search import choose_for_target
 from pruning.train import resolve_device
 from tasks import paths
@@ -89,12 +89,13 @@ def choose(
 ) -> tuple[torch.nn.Module, dict, torch.nn.Module, KeepScheme, dict]:
     """(base model, its metadata, pruned model, keep-scheme, method info) for `prune.method` at `prune.target`."""
     p = params.prune
-    if p.method in METHODS:
+    spec = method_spec(p.method)
+    if spec.one_shot is not None:
         base, base_meta = load_model(paths.BASE)
-        result = METHODS[p.method](round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, p.metric))
+        result = spec.one_shot(round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, p.metric))
         return base, base_meta, pruned_copy(base, example, result.scheme), result.scheme, result.info
     division = load_division(params)
-    if p.method == "emo-dir":
+    if spec.gpir:
         pruned, scheme, info = rank_emo_dir(params, division, example, write_tables=write_tables)
     else:
         pruned, scheme, info = rank_whole_emo(params, division, example)
@@ -127,9 +128,9 @@ def run(params: Params) -> dict:
     p = params.prune
     with stage_run(params, "rank", ("prune", "rank")):
         start = time.perf_counter()
-        if p.method != "emo-dir":  # GPIR's tables exist for emo-dir only; the stage's outputs always exist
+        if not method_spec(p.method).gpir:  # GPIR's tables exist for GPIR methods only; the stage's outputs always exist
             for path in (paths.GPIR_TABLE, paths.JOINT_FRONT):
-                atomic_json({"method": p.method, "note": "global performance impairment ranking is emo-dir's"}, path)
+                atomic_json({"method": p.method, "note": f"{p.method} does not rank sub-network candidates by GPIR"}, path)
         base, base_meta, pruned, scheme, info = choose(params, data.example)
         seconds = time.perf_counter() - start
         doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
@@ -166,9 +167,10 @@ def scheme_for_target(params: Params, target: float) -> tuple[dict, Path, Path]:
     """Another target from the same search: rank again (no search, no constrained training) and write
     artifacts/schemes/target-<t>.json and models/pruned_init-target-<t>.pt; the pipeline's outputs stay as they are."""
     params = params.model_copy(update={"prune": params.prune.model_copy(update={"target": target})})
-    if params.prune.method not in ("emo-dir", "whole-emo"):
+    if not method_spec(params.prune.method).searches:
+        searching = ", ".join(m for m in METHOD_NAMES if method_spec(m).searches)
         raise ValueError(
-            f"prune.method={params.prune.method!r} keeps no front to rank again; allowed: emo-dir, whole-emo "
+            f"prune.method={params.prune.method!r} keeps no front to rank again; allowed: {searching} "
             f"(for one-shot baselines, rerun the rank stage with another prune.target)"
         )
     data = Data(params)

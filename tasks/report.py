@@ -7,6 +7,7 @@ import mlflow
 import torch
 from mlflow import MlflowClient
 
+from pruning.methods import method_spec
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.common import log_metrics_flat
@@ -106,8 +107,8 @@ def plot_fronts(path) -> bool:
 
 def plot_joint_front(summary: dict, path) -> bool:
     """The joint front of whole-network schemes from GPIR, the chosen scheme marked."""
-    if summary["method"] != "emo-dir":
-        return _placeholder(path, f"{summary['method']} has no joint front (GPIR is emo-dir's)")
+    if not method_spec(summary["method"]).gpir:
+        return _placeholder(path, f"{summary['method']} has no joint front (it does not rank sub-network candidates by GPIR)")
 
     doc = read_json(paths.JOINT_FRONT)
     xs = [p["reduction"] for p in doc["front"]]

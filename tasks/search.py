@@ -15,6 +15,7 @@ from torch import nn
 
 from pruning.channels import group_importance
 from pruning.emodir import SearchSettings, search_network
+from pruning.methods import method_spec
 from pruning.search import ParetoFront, prunable_groups
 from pruning.selectors import FeatureSelector
 from pruning.train import resolve_device
@@ -207,10 +208,11 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
         run_id = active.info.run_id
         start = time.perf_counter()
         paths.SEARCH.mkdir(parents=True, exist_ok=True)
-        if method == "emo-dir":
+        search = method_spec(method).search
+        if search == "subnetworks":
             k = params.divide.k
             results = (mapper or sequential(params))(list(range(1, k + 1)), run_id)
-        elif method == "whole-emo":
+        elif search == "network":
             results = [search_whole(params, run_id)]
         else:
             results = []

@@ -75,3 +75,22 @@ def test_bad_arguments_are_named(data):
         prune(model, x[:1], train, val, target=1.5)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         prune(model, x[:1], train, val, target=0.5, method="magic")
+
+
+def test_a_method_is_added_by_registering_it_once(data, monkeypatch):
+    """The stages and the API ask the registry what a method needs, never its name: one entry makes a new
+    one-shot method valid in params.yaml and runnable through prune()."""
+    from pruning.methods import REGISTRY, MethodSpec, Uniform
+    from tasks.config import Params
+
+    class Coarse(Uniform):
+        name = "coarse-uniform"
+
+    with pytest.raises(ValueError, match="unknown method 'coarse-uniform'; allowed: emo-dir, whole-emo, uniform"):
+        Params.model_validate({"prune": {"method": "coarse-uniform"}})
+    monkeypatch.setitem(REGISTRY, "coarse-uniform", MethodSpec("coarse-uniform", one_shot=Coarse))
+    assert Params.model_validate({"prune": {"method": "coarse-uniform"}}).prune.method == "coarse-uniform"
+    model, x, train, val = data
+    result = prune(model, x[:1], train, val, target=0.4, method="coarse-uniform", round_to=4)
+    assert result.flops_reduction >= 0.4 and result.info["method"] == "coarse-uniform"
+    assert all(len(kept) % 4 == 0 for kept in result.scheme.values())
