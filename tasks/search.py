@@ -117,6 +117,7 @@ def _search(
     importance = group_importance(module, example)
     doc = front_document(tag, front, importance, seconds)
     atomic_json(doc, paths.SEARCH / f"front_{tag}.json")
+    ckpt.unlink(missing_ok=True)  # the front is written: a later (forced) run searches afresh, as training does
     return {
         "tag": tag,
         "evaluations": front.evaluations,

@@ -104,3 +104,4 @@ def test_killed_search_resumes_to_the_uninterrupted_fronts(base_project, prefect
         assert a["members"] and a == b, f"front_s{k} differs after the resume"
     summary = json.loads((killed / "metrics/search.json").read_text())
     assert any(s["resumed"] for s in summary["subnetworks"])
+    assert not list((killed / CHECKPOINTS).glob("search_*.pkl"))  # removed once the fronts are written
