@@ -7,6 +7,7 @@ from them and params.yaml repeats them (a test fails when the three disagree).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -100,11 +101,13 @@ def train_selectors(
     *,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    on_trained: Callable[[int, float], None] | None = None,
 ) -> list[nn.Module]:
     """g_1..g_K: a frozen FeatureSelector on each inner boundary's cached train features (seeded `seed + k`),
-    and the model's own head for the last boundary."""
+    and the model's own head for the last boundary. `on_trained(k, seconds)` follows each one trained."""
     selectors: list[nn.Module] = []
     for sub in subnetworks[:-1]:
+        start = time.perf_counter()
         selectors.append(
             train_selector(
                 features[sub.index],
@@ -117,6 +120,8 @@ def train_selectors(
                 device=device,
             )
         )
+        if on_trained is not None:
+            on_trained(sub.index, time.perf_counter() - start)
     return [*selectors, head]
 
 

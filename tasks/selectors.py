@@ -64,7 +64,11 @@ def run(params: Params) -> dict:
         where = "in memory" if plan.in_memory else "memory-mapped from disk"
         print(f"selectors: feature cache about {plan.features / MB:,.0f} MB, budget {plan.budget / MB:,.0f} MB: held {where}", flush=True)
         for split, n in (("train", params.divide.cache_train), ("val", params.divide.cache_val)):
+            cache_start = time.perf_counter()
             _cache(params, division, split, n, device, plan)
+            print(
+                f"selectors: {split} features cached at {division.k + 1} boundaries ({time.perf_counter() - cache_start:.1f} s)", flush=True
+            )
         atomic_json(
             {
                 "schema_version": 1,
@@ -87,6 +91,9 @@ def run(params: Params) -> dict:
             SelectorSettings(**params.selectors.model_dump()),
             seed=params.seed,
             device=device,
+            on_trained=lambda k, s: print(
+                f"selectors: g_{k} of {division.k - 1} trained ({params.selectors.epochs} epochs, {s:.1f} s)", flush=True
+            ),
         )
         for sub, g in zip(division.subnetworks, selectors):  # the last one is the model's own head
             k = sub.index
