@@ -20,6 +20,7 @@ from pruning.emodir import (
     SelectorSettings,
     constrain_subnetwork,
     finetune,
+    reestimate_bn,
     search_network,
     train_selectors,
 )
@@ -67,6 +68,7 @@ def prune(
     lam: float = _CON.lam,
     top_t: int = _RANK.top_t,
     max_overshoot: float = _RANK.max_overshoot,
+    bn_samples: int = _RANK.bn_samples,
     finetune_epochs: int = 0,
     finetune_lr: float = _FT.lr,
     kd: Literal["none", "kd", "dynamickd"] = _FT.kd,
@@ -80,7 +82,9 @@ def prune(
     The loaders yield (images, labels) batches: train feeds the feature caches, selectors, constrained
     training and finetuning; val scores candidates and ranks schemes. Keep your test split out of both.
     Every step is the pipeline's own (pruning/emodir.py), with the same defaults as params.yaml;
-    `finetune_epochs` is 0 here (params.yaml's finetune.epochs is the pipeline's).
+    `finetune_epochs` is 0 here (params.yaml's finetune.epochs is the pipeline's). Whatever the method, the
+    pruned network's BatchNorm statistics are re-estimated on the first `bn_samples` images of `train_loader`
+    (shuffle it: a class-sorted loader gives class-biased statistics) before finetuning.
 
     Example (illustrative, not run)::
 
@@ -174,6 +178,7 @@ def prune(
             )
             decided.pop("table")
             info.update(evaluations=evaluations, **decided)
+    info["bn_samples"] = reestimate_bn(pruned.to(dev), train_loader, bn_samples, dev)  # every method, as the rank stage
     if finetune_epochs > 0:
         settings = FinetuneSettings(epochs=finetune_epochs, lr=finetune_lr, kd=kd, kd_temperature=kd_temperature, kd_alpha=kd_alpha)
         finetune(pruned, base, train_loader, dev, settings, val_loader=val_loader, progress=False)

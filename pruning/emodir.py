@@ -18,7 +18,7 @@ from torch import nn
 from pruning.constrain import train_front
 from pruning.distill import Distiller, DynamicKDLoss, KDLoss
 from pruning.divide import SubNetwork
-from pruning.search import ParetoFront, Scorer, SearchSpace, prunable_groups, run_search
+from pruning.search import ParetoFront, Scorer, SearchSpace, loader_images, prunable_groups, recalibrate_bn, run_search
 from pruning.selectors import train_selector
 from pruning.train import TrainConfig, fit, seed_everything
 
@@ -31,6 +31,7 @@ __all__ = [
     "constrain_subnetwork",
     "distiller",
     "finetune",
+    "reestimate_bn",
     "search_network",
     "train_selectors",
 ]
@@ -70,10 +71,14 @@ class ConstrainSettings:
 
 @dataclass(frozen=True)
 class RankSettings:
-    """GPIR: the `top_t` best knapsack combinations are verified jointly on the val features."""
+    """GPIR: the `top_t` best knapsack combinations are verified jointly on the val features. Whatever the
+    method, the chosen network's BatchNorm statistics are then re-estimated on `bn_samples` train images
+    (0: keep the statistics the method left), so every method starts finetuning, and is measured before it,
+    on statistics of its own pruned structure."""
 
     top_t: int = 10
     max_overshoot: float = 0.02
+    bn_samples: int = 2048
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,16 @@ def constrain_subnetwork(
         device=device,
         on_trained=on_trained,
     )
+
+
+def reestimate_bn(model: nn.Module, train_loader: Iterable, samples: int, device: torch.device | str = "cpu") -> int:
+    """Re-estimate `model`'s BatchNorm statistics on the first `samples` images of `train_loader` (every
+    method's last step before finetuning, see RankSettings); returns how many images were used."""
+    if samples <= 0:
+        return 0
+    images = loader_images(train_loader, samples)
+    recalibrate_bn(model, images, 256, torch.device(device))
+    return len(images)
 
 
 def distiller(settings: FinetuneSettings) -> Distiller:

@@ -10,7 +10,7 @@ pruned module over the original's) and selector error. Nothing of pymoo leaves t
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +37,7 @@ __all__ = [
     "SearchSpace",
     "Scorer",
     "choose_for_target",
+    "loader_images",
     "prunable_groups",
     "recalibrate_bn",
     "run_search",
@@ -177,13 +178,29 @@ def recalibrate_bn(module: nn.Module, inputs: torch.Tensor, batch_size: int, dev
     if not bns or len(inputs) == 0:
         module.eval()
         return
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average over the calibration batches
     module.train()
-    for i in range(0, len(inputs), batch_size):
-        module(as_batch(inputs[i : i + batch_size]).to(device))
-    module.eval()
+    try:
+        for i in range(0, len(inputs), batch_size):
+            module(as_batch(inputs[i : i + batch_size]).to(device))
+    finally:  # training afterwards (finetuning in the same process) must see the usual running average again
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        module.eval()
+
+
+def loader_images(loader: Iterable, samples: int) -> torch.Tensor:
+    """The first `samples` images (fewer if the loader has fewer) of a loader of (images, labels) batches."""
+    xs, n = [], 0
+    for x, _ in loader:
+        xs.append(x[: samples - n])
+        n += len(xs[-1])
+        if n >= samples:
+            break
+    return torch.cat(xs) if xs else torch.empty(0)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import mlflow
 import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
+from pruning.emodir import reestimate_bn
 from pruning.gpir import rank as gpir_rank
 from pruning.methods import METHOD_NAMES, Target, cost_of, method_spec
 from pruning.search import choose_for_target
@@ -132,6 +133,7 @@ def run(params: Params) -> dict:
             for path in (paths.GPIR_TABLE, paths.JOINT_FRONT):
                 atomic_json({"method": p.method, "note": f"{p.method} does not rank sub-network candidates by GPIR"}, path)
         base, base_meta, pruned, scheme, info = choose(params, data.example)
+        bn_samples = reestimate_bn(pruned.to(device), data.loader("train", train=True), params.rank.bn_samples, device)
         seconds = time.perf_counter() - start
         doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
         out = {
@@ -147,6 +149,7 @@ def run(params: Params) -> dict:
             "val_acc_before_finetune": accuracy(pruned.to(device), data.loader("val"), device),
             "test_acc_before_finetune": accuracy(pruned, data.loader("test"), device),  # reported only, never used to choose
             "rank_seconds": seconds,
+            "bn_samples": bn_samples,
         }
         save_model(
             pruned.cpu(),
@@ -175,6 +178,8 @@ def scheme_for_target(params: Params, target: float) -> tuple[dict, Path, Path]:
         )
     data = Data(params)
     base, base_meta, pruned, scheme, info = choose(params, data.example, write_tables=False)
+    device = resolve_device(params.device)
+    reestimate_bn(pruned.to(device), data.loader("train", train=True), params.rank.bn_samples, device)
     doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
     tag = f"target-{target:g}"
     doc_path, model_path = paths.SCHEMES / f"{tag}.json", paths.PRUNED_INIT.with_name(f"pruned_init-{tag}.pt")

@@ -113,3 +113,25 @@ def test_genes_exclude_groups_reaching_a_boundary_inside_a_stage():
         for g in groups:
             probe = pruned_copy(sub.module, ex, {g.name: list(range(g.channels // 2))})
             assert probe(ex).shape == sub.module(ex).shape
+
+
+def test_batchnorm_re_estimation_averages_the_inputs_and_restores_the_momentum():
+    """Statistics = the plain mean and variance over the images; the BatchNorm's momentum is put back, so training
+    afterwards in the same process (the API's finetuning) keeps its usual running average."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pruning.emodir import reestimate_bn
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=0.1)
+    model = nn.Sequential(conv, bn)
+    x = torch.randn(40, 3, 8, 8) * 2 + 1
+    loader = DataLoader(TensorDataset(x, torch.zeros(40)), batch_size=16)
+    assert reestimate_bn(model, loader, 32, "cpu") == 32  # the first 32 images of the loader
+    with torch.no_grad():
+        z = conv(x[:32])
+    assert torch.allclose(bn.running_mean, z.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, z.var(dim=(0, 2, 3), unbiased=False), rtol=1e-2)
+    assert bn.momentum == 0.1 and not model.training
+    assert reestimate_bn(model, loader, 0, "cpu") == 0

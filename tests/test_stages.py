@@ -110,6 +110,26 @@ def test_rank_meets_the_target_and_the_model_has_the_predicted_flops(project):
     assert front == sorted(front, key=lambda p: p["reduction"])
 
 
+def test_rank_leaves_batchnorm_statistics_of_the_pruned_structure(project):
+    """Whatever the method, the saved model's BatchNorm statistics are the ones re-estimated on the train images
+    (the seeded, shuffled train loader's first `rank.bn_samples`): estimating them again gives the same numbers."""
+    import copy
+
+    from pruning.emodir import reestimate_bn
+    from tasks.datasets import split_batches
+
+    root, results, _ = project
+    params = tiny_params(root)
+    assert results["rank"]["bn_samples"] == 150 == params["data"]["limit_train"]  # all of them: fewer than 2048
+    pruned, _ = load_model(root / paths.PRUNED_INIT)
+    again = copy.deepcopy(pruned)
+    loader = split_batches(root / paths.PREPARED, "train", params["data"]["batch_size"], train=True, seed=params["seed"])
+    assert reestimate_bn(again, loader, params["rank"]["bn_samples"], "cpu") == 150
+    saved, fresh = pruned.state_dict(), again.state_dict()
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(saved[k], fresh[k], atol=1e-5) for k in stats)
+
+
 def test_finetune_and_export(project):
     root, results, _ = project
     pruned, _ = load_model(root / paths.PRUNED)
