@@ -24,6 +24,7 @@ from pruning.emodir import (
     search_network,
     train_selectors,
 )
+from pruning.exact import land_on_target
 from pruning.gpir import rank
 from pruning.methods import PruningResult, Target, cost_of, method_spec
 from pruning.search import choose_for_target, spread_indices
@@ -69,6 +70,7 @@ def prune(
     top_t: int = _RANK.top_t,
     max_overshoot: float = _RANK.max_overshoot,
     bn_samples: int = _RANK.bn_samples,
+    fill_back: bool = _RANK.fill_back,
     finetune_epochs: int = 0,
     finetune_lr: float = _FT.lr,
     kd: Literal["none", "kd", "dynamickd"] = _FT.kd,
@@ -104,8 +106,13 @@ def prune(
     search = SearchSettings(pop_size=pop_size, generations=generations, levels=levels, encoding=encoding, calib_samples=calib_samples)
     if spec.one_shot is not None:
         result = spec.one_shot(round_to=round_to, seed=seed)(base, x1, target_)
-        pruned, scheme = pruned_copy(base, x1, result.scheme), result.scheme
+        scheme = result.scheme
         info.update(result.info)
+        if fill_back:
+            landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
+            scheme = landing.scheme
+            info.update(landing.info())
+        pruned = pruned_copy(base, x1, scheme)
     else:  # a search: over the whole network, or per sub-network then GPIR
         subs, head = divide(base, x1, k)
         tr, ytr = boundary_features(subs, train_loader, device=dev, max_samples=cache_train)
@@ -130,6 +137,10 @@ def prune(
                 choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)
             ]
             scheme = front.space.decode(best.genes, group_importance(base, x1))
+            if fill_back:
+                landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
+                scheme = landing.scheme
+                info.update(landing.info())
             pruned = pruned_copy(base, x1, scheme)
             info.update(evaluations=front.evaluations, search_error=best.error)
         else:

@@ -79,6 +79,7 @@ class RankSettings:
     top_t: int = 10
     max_overshoot: float = 0.02
     bn_samples: int = 2048
+    fill_back: bool = True  # schemes built from the base weights (not GPIR's): give channels back down to the target
 
 
 @dataclass(frozen=True)

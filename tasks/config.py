@@ -119,6 +119,7 @@ class RankParams(_Section):
         RANK.max_overshoot, ge=0.0, le=1.0, description="schemes removing more than target + this are passed over when others exist"
     )
     bn_samples: int = Field(RANK.bn_samples, ge=0, description="train images the chosen model's BatchNorm statistics are re-estimated on")
+    fill_back: bool = Field(RANK.fill_back, description="give removed channels back while the reduction stays >= the target")
 
 
 class PruneParams(_Section):

@@ -12,8 +12,9 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
+from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, pruned_copy
 from pruning.emodir import reestimate_bn
+from pruning.exact import TOLERANCE, land_on_target
 from pruning.gpir import rank as gpir_rank
 from pruning.methods import METHOD_NAMES, Target, cost_of, method_spec
 from pruning.search import choose_for_target
@@ -94,13 +95,25 @@ def choose(
     if spec.one_shot is not None:
         base, base_meta = load_model(paths.BASE)
         result = spec.one_shot(round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, p.metric))
-        return base, base_meta, pruned_copy(base, example, result.scheme), result.scheme, result.info
+        scheme, info = _landed(params, base, example, result.scheme, result.info)
+        return base, base_meta, pruned_copy(base, example, scheme), scheme, info
     division = load_division(params)
     if spec.gpir:
         pruned, scheme, info = rank_emo_dir(params, division, example, write_tables=write_tables)
     else:
-        pruned, scheme, info = rank_whole_emo(params, division, example)
+        _, scheme, info = rank_whole_emo(params, division, example)
+        scheme, info = _landed(params, division.model, example, scheme, info)
+        pruned = pruned_copy(division.model, example, scheme)
     return division.model, division.meta, pruned, scheme, info
+
+
+def _landed(params: Params, base: torch.nn.Module, example: torch.Tensor, scheme: KeepScheme, info: dict) -> tuple[KeepScheme, dict]:
+    """`rank.fill_back`: a scheme built from the base weights given channels back down to the target."""
+    if not params.rank.fill_back:
+        return scheme, info
+    p = params.prune
+    landing = land_on_target(base, example, scheme, p.target, group_importance(base, example), p.metric, p.round_to)
+    return landing.scheme, {**info, **landing.info()}
 
 
 def scheme_document(params: Params, base, base_meta: dict, pruned, scheme: KeepScheme, info: dict, example: torch.Tensor) -> dict:
@@ -150,7 +163,20 @@ def run(params: Params) -> dict:
             "test_acc_before_finetune": accuracy(pruned, data.loader("test"), device),  # reported only, never used to choose
             "rank_seconds": seconds,
             "bn_samples": bn_samples,
+            "target_gap": doc[p.metric]["reduction"] - p.target,
         }
+        if out["target_gap"] > TOLERANCE:
+            why = (
+                "GPIR chooses among the trained candidates, whose costs are discrete; channels are given back only to "
+                "schemes built from the base weights"
+                if method_spec(p.method).gpir
+                else ("rank.fill_back is off" if not params.rank.fill_back else "no removed channel fits back within the target")
+            )
+            print(
+                f"rank: {p.method} removes {doc[p.metric]['reduction']:.4f} of the {p.metric} for target {p.target} "
+                f"({100 * out['target_gap']:+.1f} points): {why}",
+                flush=True,
+            )
         save_model(
             pruned.cpu(),
             paths.PRUNED_INIT,

@@ -10,7 +10,7 @@ import torch
 
 from pruning.models import build_model
 
-RUNNABLE = ["pruning.divide", "pruning.knapsack", "pruning.selectors", "pruning.channels", "pruning.methods", "pruning.models", "pruning.distill"]
+RUNNABLE = ["pruning.divide", "pruning.exact", "pruning.knapsack", "pruning.selectors", "pruning.channels", "pruning.methods", "pruning.models", "pruning.distill"]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
