@@ -51,6 +51,9 @@ class DataParams(_Section):
     num_workers: int = Field(0, ge=0)
     limit_train: Optional[int] = Field(None, ge=10, description="keep only this many training images (smoke runs)")
     materialize: Literal["auto", "yes", "no"] = "auto"
+    split_seed: Optional[int] = Field(
+        None, description="seed of the val (and digits test) split; null: `seed`. Fix it to vary `seed` over the same split"
+    )
 
     @field_validator("root")
     @classmethod

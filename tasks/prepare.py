@@ -14,7 +14,8 @@ from tasks.tracking import stage_run
 
 def run(params: Params) -> dict:
     with stage_run(params, "prepare", ("data",)):
-        meta = prepare(params.data, params.seed, paths.PREPARED)
+        split_seed = params.seed if params.data.split_seed is None else params.data.split_seed
+        meta = prepare(params.data, split_seed, paths.PREPARED)
         out = {"num_classes": meta["num_classes"], "counts": meta["counts"], "fingerprint": meta["fingerprint"]}
         mlflow.set_tag("data.fingerprint", meta["fingerprint"])
         log_metrics_flat(out)

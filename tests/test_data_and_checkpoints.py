@@ -113,3 +113,19 @@ def test_resume_checkpoints(tmp_path):
     (tmp_path / "r.pt").write_bytes((tmp_path / "r.pt").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="r.pt.*not a readable torch file"):
         load_resume(tmp_path / "r.pt")
+
+
+def test_split_seed_keeps_the_split_while_seed_varies(tmp_path, monkeypatch):
+    """Benchmarks repeat runs over seeds on the split the base model was trained on: data.split_seed fixes the
+    val/test split, and without it the split follows `seed`."""
+    from tasks import prepare as prepare_stage
+    from tasks.config import Params
+    from tests.conftest import tiny_params
+
+    monkeypatch.chdir(tmp_path)
+
+    def fingerprint(seed, split_seed):
+        params = tiny_params(tmp_path, seed=seed, **{"data.split_seed": split_seed})
+        return prepare_stage.run(Params.model_validate(params))["fingerprint"]
+
+    assert fingerprint(1, 0) == fingerprint(2, 0) == fingerprint(0, None) != fingerprint(1, None)
