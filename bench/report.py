@@ -66,9 +66,36 @@ def _table(result: dict) -> list[str]:
     return lines
 
 
+def _seeded_table(result: dict) -> list[str]:
+    """Results made of seeded units (bench/run.py since the converged profiles): means over seeds, the spread, and
+    each method's paired difference to EMO-DIR with its bootstrap interval over test images and seeds."""
+    lines = [
+        "| method | target | seeds | FLOPs removed (gap) | test acc before FT | test acc after FT (sd) | vs emo-dir, points "
+        "[95% interval] | method cost s (selectors/search/constrain/rank) | finetune images | ONNX latency b64 kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        before = r.get("test_acc_before_finetune")
+        sd = f" ({100 * r['test_acc_sd']:.2f})" if r.get("test_acc_sd") is not None else ""
+        vs = r.get("vs_emo_dir")
+        delta = (f"{vs['diff_points']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]" + (" *" if vs["significant"] else "")) if vs else ""
+        if r["method"] == "none":
+            delta = f"finetuning alone: {r['finetune_gain_points']:+.2f} over the base"
+        cost = r.get("method_seconds") or {}
+        costs = "/".join(f"{cost[s]:.0f}" if s in cost else "-" for s in ("selectors", "search", "constrain", "rank"))
+        gap = f" ({100 * r['target_gap']:+.1f})" if r.get("target_gap") is not None else ""
+        latency = r.get("onnx", {}).get("latency_ratio_b64")
+        lines.append(
+            f"| {r['method']} | {r['target']:g} | {len(r['seeds'])} | {r['flops_reduction']:.1%}{gap} "
+            f"| {'' if before is None else f'{before:.2%}'} | {r['test_acc']:.2%}{sd} | {delta} | {costs} "
+            f"| {r.get('finetune_images') or ''} | {'' if latency is None else f'{latency:.2f}'} |"
+        )
+    return lines
+
+
 def _base_line(result: dict) -> list[str]:
     """The unpruned model's numbers, and how far a single test accuracy can move by chance alone."""
-    r = next((r for r in result["rows"] if "error" not in r), None)
+    r = next((r for r in result["rows"] if "error" not in r and "flops" in r), None)  # not the `none` row
     if r is None:
         return []
     acc, flops = r["test_acc_base"], r["flops"] / (1 - r["flops_reduction"])
@@ -118,7 +145,7 @@ def main() -> None:
            "percentage points (negative: EMO-DIR is better). ONNX latency is onnxruntime on the CPU, median of",
            "repeated runs, pruned over unpruned (timed in alternating blocks since commit 099566f; the `full` and",
            "`digits` profiles were timed before, one model after the other); compare it with the FLOPs kept.", ""]
-    paths = [p for p in RESULTS.glob("*.json") if p.stem not in EXTRA and not p.stem.endswith(".partial")]
+    paths = [p for p in RESULTS.glob("*.json") if p.stem not in EXTRA | {"train_speed"} and not p.stem.endswith(".partial")]
     # (studies, and runs still in progress, are left out); a profile first, then its variants
     results = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: (r["profile"], r.get("variant", "")))
     for result in results:
@@ -131,8 +158,10 @@ def main() -> None:
             f"## Profile `{result['profile']}`" + (f", variant `{result['variant']}`: "
                                                    + ", ".join(f"`{kv}`" for kv in result["sets"])
                                                    if "variant" in result else ""), "",
-            f"- command: `{result['command']}` (total {result['wall_seconds'] / 60:.0f} min)",
-            f"- commit: `{result['commit']}`; machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}",
+            f"- command: `{result['command']}`"
+            + (f" (total {result['wall_seconds'] / 60:.0f} min)" if "wall_seconds" in result else " (resumable units, see the unit files)"),
+            f"- commit: `{', '.join(result.get('commits') or [result.get('commit', '?')])}`; machine: {m['cpus']} CPUs, "
+            f"{m['platform']}, Python {m['python']}",
             f"- model `{p['model']['name']}`, data `{p['data']['source']}`; pretrain {p['pretrain']['epochs']} epochs; "
             f"finetune {p['finetune']['epochs']} epochs ({p['finetune']['kd']}); EMO-DIR K={p['divide']['k']}, "
             f"population {p['search']['pop_size']} x {p['search']['generations']} generations per sub-network, "
@@ -140,7 +169,7 @@ def main() -> None:
             *_base_line(result),
             *([f"- ONNX latencies re-timed on the idle machine after the run: `{result['latency_remeasured']['command']}` "
                 f"({result['latency_remeasured']['repeats']} repeats)"] if "latency_remeasured" in result else []), "",
-            *_table(result), "",
+            *(_seeded_table(result) if "units" in result else _table(result)), "",
             f"![accuracy vs FLOPs]({plot.name})", "",
         ]
         notes = REPO / "bench" / "notes" / f"{name}.md"

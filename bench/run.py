@@ -10,10 +10,20 @@ Results go to bench/results/<profile>.json; bench/report.py renders docs/benchma
     python bench/run.py --profile quick --methods emo-dir global-magnitude --variant dkd --set finetune.kd=dynamickd
                                                  # a variant: more params changed for every method it runs,
                                                  # in the profile's work folder (its base model), results in quick-dkd.json
+    python bench/run.py --profile r20            # the converged ResNet-20 base (bench/bases), 3 seeds, hours:
+                                                 # resumable unit by unit, rerun the same command to carry on
+
+Units. Every (method, target, seed) is one unit, written to bench/results/<profile>/<method>@<target>-s<seed>.json
+when it ends (with its params digest, commit, stage costs and per-image test correctness); a rerun skips the
+units whose file holds the same params digest, so a stopped benchmark carries on where it stopped. The
+`none` unit finetunes the unpruned base with the same budget: a converged base gains (almost) nothing, and the
+row says how much. bench/results/<profile>.json aggregates the units: mean and spread over seeds, and each
+method's paired difference to EMO-DIR on the same test images and seeds (bench/stats.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +37,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random"]
+NONE = "none"  # the unpruned base, finetuned with the same budget: the convergence check
 
 # Overrides of params.yaml per profile; budgets are the same for every method of a profile.
 PROFILES: dict[str, dict] = {
@@ -43,6 +54,38 @@ PROFILES: dict[str, dict] = {
             "constrain": {"candidates": 4, "epochs": 2},
             "finetune": {"epochs": 3, "lr": 0.01},
             "export": {"latency_repeats": 30, "latency_batch_sizes": [1, 64]},
+        },
+    },
+    # Converged bases (bench/bases.py, the 45,000-image training split at split seed 0): every method starts
+    # from the same bytes, finetunes on the whole training split, and runs over 3 seeds on the same split.
+    "r20": {
+        "targets": [0.5, 0.7],
+        "seeds": [0, 1, 2],
+        "none": True,
+        "params": {
+            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 0, "batch_size": 128, "limit_train": None,
+                     "split_seed": 0},
+            "model": {"name": "resnet20", "checkpoint": "{base:resnet20}"},
+            "divide": {"k": 3, "cache_train": 4000, "cache_val": 2000},
+            "search": {"pop_size": 16, "generations": 8},
+            "constrain": {"candidates": 4, "epochs": 2},
+            "finetune": {"epochs": 10, "lr": 0.01},
+            "export": {"latency_repeats": 30, "latency_batch_sizes": [1, 64]},
+        },
+    },
+    "r56": {
+        "targets": [0.5, 0.7],
+        "seeds": [0, 1, 2],
+        "none": True,
+        "params": {
+            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 0, "batch_size": 128, "limit_train": None,
+                     "split_seed": 0},
+            "model": {"name": "resnet56", "checkpoint": "{base:resnet56}"},
+            "divide": {"k": 4, "cache_train": 4000, "cache_val": 2000},
+            "search": {"pop_size": 16, "generations": 8},
+            "constrain": {"candidates": 4, "epochs": 2},
+            "finetune": {"epochs": 10, "lr": 0.01},
+            "export": {"latency_repeats": 20, "latency_batch_sizes": [1, 64]},
         },
     },
     "full": {
@@ -90,19 +133,52 @@ def _cifar_root(work: Path) -> str:
     return str(cifar_root())
 
 
+def _base_file(name: str) -> str:
+    path = REPO / "bench" / "bases" / f"{name}.pt"
+    if not path.is_file():
+        raise SystemExit(f"this profile starts from the converged base {path}, which is not there yet: train it with "
+                         f"`make bench-bases` (python bench/bases.py {name}; resumable)")
+    return str(path)
+
+
+def profile_params(profile: str) -> dict:
+    """params.yaml of the profile's work folder: this checkout's params.yaml with the profile's overrides."""
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), PROFILES[profile]["params"])
+    if params["data"].get("root") == "{cifar}":
+        params["data"]["root"] = _cifar_root(Path("."))
+    checkpoint = params["model"].get("checkpoint") or ""
+    if checkpoint.startswith("{base:"):
+        params["model"]["checkpoint"] = _base_file(checkpoint[len("{base:"):-1])
+    return params
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def sync_code(work: Path) -> None:
+    """The work folder runs this checkout's code: copied in (and committed there) on every invocation, so a
+    benchmark carried on in a later session runs the code of that session; DVC reruns what the change touches."""
+    for d in ("pruning", "tasks", "flows"):
+        shutil.rmtree(work / d, ignore_errors=True)
+        shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    (work / "CODE_COMMIT").write_text(_commit() + "\n")  # the commit whose code this folder runs
+    _sh(["git", "add", "-A"], work)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=work).returncode != 0:
+        _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "code " + _commit()[:12]], work)
+
+
 def setup(profile: str, work: Path) -> None:
     if (work / ".dvc").is_dir():
+        sync_code(work)
         return
     work.mkdir(parents=True, exist_ok=True)
     for d in ("pruning", "tasks", "flows"):
         shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    (work / "CODE_COMMIT").write_text(head + "\n")  # the commit whose code this folder runs
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), PROFILES[profile]["params"])
-    if params["data"].get("root") == "{cifar}":
-        params["data"]["root"] = _cifar_root(work)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "CODE_COMMIT").write_text(_commit() + "\n")  # the commit whose code this folder runs
+    (work / "params.yaml").write_text(yaml.safe_dump(profile_params(profile), sort_keys=False))
     (work / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.emoprune/\n")
     _sh(["git", "init", "-q"], work)
     _sh([sys.executable, "-m", "dvc", "init", "-q"], work)
@@ -111,11 +187,13 @@ def setup(profile: str, work: Path) -> None:
     _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"], work)
 
 
-def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, ...] = (), suffix: str = "") -> dict:
-    """`dvc exp run` for one method and target (and a variant's `sets`) in a child process that reports its peak memory."""
+def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, ...] = (), suffix: str = "", seed: int | None = None) -> dict:
+    """`dvc exp run` for one method and target (and a variant's `sets`, and `seed`) in a child process that reports
+    its peak memory."""
     # `dvc exp run -S` leaves its values in the workspace's params.yaml: start every run from the profile's own
     _sh(["git", "checkout", "--", "params.yaml"], work)
-    overrides = [a for kv in (f"prune.method={method}", f"prune.target={target}", *sets) for a in ("-S", kv)]
+    extra = (f"seed={seed}",) if seed is not None else ()
+    overrides = [a for kv in (f"prune.method={method}", f"prune.target={target}", *sets, *extra) for a in ("-S", kv)]
     code = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter()\n"
@@ -131,8 +209,10 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
     keep = work / "onnx"
     keep.mkdir(exist_ok=True)
     shutil.copy(work / "models" / "base.onnx", keep / "base.onnx")
-    shutil.copy(work / "models" / "pruned.onnx", keep / f"{method}-{target}{suffix}.onnx")
-    m = {s: json.loads((work / "metrics" / f"{s}.json").read_text()) for s in ("summary", "search", "pretrain", "finetune", "rank")}
+    shutil.copy(work / "models" / "pruned.onnx", keep / _onnx_name(method, target, seed, suffix))
+    m = {s: json.loads((work / "metrics" / f"{s}.json").read_text())
+         for s in ("summary", "selectors", "search", "constrain", "pretrain", "finetune", "rank", "prepare")
+         if (work / "metrics" / f"{s}.json").is_file()}
     summary = m["summary"]
     return {
         "method": method,
@@ -143,15 +223,101 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
         "test_acc": summary["pruned"]["test_acc"],
         "flops_reduction": summary["pruned"]["flops_reduction"],
         "params_reduction": summary["pruned"]["params_reduction"],
+        "target_gap": m["rank"].get("target_gap"),
+        "bn_samples": m["rank"].get("bn_samples"),
         "flops": summary["pruned"]["flops"],
         "params": summary["pruned"]["params"],
         "search_seconds": m["search"]["seconds"],
         "evaluations": m["search"]["evaluations"],
         "rank_seconds": m["rank"]["rank_seconds"],
         "finetune_seconds": m["finetune"]["seconds"],
+        # what the method costs before finetuning: every stage it needs (the one-shot methods: rank alone)
+        "method_seconds": {s: m[s].get("seconds", 0.0) if s != "rank" else m["rank"]["rank_seconds"]
+                           for s in ("selectors", "search", "constrain", "rank") if s in m},
+        "finetune_images": m["finetune"].get("epochs", 0) * m["prepare"]["counts"]["train"] if "prepare" in m else None,
         "onnx": summary["onnx"],
         "run_seconds": float(wall),
         "peak_rss_mb": int(rss_kb) / 1024,
+    }
+
+
+def _onnx_name(method: str, target: float, seed: int | None, suffix: str) -> str:
+    return f"{method}-{target}{'' if seed is None else f'-s{seed}'}{suffix}.onnx"
+
+
+def test_correct(work: Path, model_file: str) -> str:
+    """Which test images `model_file` gets right, as packed bits in hex (the paired statistics' input)."""
+    import numpy as np
+    import torch
+
+    from tasks.checkpoints import load_model
+    from tasks.datasets import split_batches
+
+    model, _ = load_model(work / model_file)
+    model.eval()
+    right = []
+    with torch.no_grad():
+        for x, y in split_batches(work / "data" / "prepared", "test", 500):
+            right.append((model(x).argmax(1) == y).numpy())
+    return np.packbits(np.concatenate(right)).tobytes().hex()
+
+
+def unpack(bits: str, n: int):
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[:n].astype(bool)
+
+
+def run_none(work: Path, env: dict, sets: tuple[str, ...], seed: int) -> dict:
+    """The unpruned base finetuned with the profile's finetune settings (the pipeline's own `finetune`): how much
+    a method's finetuning alone could add. Its prepare and pretrain come from DVC, as for every method."""
+    import copy
+
+    from pruning.emodir import FinetuneSettings, finetune
+    from pruning.train import resolve_device, seed_everything
+    from tasks.checkpoints import load_model
+    from tasks.config import Params
+    from tasks.datasets import split_batches
+
+    _sh(["git", "checkout", "--", "params.yaml"], work)
+    _sh([sys.executable, "-m", "dvc", "repro", "pretrain"], work, env)
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    for kv in (*sets, f"seed={seed}"):
+        key, value = kv.split("=", 1)
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
+    params = Params.model_validate(raw)
+    f = params.finetune
+    settings = FinetuneSettings(**{k: getattr(f, k) for k in FinetuneSettings.__dataclass_fields__})
+    base, _ = load_model(work / "models" / "base.pt")
+    device = resolve_device(params.device)
+    seed_everything(seed)
+    student = copy.deepcopy(base)
+    prepared = work / "data" / "prepared"
+    start = time.perf_counter()
+    finetune(student, base, split_batches(prepared, "train", params.data.batch_size, train=True, seed=seed), device, settings,
+             progress=False)
+    seconds = time.perf_counter() - start
+    from tasks.checkpoints import save_model
+
+    meta = json.loads((prepared / "meta.json").read_text())
+    save_model(student.cpu(), work / "models" / "none.pt", name=params.model.name, num_classes=meta["num_classes"],
+               image_size=meta["image_size"], scheme=None)
+    n = meta["counts"]["test"]
+    base_right, right = unpack(test_correct(work, "models/base.pt"), n), test_correct(work, "models/none.pt")
+    return {
+        "method": NONE,
+        "target": 0.0,
+        "test_acc_base": float(base_right.mean()),
+        "test_acc": float(unpack(right, n).mean()),
+        "flops_reduction": 0.0,
+        "params_reduction": 0.0,
+        "finetune_seconds": seconds,
+        "finetune_images": f.epochs * meta["counts"]["train"],
+        "test_correct": right,
     }
 
 
@@ -173,10 +339,10 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
     result = json.loads(out.read_text())
     example = torch.zeros(1, 3, 32, 32)
     base = session(work / "onnx" / "base.onnx")
-    for row in result["rows"]:
+    for row in result.get("units", result["rows"]):
         if "onnx" not in row:
             continue
-        pruned = session(work / "onnx" / f"{row['method']}-{row['target']}{suffix}.onnx")
+        pruned = session(work / "onnx" / _onnx_name(row["method"], row["target"], row.get("seed"), suffix))
         for b in result["params"]["export"]["latency_batch_sizes"]:
             base_ms, pruned_ms = latency_pair_ms(base, pruned, example, b, repeats)
             row["onnx"].update({f"latency_ms_base_b{b}": base_ms, f"latency_ms_pruned_b{b}": pruned_ms,
@@ -191,12 +357,64 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _digest(params: dict, sets: list[str], method: str, target: float, seed: int) -> str:
+    blob = json.dumps({"params": params, "sets": sorted(sets), "unit": [method, target, seed]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def unit_file(units_dir: Path, method: str, target: float, seed: int) -> Path:
+    return units_dir / f"{method}@{target:g}-s{seed}.json"
+
+
+def aggregate(units: list[dict]) -> list[dict]:
+    """One row per (method, target): means and spread over seeds, and the paired difference to EMO-DIR at the
+    same target on the same seeds and test images."""
+    import statistics
+
+    import numpy as np
+    from stats import paired_difference  # bench/stats.py
+
+    ok = [u for u in units if "error" not in u]
+    rows = []
+    for method, target in sorted({(u["method"], u["target"]) for u in ok}, key=lambda mt: (mt[1], _order(mt[0]))):
+        mine = sorted((u for u in ok if u["method"] == method and u["target"] == target), key=lambda u: u["seed"])
+        accs = [u["test_acc"] for u in mine]
+        row: dict = {"method": method, "target": target, "seeds": [u["seed"] for u in mine], "test_accs": accs,
+                     "commits": sorted({u["commit"] for u in mine})}
+        for key in ("test_acc", "test_acc_base", "test_acc_before_finetune", "flops_reduction", "params_reduction",
+                    "target_gap", "finetune_seconds", "search_seconds", "rank_seconds", "run_seconds"):
+            values = [u[key] for u in mine if u.get(key) is not None]
+            if values:
+                row[key] = statistics.fmean(values)
+        row["test_acc_sd"] = statistics.stdev(accs) if len(accs) > 1 else None
+        for key in ("flops", "params", "onnx", "finetune_images", "evaluations", "method_seconds"):
+            if key in mine[0]:
+                row[key] = mine[0][key]  # of the first seed: the model sizes do not depend much on it; see units
+        if method == NONE:
+            row["finetune_gain_points"] = 100 * (row["test_acc"] - row["test_acc_base"])
+        ref = {u["seed"]: u for u in ok if u["method"] == "emo-dir" and u["target"] == target}
+        common = [u for u in mine if u["seed"] in ref]
+        if method not in ("emo-dir", NONE) and common:
+            n = common[0]["test_images"]
+            a = np.stack([unpack(u["test_correct"], n) for u in common])
+            b = np.stack([unpack(ref[u["seed"]]["test_correct"], n) for u in common])
+            row["vs_emo_dir"] = paired_difference(a, b)  # this method minus EMO-DIR, in points
+        rows.append(row)
+    return rows
+
+
+def _order(method: str) -> int:
+    return (METHODS + [NONE]).index(method) if method in METHODS + [NONE] else len(METHODS) + 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=None, choices=[*METHODS, NONE],
+                    help="default: every method, and `none` where the profile asks for it")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: bench/work/<profile>)")
     ap.add_argument("--targets", nargs="+", type=float, default=None, help="a subset of the profile's targets")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the profile's seeds (or 0)")
     ap.add_argument("--remeasure", action="store_true", help="only re-time the kept ONNX models of a finished run")
     ap.add_argument("--repeats", type=int, default=50, help="latency repeats for --remeasure")
     ap.add_argument("--variant", default="", help="name of a variant of the profile (results in <profile>-<variant>.json)")
@@ -208,60 +426,67 @@ def main() -> None:
                  "(--remeasure --variant NAME re-times a variant's models)")
     if args.variant and not args.variant.replace("_", "").replace("-", "").isalnum():
         ap.error(f"--variant {args.variant!r}: use letters, digits, '-' and '_' (it names a file)")
-    bad = [kv for kv in args.sets if "=" not in kv or kv.split("=", 1)[0] in ("prune.method", "prune.target")]
+    bad = [kv for kv in args.sets if "=" not in kv or kv.split("=", 1)[0] in ("prune.method", "prune.target", "seed")]
     if bad:
-        ap.error(f"--set {bad[0]!r}: give KEY=VALUE for a key other than prune.method and prune.target "
-                 "(those are --methods and --targets)")
+        ap.error(f"--set {bad[0]!r}: give KEY=VALUE for a key other than prune.method, prune.target and seed "
+                 "(those are --methods, --targets and --seeds)")
     suffix = f"-{args.variant}" if args.variant else ""
     work = (args.work or REPO / "bench" / "work" / args.profile).resolve()
     if args.remeasure:
         remeasure(args.profile, work, args.repeats, suffix)
         return
+    profile = PROFILES[args.profile]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(work))
     # PYTHONPATH: the stages import the work folder's copy of the code (what dvc.lock hashes), not the
     # editable install of this checkout behind the `emoprune` entry point
     env.pop("EMOPRUNE_PARENT_RUN_ID", None)
+    sys.path.insert(0, str(REPO))
     start = time.perf_counter()
+    params = profile_params(args.profile)  # before any work: a missing base model stops here
     setup(args.profile, work)
-    rows: list[dict] = []
     out = REPO / "bench" / "results" / f"{args.profile}{suffix}.json"
-    partial = out.with_suffix(".partial.json")  # progress, so a stopped run keeps its rows; out is replaced only at the end
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs = [(t, m) for t in (args.targets or PROFILES[args.profile]["targets"]) for m in args.methods]
-    for target, method in runs:
-        print(f"[{time.perf_counter() - start:7.0f}s] {method} @ {target}", flush=True)
-        row = run_one(work, method, target, env, tuple(args.sets), suffix)
-        print(json.dumps({k: v for k, v in row.items() if k != "onnx"}), flush=True)
-        rows.append(row)
-        result = _result(args, work, rows, time.perf_counter() - start, out)
-        if len(rows) < len(runs):
-            result["partial"] = f"{len(rows)} of {len(runs)} runs done; {out.name} is written when all have run"
-            partial.write_text(json.dumps(result, indent=2) + "\n")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    partial.unlink(missing_ok=True)
-    print(f"wrote {out} in {result['wall_seconds']:.0f}s")
-
-
-def _result(args: argparse.Namespace, work: Path, rows: list[dict], wall: float, out: Path) -> dict:
+    units_dir = out.with_suffix("")
+    units_dir.mkdir(parents=True, exist_ok=True)
+    methods = args.methods or [*METHODS, *([NONE] if profile.get("none") else [])]
+    seeds = args.seeds or profile.get("seeds", [0])
+    todo = [(m, t, s) for t in (args.targets or profile["targets"]) for m in methods if m != NONE for s in seeds]
+    todo += [(NONE, 0.0, s) for s in seeds if NONE in methods]
+    for i, (method, target, seed) in enumerate(todo):
+        digest = _digest(params, args.sets, method, target, seed)
+        path = unit_file(units_dir, method, target, seed)
+        if path.is_file() and json.loads(path.read_text()).get("params_digest") == digest:
+            print(f"{method} @ {target} seed {seed}: done before ({path.name})", flush=True)
+            continue
+        print(f"[{time.perf_counter() - start:7.0f}s] unit {i + 1}/{len(todo)}: {method} @ {target} seed {seed}", flush=True)
+        unit_start = time.perf_counter()
+        if method == NONE:
+            row = run_none(work, env, tuple(args.sets), seed)
+        else:
+            row = run_one(work, method, target, env, tuple(args.sets), suffix, seed)
+            if "error" not in row:
+                row["test_correct"] = test_correct(work, "models/pruned.pt")
+        row.update(seed=seed, params_digest=digest, commit=(work / "CODE_COMMIT").read_text().strip(),
+                   unit_seconds=time.perf_counter() - unit_start,
+                   test_images=json.loads((work / "metrics" / "prepare.json").read_text())["counts"]["test"])
+        print(json.dumps({k: v for k, v in row.items() if k not in ("onnx", "test_correct")}), flush=True)
+        path.write_text(json.dumps(row, indent=1) + "\n")  # the unit is done: a later run skips it
+    units = [json.loads(p.read_text()) for p in sorted(units_dir.glob("*.json"))]
+    current = [u for u in units if u.get("params_digest") == _digest(params, args.sets, u["method"], u["target"], u["seed"])]
     result = {
         "profile": args.profile,
         **({"variant": args.variant, "sets": args.sets} if args.variant else {}),
         "command": "python bench/run.py " + " ".join(sys.argv[1:]),
-        "commit": (work / "CODE_COMMIT").read_text().strip(),
+        "commits": sorted({u["commit"] for u in current}),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "params": yaml.safe_load((work / "params.yaml").read_text()),
-        "wall_seconds": wall,
+        "params": params,
         "data_counts": _data_counts(work),
-        "rows": list(rows),
+        "stale_units": sorted(p.name for p, u in zip(sorted(units_dir.glob("*.json")), units) if u not in current),
+        "rows": aggregate(current),
+        "units": [{k: v for k, v in u.items() if k != "test_correct"} for u in current],
     }
-    if (args.methods != METHODS or args.targets) and out.is_file():  # a rerun of some rows replaces only those
-        earlier = json.loads(out.read_text())
-        done = {(r["method"], r["target"]) for r in rows}
-        result["rows"] = [r for r in earlier["rows"] if (r["method"], r["target"]) not in done] + list(rows)
-        result["rows"].sort(key=lambda r: (r["target"], METHODS.index(r["method"])))
-        result["wall_seconds"] += earlier["wall_seconds"]
-    return result
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} ({len(current)} units) in {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":
