@@ -24,12 +24,20 @@ def run(params: Params) -> dict:
                 export_onnx(model, data.example, tmp, opset=p.opset)
         s_pruned, s_base = session(paths.PRUNED_ONNX), session(paths.BASE_ONNX)
         out = compare_with_torch(pruned, s_pruned, data.loader("test"))
+        print(
+            f"export: {paths.BASE_ONNX} and {paths.PRUNED_ONNX} written; onnxruntime agrees with torch on "
+            f"{out['top1_agreement']:.2%} of the test images (max |diff| {out['max_abs_diff']:.1e})",
+            flush=True,
+        )
         for b in p.latency_batch_sizes:
             base_ms, pruned_ms = latency_pair_ms(s_base, s_pruned, data.example, b, p.latency_repeats)
             assert pruned_ms is not None  # two sessions timed, two times
             out[f"latency_ms_base_b{b}"] = base_ms
             out[f"latency_ms_pruned_b{b}"] = pruned_ms
             out[f"latency_ratio_b{b}"] = pruned_ms / base_ms
+            print(
+                f"export: batch {b}: {pruned_ms:.2f} ms pruned, {base_ms:.2f} ms base ({pruned_ms / base_ms:.2f} of the time)", flush=True
+            )
         first = p.latency_batch_sizes[0]
         out["latency_batch"] = first
         out["latency_ms_base"] = out[f"latency_ms_base_b{first}"]

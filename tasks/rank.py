@@ -165,6 +165,11 @@ def run(params: Params) -> dict:
             "bn_samples": bn_samples,
             "target_gap": doc[p.metric]["reduction"] - p.target,
         }
+        print(
+            f"rank: {p.method} removes {doc['flops']['reduction']:.1%} of the FLOPs and {doc['params']['reduction']:.1%} of the "
+            f"params (target {p.target} of the {p.metric}); val accuracy before finetuning {out['val_acc_before_finetune']:.2%}",
+            flush=True,
+        )
         if out["target_gap"] > TOLERANCE:
             why = (
                 "GPIR chooses among the trained candidates, whose costs are discrete; channels are given back only to "

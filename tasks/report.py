@@ -179,5 +179,7 @@ def run(params: Params) -> dict:
             mlflow.log_artifact(str(plot), "plots")
         mlflow.log_dict(summary, "summary.json")
         summary["registered"] = register(params, summary)
+        reg = summary["registered"]
+        print(f"report: registered model {reg['name']!r} version {reg['version']} ({', '.join(reg['aliases'])})", flush=True)
         atomic_json(summary, paths.SUMMARY)
         return summary
