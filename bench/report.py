@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
 EXTRA = {"latency_widths"}
-ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random"]
+ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch-pruning"]
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -38,6 +38,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random"]
 NONE = "none"  # the unpruned base, finetuned with the same budget: the convergence check
+TP = "torch-pruning"  # Torch-Pruning's global pruner called plainly (outside this project's pruning code)
+EXTRA_METHODS = [TP, NONE]
 
 # Overrides of params.yaml per profile; budgets are the same for every method of a profile.
 PROFILES: dict[str, dict] = {
@@ -245,16 +247,18 @@ def _onnx_name(method: str, target: float, seed: int | None, suffix: str) -> str
     return f"{method}-{target}{'' if seed is None else f'-s{seed}'}{suffix}.onnx"
 
 
-def test_correct(work: Path, model_file: str) -> str:
-    """Which test images `model_file` gets right, as packed bits in hex (the paired statistics' input)."""
+def test_correct(work: Path, model_file: str | None = None, model=None) -> str:
+    """Which test images the model (`model_file` in the work folder, or `model`) gets right, as packed bits in
+    hex (the paired statistics' input)."""
     import numpy as np
     import torch
 
     from tasks.checkpoints import load_model
     from tasks.datasets import split_batches
 
-    model, _ = load_model(work / model_file)
-    model.eval()
+    if model is None:
+        model, _ = load_model(work / str(model_file))
+    model = model.cpu().eval()
     right = []
     with torch.no_grad():
         for x, y in split_batches(work / "data" / "prepared", "test", 500):
@@ -268,16 +272,10 @@ def unpack(bits: str, n: int):
     return np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[:n].astype(bool)
 
 
-def run_none(work: Path, env: dict, sets: tuple[str, ...], seed: int) -> dict:
-    """The unpruned base finetuned with the profile's finetune settings (the pipeline's own `finetune`): how much
-    a method's finetuning alone could add. Its prepare and pretrain come from DVC, as for every method."""
-    import copy
-
-    from pruning.emodir import FinetuneSettings, finetune
-    from pruning.train import resolve_device, seed_everything
-    from tasks.checkpoints import load_model
+def _unit_params(work: Path, env: dict, sets: tuple[str, ...], seed: int):
+    """The work folder's params with a variant's `sets` and `seed` applied, after DVC has brought prepare and
+    pretrain up to date (the base model and the splits every unit starts from)."""
     from tasks.config import Params
-    from tasks.datasets import split_batches
 
     _sh(["git", "checkout", "--", "params.yaml"], work)
     _sh([sys.executable, "-m", "dvc", "repro", "pretrain"], work, env)
@@ -289,7 +287,92 @@ def run_none(work: Path, env: dict, sets: tuple[str, ...], seed: int) -> dict:
         for part in path:
             node = node[part]
         node[last] = yaml.safe_load(value)
-    params = Params.model_validate(raw)
+    return Params.model_validate(raw)
+
+
+def run_torch_pruning(work: Path, env: dict, sets: tuple[str, ...], seed: int, target: float) -> dict:
+    """Torch-Pruning used plainly: its MetaPruner with global pruning and group magnitude (L2) importance, its own
+    rounding, the classifier left whole, and its pruning ratio bisected until the FLOPs removed are at or just
+    above `target`. Then what every method gets: BatchNorm re-estimated, the same finetuning."""
+    import copy
+
+    import torch
+    import torch_pruning as tp
+    from torch import nn
+
+    from pruning.emodir import FinetuneSettings, finetune, reestimate_bn
+    from pruning.train import evaluate, resolve_device, seed_everything
+    from tasks.checkpoints import load_model
+    from tasks.datasets import split_batches
+
+    params = _unit_params(work, env, sets, seed)
+    base, _ = load_model(work / "models" / "base.pt")
+    base.eval()
+    x = torch.zeros(1, 3, params.data.image_size, params.data.image_size)
+    base_macs, base_params = tp.utils.count_ops_and_params(base, x)
+
+    def pruned_at(ratio: float) -> tuple[nn.Module, float, float]:
+        model = copy.deepcopy(base)
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
+                             pruning_ratio=ratio, ignored_layers=[classifier]).step()
+        macs, n = tp.utils.count_ops_and_params(model, x)
+        return model, 1 - macs / base_macs, 1 - n / base_params
+
+    start = time.perf_counter()
+    lo, hi = 0.0, 0.95  # the smallest global ratio that removes >= target of the FLOPs
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        if pruned_at(mid)[1] >= target:
+            hi = mid
+        else:
+            lo = mid
+    model, reduction, params_reduction = pruned_at(hi)
+    prune_seconds = time.perf_counter() - start
+    device = resolve_device(params.device)
+    seed_everything(seed)
+    prepared = work / "data" / "prepared"
+    bn = reestimate_bn(model.to(device), split_batches(prepared, "train", params.data.batch_size, train=True, seed=seed),
+                       params.rank.bn_samples, device)
+    before = evaluate(model, split_batches(prepared, "test", 500), device)["acc"]
+    f = params.finetune
+    settings = FinetuneSettings(**{k: getattr(f, k) for k in FinetuneSettings.__dataclass_fields__})
+    ft_start = time.perf_counter()
+    finetune(model, base, split_batches(prepared, "train", params.data.batch_size, train=True, seed=seed), device, settings,
+             progress=False)
+    meta = json.loads((prepared / "meta.json").read_text())
+    right = test_correct(work, model=model)
+    n = meta["counts"]["test"]
+    return {
+        "method": TP,
+        "target": target,
+        "test_acc_base": float(unpack(test_correct(work, "models/base.pt"), n).mean()),
+        "test_acc_before_finetune": before,
+        "test_acc": float(unpack(right, n).mean()),
+        "flops_reduction": reduction,
+        "params_reduction": params_reduction,
+        "target_gap": reduction - target,
+        "global_ratio": hi,
+        "bn_samples": bn,
+        "flops": int(base_macs * (1 - reduction)),
+        "method_seconds": {"rank": prune_seconds},
+        "finetune_seconds": time.perf_counter() - ft_start,
+        "finetune_images": f.epochs * meta["counts"]["train"],
+        "test_correct": right,
+    }
+
+
+def run_none(work: Path, env: dict, sets: tuple[str, ...], seed: int) -> dict:
+    """The unpruned base finetuned with the profile's finetune settings (the pipeline's own `finetune`): how much
+    a method's finetuning alone could add. Its prepare and pretrain come from DVC, as for every method."""
+    import copy
+
+    from pruning.emodir import FinetuneSettings, finetune
+    from pruning.train import resolve_device, seed_everything
+    from tasks.checkpoints import load_model
+    from tasks.datasets import split_batches
+
+    params = _unit_params(work, env, sets, seed)
     f = params.finetune
     settings = FinetuneSettings(**{k: getattr(f, k) for k in FinetuneSettings.__dataclass_fields__})
     base, _ = load_model(work / "models" / "base.pt")
@@ -404,13 +487,14 @@ def aggregate(units: list[dict]) -> list[dict]:
 
 
 def _order(method: str) -> int:
-    return (METHODS + [NONE]).index(method) if method in METHODS + [NONE] else len(METHODS) + 1
+    order = METHODS + EXTRA_METHODS
+    return order.index(method) if method in order else len(order)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    ap.add_argument("--methods", nargs="+", default=None, choices=[*METHODS, NONE],
+    ap.add_argument("--methods", nargs="+", default=None, choices=[*METHODS, *EXTRA_METHODS],
                     help="default: every method, and `none` where the profile asks for it")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: bench/work/<profile>)")
     ap.add_argument("--targets", nargs="+", type=float, default=None, help="a subset of the profile's targets")
@@ -448,7 +532,7 @@ def main() -> None:
     out = REPO / "bench" / "results" / f"{args.profile}{suffix}.json"
     units_dir = out.with_suffix("")
     units_dir.mkdir(parents=True, exist_ok=True)
-    methods = args.methods or [*METHODS, *([NONE] if profile.get("none") else [])]
+    methods = args.methods or [*METHODS, *(EXTRA_METHODS if profile.get("none") else [])]
     seeds = args.seeds or profile.get("seeds", [0])
     todo = [(m, t, s) for t in (args.targets or profile["targets"]) for m in methods if m != NONE for s in seeds]
     todo += [(NONE, 0.0, s) for s in seeds if NONE in methods]
@@ -462,6 +546,8 @@ def main() -> None:
         unit_start = time.perf_counter()
         if method == NONE:
             row = run_none(work, env, tuple(args.sets), seed)
+        elif method == TP:
+            row = run_torch_pruning(work, env, tuple(args.sets), seed, target)
         else:
             row = run_one(work, method, target, env, tuple(args.sets), suffix, seed)
             if "error" not in row:
