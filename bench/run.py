@@ -235,12 +235,23 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
         "finetune_seconds": m["finetune"]["seconds"],
         # what the method costs before finetuning: every stage it needs (the one-shot methods: rank alone)
         "method_seconds": {s: m[s].get("seconds", 0.0) if s != "rank" else m["rank"]["rank_seconds"]
-                           for s in ("selectors", "search", "constrain", "rank") if s in m},
+                           for s in method_stages(method) if s in m},
         "finetune_images": m["finetune"].get("epochs", 0) * m["prepare"]["counts"]["train"] if "prepare" in m else None,
         "onnx": summary["onnx"],
         "run_seconds": float(wall),
         "peak_rss_mb": int(rss_kb) / 1024,
     }
+
+
+def method_stages(method: str) -> list[str]:
+    """The stages a method's cost counts (the registry says what it needs): a one-shot method only ranks;
+    a search also caches features (the selectors stage) and searches; EMO-DIR also trains candidates."""
+    if method in (NONE, TP):
+        return ["rank"]
+    from pruning.methods import method_spec
+
+    spec = method_spec(method)
+    return [*(["selectors", "search"] if spec.searches else []), *(["constrain"] if spec.candidates else []), "rank"]
 
 
 def _onnx_name(method: str, target: float, seed: int | None, suffix: str) -> str:
@@ -470,9 +481,13 @@ def aggregate(units: list[dict]) -> list[dict]:
             if values:
                 row[key] = statistics.fmean(values)
         row["test_acc_sd"] = statistics.stdev(accs) if len(accs) > 1 else None
-        for key in ("flops", "params", "onnx", "finetune_images", "evaluations", "method_seconds"):
+        for key in ("flops", "params", "onnx", "finetune_images", "evaluations"):
             if key in mine[0]:
                 row[key] = mine[0][key]  # of the first seed: the model sizes do not depend much on it; see units
+        stages = method_stages(method)
+        costs = [u["method_seconds"] for u in mine if "method_seconds" in u]
+        if costs:  # mean over seeds, of the stages the method needs (a workspace keeps other methods' metrics files)
+            row["method_seconds"] = {s: statistics.fmean(c[s] for c in costs if s in c) for s in stages if any(s in c for c in costs)}
         if method == NONE:
             row["finetune_gain_points"] = 100 * (row["test_acc"] - row["test_acc_base"])
         ref = {u["seed"]: u for u in ok if u["method"] == "emo-dir" and u["target"] == target}
