@@ -162,7 +162,10 @@ def main() -> None:
             + (f" (total {result['wall_seconds'] / 60:.0f} min)" if "wall_seconds" in result else " (resumable units, see the unit files)"),
             f"- commit: `{', '.join(result.get('commits') or [result.get('commit', '?')])}`; machine: {m['cpus']} CPUs, "
             f"{m['platform']}, Python {m['python']}",
-            f"- model `{p['model']['name']}`, data `{p['data']['source']}`; pretrain {p['pretrain']['epochs']} epochs; "
+            f"- model `{p['model']['name']}`, data `{p['data']['source']}`; "
+            + (f"base `{Path(p['model']['checkpoint']).name}` (bench/bases, converged); " if p["model"].get("checkpoint")
+               else f"pretrain {p['pretrain']['epochs']} epochs; ")
+            + f"
             f"finetune {p['finetune']['epochs']} epochs ({p['finetune']['kd']}); EMO-DIR K={p['divide']['k']}, "
             f"population {p['search']['pop_size']} x {p['search']['generations']} generations per sub-network, "
             f"{p['constrain']['candidates']} candidates x {p['constrain']['epochs']} constrained epochs", "",
