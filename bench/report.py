@@ -165,8 +165,7 @@ def main() -> None:
             f"- model `{p['model']['name']}`, data `{p['data']['source']}`; "
             + (f"base `{Path(p['model']['checkpoint']).name}` (bench/bases, converged); " if p["model"].get("checkpoint")
                else f"pretrain {p['pretrain']['epochs']} epochs; ")
-            + f"
-            f"finetune {p['finetune']['epochs']} epochs ({p['finetune']['kd']}); EMO-DIR K={p['divide']['k']}, "
+            + f"finetune {p['finetune']['epochs']} epochs ({p['finetune']['kd']}); EMO-DIR K={p['divide']['k']}, "
             f"population {p['search']['pop_size']} x {p['search']['generations']} generations per sub-network, "
             f"{p['constrain']['candidates']} candidates x {p['constrain']['epochs']} constrained epochs", "",
             *_base_line(result),
