@@ -41,6 +41,25 @@ NONE = "none"  # the unpruned base, finetuned with the same budget: the converge
 TP = "torch-pruning"  # Torch-Pruning's global pruner called plainly (outside this project's pruning code)
 EXTRA_METHODS = [TP, NONE]
 
+def _converged(model: str, k: int, latency_repeats: int) -> dict:
+    """A profile starting from the converged base `model` of bench/bases."""
+    return {
+        "targets": [0.5, 0.7],
+        "seeds": [0, 1, 2],
+        "none": True,
+        "params": {
+            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 0, "batch_size": 128, "limit_train": None,
+                     "split_seed": 0},
+            "model": {"name": model, "checkpoint": f"{{base:{model}}}"},
+            "divide": {"k": k, "cache_train": 4000, "cache_val": 2000},
+            "search": {"pop_size": 16, "generations": 8},
+            "constrain": {"candidates": 4, "epochs": 2},
+            "finetune": {"epochs": 10, "lr": 0.01},
+            "export": {"latency_repeats": latency_repeats, "latency_batch_sizes": [1, 64]},
+        },
+    }
+
+
 # Overrides of params.yaml per profile; budgets are the same for every method of a profile.
 PROFILES: dict[str, dict] = {
     "digits": {"targets": [0.5], "params": {}},
@@ -60,36 +79,8 @@ PROFILES: dict[str, dict] = {
     },
     # Converged bases (bench/bases.py, the 45,000-image training split at split seed 0): every method starts
     # from the same bytes, finetunes on the whole training split, and runs over 3 seeds on the same split.
-    "r20": {
-        "targets": [0.5, 0.7],
-        "seeds": [0, 1, 2],
-        "none": True,
-        "params": {
-            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 0, "batch_size": 128, "limit_train": None,
-                     "split_seed": 0},
-            "model": {"name": "resnet20", "checkpoint": "{base:resnet20}"},
-            "divide": {"k": 3, "cache_train": 4000, "cache_val": 2000},
-            "search": {"pop_size": 16, "generations": 8},
-            "constrain": {"candidates": 4, "epochs": 2},
-            "finetune": {"epochs": 10, "lr": 0.01},
-            "export": {"latency_repeats": 30, "latency_batch_sizes": [1, 64]},
-        },
-    },
-    "r56": {
-        "targets": [0.5, 0.7],
-        "seeds": [0, 1, 2],
-        "none": True,
-        "params": {
-            "data": {"source": "imagefolder", "root": "{cifar}", "num_workers": 0, "batch_size": 128, "limit_train": None,
-                     "split_seed": 0},
-            "model": {"name": "resnet56", "checkpoint": "{base:resnet56}"},
-            "divide": {"k": 4, "cache_train": 4000, "cache_val": 2000},
-            "search": {"pop_size": 16, "generations": 8},
-            "constrain": {"candidates": 4, "epochs": 2},
-            "finetune": {"epochs": 10, "lr": 0.01},
-            "export": {"latency_repeats": 20, "latency_batch_sizes": [1, 64]},
-        },
-    },
+    "r20": _converged("resnet20", k=3, latency_repeats=30),
+    "r56": _converged("resnet56", k=4, latency_repeats=20),
     "full": {
         "targets": [0.5, 0.7],
         "params": {
