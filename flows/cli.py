@@ -279,9 +279,21 @@ def ui(
     raise typer.Exit(code)
 
 
+_stopped_by: int | None = None
+
+
+def _stop_request() -> int | None:
+    """The signal that told this process to stop, if one did: seen by `_interrupted` or, inside a stage's flow
+    (where Prefect's handler replaces it), recorded by pruning.stopping (not imported here unless loaded)."""
+    stopping = sys.modules.get("pruning.stopping")
+    return _stopped_by or (stopping.requested() if stopping is not None else None)
+
+
 def _interrupted(signum: int, frame) -> None:
     # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: open MLflow runs end FAILED, Prefect marks the
     # flow run crashed, temporary files are removed; without this the process would vanish mid-write
+    global _stopped_by
+    _stopped_by = signum
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
@@ -292,7 +304,15 @@ def main() -> None:
     for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_ENABLE_TELEMETRY", "false"), ("DO_NOT_TRACK", "true")):
         os.environ.setdefault(key, value)
     signal.signal(signal.SIGTERM, _interrupted)
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        # a stop whose exception was lost (pruning/stopping.py) and that no loop saw: the work went on to the
+        # end, but a stopped command never reports success (DVC must not record the stage as done)
+        if done.code in (0, None) and (signum := _stop_request()) is not None:
+            typer.echo(f"stopped by signal {signal.Signals(signum).name} (after the work had finished)", err=True)
+            raise SystemExit(128 + signum) from None
+        raise
 
 
 if __name__ == "__main__":

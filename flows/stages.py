@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from pruning import stopping
 from pruning.methods import method_spec
 from tasks import sources
 from tasks.config import Params, load_params
@@ -65,7 +66,10 @@ def stage_flow(name: str, params_path: str = "params.yaml") -> dict:
     """Run one stage in the current folder with the params in `params_path`."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; allowed: {', '.join(STAGES)}")
-    return STAGES[name](load_params(params_path), params_path)
+    # inside the flow, where Prefect has put its own SIGTERM handler: a stop request is also recorded, so the
+    # training and search loops still stop if the handler's exception is lost (see pruning/stopping.py)
+    with stopping.recorded():
+        return STAGES[name](load_params(params_path), params_path)
 
 
 def task_runner(params: Params) -> TaskRunner:

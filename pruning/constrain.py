@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning import stopping
 from pruning.arrays import as_batch
 from pruning.search import recalibrate_bn
 
@@ -64,6 +65,7 @@ def train_constrained(
         sums, count = {"feature_mse": 0.0, "selector_ce": 0.0}, 0
         perm = rng.permutation(n)
         for start in range(0, n, batch_size):
+            stopping.check()
             idx = np.sort(perm[start : start + batch_size])
             if preds:
                 with torch.no_grad():

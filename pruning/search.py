@@ -28,6 +28,7 @@ from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from torch import nn
 
+from pruning import stopping
 from pruning.arrays import as_batch
 from pruning.channels import ChannelGroup, KeepScheme, channel_groups, count_flops_params, group_importance, keep_by_importance, pruned_copy
 
@@ -163,6 +164,7 @@ class Scorer:
         recalibrate_bn(module, self.calib, self.batch_size, self.device)
         logits = []
         for i in range(0, len(self.val_x), self.batch_size):
+            stopping.check()
             x = as_batch(self.val_x[i : i + self.batch_size]).to(self.device)
             logits.append(self.selector(module(x)).float().cpu())
         z, y = torch.cat(logits), as_batch(self.val_y)

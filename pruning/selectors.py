@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning import stopping
 from pruning.arrays import as_batch
 
 __all__ = ["FeatureSelector", "selector_accuracy", "train_selector"]
@@ -58,6 +59,7 @@ def train_selector(
     for _ in range(epochs):
         g.train()
         for idx in _batches(len(y_all), batch_size, rng):
+            stopping.check()
             x = as_batch(features[idx]).to(device)
             loss = F.cross_entropy(g(x), y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from pruning import stopping
 from pruning.distill import Distiller
 
 __all__ = [
@@ -123,6 +124,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[t
     model.eval()
     logits, labels = [], []
     for x, y in loader:
+        stopping.check()
         logits.append(model(x.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
@@ -199,6 +201,7 @@ def fit(
             model.train()
             total, correct, loss_sum = 0, 0, 0.0
             for x, y in train_loader:
+                stopping.check()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=layout)
