@@ -74,7 +74,6 @@ def main() -> None:
     import statistics
 
     import torch
-
     from bases import prepared
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

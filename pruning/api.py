@@ -27,7 +27,7 @@ from pruning.emodir import (
 from pruning.exact import land_on_target
 from pruning.gpir import rank
 from pruning.methods import PruningResult, Target, cost_of, method_spec
-from pruning.search import choose_for_target, spread_indices
+from pruning.search import choose_for_target
 from pruning.train import resolve_device, seed_everything
 
 __all__ = ["PruneResult", "prune"]
@@ -167,7 +167,7 @@ def prune(
                 )
                 evaluations += front.evaluations
                 importance = group_importance(sub.module, ex)
-                chosen = [front.members[i] for i in spread_indices([m.cost for m in front.members], candidates)]
+                chosen = front.spread(candidates, target)
                 local = [front.space.decode(m.genes, importance) for m in chosen]
                 trained = constrain_subnetwork(sub, subs, local, tr, ytr, selector, previous, constrain, seed=seed, device=dev)
                 cands.append([(m, sch, cost_of(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])

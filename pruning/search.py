@@ -121,6 +121,19 @@ class SearchSpace:
             out[g.name] = min(g.channels, max(r, int(round(k / r)) * r))
         return out
 
+    def network_key(self, genes: Sequence[int]) -> tuple[int, ...]:
+        """What `genes` decode to, as a hashable key: the kept count of every group ('levels'), or the bits with
+        an all-zero group read as keeping its most important channel ('binary'). Gene vectors with the same key
+        decode to the same network (with `round_to` many levels share a count), so they are evaluated once."""
+        if self.encoding == "levels":
+            return tuple(self.keep_counts(genes).values())
+        key, pos = [], 0
+        for g in self.groups:
+            bits = [int(b) for b in genes[pos : pos + g.channels]]
+            pos += g.channels
+            key += bits if any(bits) else [1] + [0] * (g.channels - 1)
+        return tuple(key)
+
     def decode(self, genes: Sequence[int], importance: dict[str, torch.Tensor]) -> KeepScheme:
         if self.encoding == "levels":
             return keep_by_importance({g.name: importance[g.name] for g in self.groups}, self.keep_counts(genes))
@@ -226,18 +239,39 @@ class ParetoFront:
     evaluations: int = 0
     fronts: list[list[tuple[float, float]]] = field(default_factory=list)  # (cost, error) of the front after each generation
 
-    def spread(self, m: int) -> list[Evaluation]:
-        """Up to `m` pruned members spread evenly along the front (0 = all); see `spread_indices`."""
-        return [self.members[i] for i in spread_indices([e.cost for e in self.members], m)]
+    def spread(self, m: int, target: float | None = None) -> list[Evaluation]:
+        """Up to `m` pruned members spread by cost, denser near `target` (0 = all); see `spread_indices`."""
+        return [self.members[i] for i in spread_indices([e.cost for e in self.members], m, target)]
 
 
-def spread_indices(costs: Sequence[float], m: int) -> list[int]:
-    """Indices of up to `m` entries of a cost-sorted front, evenly spaced, ends included (0 = all);
-    the unpruned end (cost 1) is left out: it is every sub-network's 'keep' option anyway."""
+NEAR_TARGET = 0.1  # half-width (in cost fraction) of the window around the target where candidates are denser
+
+
+def spread_indices(costs: Sequence[float], m: int, target: float | None = None) -> list[int]:
+    """Indices of up to `m` entries of a cost-sorted front, chosen by cost (0 = all); the unpruned end (cost 1)
+    is left out: it is every sub-network's 'keep' option anyway.
+
+    Without `target`: evenly spaced in cost from the cheapest to the dearest member. With `target` (the
+    reduction asked for the whole network, so a cost of 1 - target): half of them (rounded up) evenly over the
+    whole front, ends included, the other half evenly over cost 1 - target +- NEAR_TARGET, where GPIR most
+    likely picks; each anchor takes the unused member nearest in cost, so a front with few members near the
+    target still yields `m` distinct candidates."""
     pruned = [i for i, c in enumerate(costs) if c < 1.0 - 1e-9]
     if m == 0 or m >= len(pruned):
         return pruned
-    return [pruned[j] for j in np.unique(np.round(np.linspace(0, len(pruned) - 1, m)).astype(int))]
+    lo, hi = costs[pruned[0]], costs[pruned[-1]]
+    if target is None:
+        anchors = list(np.linspace(lo, hi, m))
+    else:
+        wide = (m + 1) // 2
+        centre = min(max(1.0 - target, lo), hi)
+        near = np.linspace(max(lo, centre - NEAR_TARGET), min(hi, centre + NEAR_TARGET), m - wide + 2)[1:-1]
+        anchors = list(np.linspace(lo, hi, wide)) + list(near) if wide > 1 else [lo, *near]
+    chosen: list[int] = []
+    for a in anchors:
+        free = [i for i in pruned if i not in chosen]
+        chosen.append(min(free, key=lambda i: (abs(costs[i] - a), i)))
+    return sorted(chosen)
 
 
 def choose_for_target(costs: Sequence[float], errors: Sequence[float], target: float, max_overshoot: float) -> int:
@@ -280,19 +314,20 @@ class _Search:
         self.importance = group_importance(module, example_input)
         self.importance = {g.name: self.importance[g.name] for g in space.groups}
         self.base = count_flops_params(module, example_input)
-        self.cache: dict[tuple[int, ...], Evaluation] = {}
-        self.evaluations = 0
+        self.cache: dict[tuple[int, ...], Evaluation] = {}  # by decoded network (`SearchSpace.network_key`)
+        self.evaluations = 0  # distinct networks evaluated
 
     def scheme(self, genes: Sequence[int]) -> KeepScheme:
         return self.space.decode(genes, self.importance)
 
     def __call__(self, genes: np.ndarray) -> tuple[float, float, int, int]:
-        key = tuple(int(v) for v in genes)
+        key = self.space.network_key(genes)
         if key not in self.cache:
-            pruned = pruned_copy(self.module, self.example, self.scheme(key))
+            first = tuple(int(v) for v in genes)  # the front lists the first gene vector seen for a network
+            pruned = pruned_copy(self.module, self.example, self.scheme(first))
             flops, params = count_flops_params(pruned, self.example)
             cost = flops / self.base[0] if self.metric == "flops" else params / self.base[1]
-            self.cache[key] = Evaluation(key, cost, float(self.scorer(pruned)), flops, params)
+            self.cache[key] = Evaluation(first, cost, float(self.scorer(pruned)), flops, params)
             self.evaluations += 1
         e = self.cache[key]
         return e.cost, e.error, e.flops, e.params

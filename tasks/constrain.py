@@ -55,7 +55,8 @@ def run(params: Params) -> dict:
         for sub in division.subnetworks:
             k = sub.index
             front = read_json(paths.SEARCH / f"front_s{k}.json")
-            chosen = [front["members"][i] for i in spread_indices([m["cost"] for m in front["members"]], c.candidates)]
+            costs = [m["cost"] for m in front["members"]]
+            chosen = [front["members"][i] for i in spread_indices(costs, c.candidates, params.prune.target)]
             selector = load_selector(division, k)
             rows: list[dict] = []
 

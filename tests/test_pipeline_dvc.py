@@ -59,8 +59,8 @@ def test_pipeline_runs_once_then_only_what_changed(repo):
     assert [ln for ln in bare.stdout.splitlines() if ln.startswith("Running stage")] == ["Running stage 'sources':"], bare.stdout
     assert len(client.search_runs([exp.experiment_id])) == len(STAGES) + 1
 
-    # another target, and the finetune stage's process killed mid-run: EMO-DIR ranks again from the same search
-    # (nothing before rank reruns), the killed attempt fails in Prefect and MLflow, and the flow's retry finishes
+    # another target, and the finetune stage's process killed mid-run: EMO-DIR trains candidates near the new
+    # target from the same search (nothing before constrain reruns), the killed attempt fails in Prefect and MLflow, and the flow's retry finishes
     # the run from the stage that failed
     _interrupted_finetune_then_retried(root, env, client, exp.experiment_id, target=0.6)
     summary = yaml.safe_load((root / "metrics/summary.json").read_text())
@@ -138,7 +138,7 @@ def _interrupted_finetune_then_retried(root, env, client, exp_id: str, target: f
                                  order_by=["attributes.start_time ASC"])
     # the SIGTERM stopped the first attempt (it once went unseen: pruning/stopping.py), and the retry finished
     assert [r.info.status for r in parents] == ["FAILED", "FINISHED"], out[-2000:]
-    assert "stages run: finetune, export, report" in out, out[-2000:]  # the retry: rank had finished in the first attempt
+    assert "stages run: finetune, export, report" in out, out[-2000:]  # the retry: constrain and rank had finished in the first attempt
     assert (root / "models/base.pt").read_bytes() == base_before
 
     from prefect.client.orchestration import get_client
@@ -149,7 +149,7 @@ def _interrupted_finetune_then_retried(root, env, client, exp_id: str, target: f
                   if prefect.read_flow(r.flow_id).name == "emoprune-pipeline"][0]
     assert latest.state.is_completed() and latest.run_count == 2  # failed once, retried once
     first = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert {r.info.run_name: r.info.status for r in first} == {"rank": "FINISHED", "finetune": "FAILED"}
+    assert {r.info.run_name: r.info.status for r in first} == {"constrain": "FINISHED", "rank": "FINISHED", "finetune": "FAILED"}
     second = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parents[1].info.run_id}'")
     assert {r.info.run_name: r.info.status for r in second} == {"finetune": "FINISHED", "export": "FINISHED", "report": "FINISHED"}
 

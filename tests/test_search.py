@@ -9,7 +9,7 @@ import torch
 from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.divide import boundary_features, divide
 from pruning.models import build_model
-from pruning.search import Scorer, SearchSpace, choose_for_target, prunable_groups, run_search, spread_indices
+from pruning.search import Scorer, SearchSpace, _Search, choose_for_target, prunable_groups, run_search, spread_indices
 from pruning.selectors import selector_accuracy, train_selector
 from tests.conftest import self_labelled
 
@@ -77,6 +77,34 @@ def test_spread_and_choice_helpers():
     assert choose_for_target(costs, errors, 0.5, 0.1) == 1    # 0.45 is allowed and more accurate
     with pytest.raises(ValueError, match="at most 0.8000"):
         choose_for_target(costs, errors, 0.9, 0.02)
+
+
+def test_candidates_are_spread_by_cost_and_crowd_near_the_target():
+    # by cost, not by position: four members crowd at 0.1-0.14, the middle pick is the one nearest 0.5
+    assert spread_indices([0.1, 0.11, 0.12, 0.13, 0.14, 0.9, 1.0], 3) == [0, 4, 5]
+    costs = [round(0.05 + 0.01 * i, 2) for i in range(91)]  # 0.05 .. 0.95
+    even = [costs[i] for i in spread_indices(costs, 6)]
+    assert even == [0.05, 0.23, 0.41, 0.59, 0.77, 0.95]
+    near = [costs[i] for i in spread_indices(costs, 6, target=0.5)]  # cost 0.5 is the target's
+    # half over the whole front, ends included; half within 0.1 of 0.5 (0.5 itself taken: the next nearest)
+    assert near == [0.05, 0.45, 0.49, 0.5, 0.55, 0.95]
+    assert [costs[i] for i in spread_indices(costs, 4, target=0.3)] == [0.05, 0.67, 0.73, 0.95]  # cost 0.7
+    assert spread_indices(costs, 0, target=0.5) == list(range(91))
+
+
+def test_genes_that_decode_to_one_network_are_evaluated_once(setting):
+    sub, ex, scorer, space = setting
+    calls = []
+    rounded = SearchSpace(space.groups, levels=10, round_to=8)  # 64-channel groups: levels 2 and 3 both keep 16
+    search = _Search(sub.module, ex, rounded, lambda m: calls.append(1) or float(scorer(m)), "flops")
+    a, b = [2] * len(space.groups), [3] * len(space.groups)
+    assert rounded.network_key(a) == rounded.network_key(b)
+    assert search(a) == search(b) and search.evaluations == 1 and len(calls) == 1
+    search([10] * len(space.groups))
+    assert search.evaluations == 2 and len(calls) == 2
+    binary = SearchSpace(space.groups, encoding="binary")  # an all-zero group keeps its most important channel
+    n = binary.n_var
+    assert binary.network_key([0] * n) == binary.network_key(([1] + [0] * (space.groups[0].channels - 1)) + [0] * (n - space.groups[0].channels))
 
 
 def test_selector_learns_separable_features():
