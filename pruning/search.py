@@ -321,9 +321,9 @@ class _Search:
         return self.space.decode(genes, self.importance)
 
     def __call__(self, genes: np.ndarray) -> tuple[float, float, int, int]:
-        key = self.space.network_key(genes)
+        first = tuple(int(v) for v in genes)  # the front lists the first gene vector seen for a network
+        key = self.space.network_key(first)
         if key not in self.cache:
-            first = tuple(int(v) for v in genes)  # the front lists the first gene vector seen for a network
             pruned = pruned_copy(self.module, self.example, self.scheme(first))
             flops, params = count_flops_params(pruned, self.example)
             cost = flops / self.base[0] if self.metric == "flops" else params / self.base[1]
