@@ -18,7 +18,7 @@ from torch import nn
 from pruning.constrain import train_front
 from pruning.distill import Distiller, DynamicKDLoss, KDLoss
 from pruning.divide import SubNetwork
-from pruning.search import ParetoFront, Scorer, SearchSpace, loader_images, prunable_groups, recalibrate_bn, run_search
+from pruning.search import ParetoFront, Scorer, SearchSpace, group_exclusions, loader_images, recalibrate_bn, run_search
 from pruning.selectors import train_selector
 from pruning.train import TrainConfig, fit, seed_everything
 
@@ -150,7 +150,8 @@ def search_network(
 ) -> ParetoFront:
     """NSGA-II over the channel groups of `module` (a sub-network, or the whole network for whole-emo), scored
     by `selector` on the module's cached val inputs; BatchNorm re-estimated on `calib_samples` train inputs."""
-    space = SearchSpace(tuple(prunable_groups(module, example_input)), settings.levels, settings.encoding, round_to)
+    groups, excluded = group_exclusions(module, example_input)
+    space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded))
     if not space.groups:
         raise ValueError(f"{type(module).__name__} has no prunable channel group")
     scorer = Scorer(selector, train_inputs[: settings.calib_samples], val_inputs, val_labels, error=settings.error, device=device)

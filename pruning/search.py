@@ -10,6 +10,7 @@ pruned module over the original's) and selector error. Nothing of pymoo leaves t
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,6 +40,7 @@ __all__ = [
     "Scorer",
     "choose_for_target",
     "loader_images",
+    "group_exclusions",
     "prunable_groups",
     "recalibrate_bn",
     "run_search",
@@ -46,25 +48,51 @@ __all__ = [
 ]
 
 
+# the errors a forward pass raises when a tensor arrives with other channels than a layer or an add expects
+_SHAPE_ERROR = re.compile(
+    r"must match the size of tensor|expected input\S* to have \d+ channels|should contain \d+ elements"
+    r"|shapes cannot be multiplied|size mismatch|Sizes of tensors must match"
+)
+
+
 def prunable_groups(module: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
     """Channel groups of `module` whose pruning leaves its input and output shapes unchanged: the boundary
-    features X_{k-1} and X_k keep their channels so the neighbours and the feature constraint still fit."""
+    features X_{k-1} and X_k keep their channels so the neighbours and the feature constraint still fit.
+    `group_exclusions` also says why each other group was left out."""
+    return group_exclusions(module, example_input, ignored)[0]
+
+
+def group_exclusions(
+    module: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None
+) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
+    """(the groups `prunable_groups` returns, [(group name, why it is left out)] for the others).
+
+    Each group is probed by removing its last channel: a group is left out when the module's output then has
+    other channels, or when the forward pass fails on a channel-count mismatch (the group reaches the module's
+    input, through a residual add of it). Any other error is a defect and is raised, not taken for a boundary."""
     module = module.eval()
     with torch.no_grad():
         out_shape = module(example_input).shape
-    keep = []
+    keep: list[ChannelGroup] = []
+    excluded: list[tuple[str, str]] = []
     for g in channel_groups(module, example_input, ignored=ignored):
         if g.channels < 2:
+            excluded.append((g.name, "a single channel"))
             continue
         probe = pruned_copy(module, example_input, {g.name: list(range(g.channels - 1))})
         with torch.no_grad():
             try:
-                fits = probe(example_input).shape == out_shape
-            except RuntimeError:  # the group reaches the module's input (a residual add of it): not ours to prune
-                fits = False
-        if fits:
+                shape = probe(example_input).shape
+            except RuntimeError as e:
+                if not _SHAPE_ERROR.search(str(e)):
+                    raise
+                excluded.append((g.name, "reaches the input (a residual add of it): the boundary keeps its channels"))
+                continue
+        if shape != out_shape:
+            excluded.append((g.name, "reaches the output: the boundary keeps its channels"))
+        else:
             keep.append(g)
-    return keep
+    return keep, excluded
 
 
 @dataclass(frozen=True)
@@ -86,6 +114,7 @@ class SearchSpace:
     levels: int = 10
     encoding: Literal["levels", "binary"] = "levels"
     round_to: int = 1  # 'levels' only: kept channel counts are multiples of this (fast kernels want 8 or 16)
+    excluded: tuple[tuple[str, str], ...] = ()  # (group, why) of the module's groups that are not genes
 
     def __post_init__(self) -> None:
         if self.encoding not in ("levels", "binary"):

@@ -117,6 +117,8 @@ def _search(
     importance = group_importance(module, example)
     doc = front_document(tag, front, importance, seconds)
     atomic_json(doc, paths.SEARCH / f"front_{tag}.json")
+    left_out = ", ".join(f"{name} ({why.split(':')[0]})" for name, why in front.space.excluded)
+    print(f"search {tag}: {len(front.space.groups)} channel groups searched; left out: {left_out or 'none'}", flush=True)
     ckpt.unlink(missing_ok=True)  # the front is written: a later (forced) run searches afresh, as training does
     return {
         "tag": tag,
@@ -136,6 +138,7 @@ def front_document(tag: str, front: ParetoFront, importance: dict, seconds: floa
         "encoding": space.encoding,
         "levels": space.levels,
         "groups": [{"name": g.name, "channels": g.channels, "layers": list(g.layers)} for g in space.groups],
+        "excluded_groups": [{"name": name, "reason": why} for name, why in space.excluded],
         "base_flops": front.base_flops,
         "base_params": front.base_params,
         "evaluations": front.evaluations,

@@ -9,7 +9,7 @@ import torch
 from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.divide import boundary_features, divide
 from pruning.models import build_model
-from pruning.search import Scorer, SearchSpace, _Search, choose_for_target, prunable_groups, run_search, spread_indices
+from pruning.search import Scorer, SearchSpace, _Search, choose_for_target, group_exclusions, prunable_groups, run_search, spread_indices
 from pruning.selectors import selector_accuracy, train_selector
 from tests.conftest import self_labelled
 
@@ -37,6 +37,27 @@ def test_boundary_channels_are_not_genes(setting):
     scheme = space.decode(space.uniform(0.5), group_importance(sub.module, ex))
     with torch.no_grad():
         assert pruned_copy(sub.module, ex, scheme)(ex).shape == sub.module(ex).shape
+
+
+def test_groups_left_out_are_listed_with_the_reason_and_other_errors_are_raised(setting):
+    sub, ex, _, space = setting
+    kept, excluded = group_exclusions(sub.module, ex)
+    assert [g.name for g in kept] == [g.name for g in space.groups]
+    assert excluded == [("0.conv2", "reaches the output: the boundary keeps its channels")]
+
+    class Fussy(torch.nn.Module):  # a forward that fails for a reason other than a channel mismatch
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.shape[1] != 8:
+                raise RuntimeError("a defect in the model's own code")
+            return self.b(h)
+
+    with pytest.raises(RuntimeError, match="a defect in the model's own code"):
+        group_exclusions(Fussy().eval(), torch.randn(1, 3, 8, 8))
 
 
 @pytest.mark.parametrize("encoding", ["levels", "binary"])
