@@ -3,6 +3,15 @@
 Every sub-network k offers candidates ``candidates[k]``; a joint scheme picks one index per
 sub-network, and its predicted impairment and saving are the sums over the picked candidates.
 
+Chains. Sub-networks form a chain: sub-network k reads the boundary feature k-1 and writes boundary
+k. When boundary widths are searched too, each candidate names the width option of the boundary it
+reads (``inputs``) and of the one it writes (``outputs``), and a joint scheme is valid only when
+every candidate reads the width its predecessor writes; the network's input has the one option 0.
+Candidates that leave both at 0 (the default) make every combination valid: the plain
+multiple-choice knapsack. The fronts below are then kept per boundary option (a dynamic programme
+over the chain whose state is the boundary's width option and the partial saving), so the chain
+costs no more than a factor of the number of width options.
+
 Exactness. Savings are Python ints and are summed exactly (no bucketing by FLOPs). Impairments
 are floats, but every float is a dyadic rational, so they are scaled by one common power of two to
 Python ints and summed and compared *exactly* as well; the ``impairment`` reported in a
@@ -44,14 +53,21 @@ class Candidate:
     """One pruning option of one sub-network.
 
     `impairment`: accuracy lost when only this sub-network is replaced (finite float, may be negative);
-    `saving`: FLOPs removed (int >= 0); `key`: optional label the caller uses to find the option again.
+    `saving`: FLOPs removed (int >= 0); `key`: optional label the caller uses to find the option again;
+    `inputs`, `outputs`: width options (ints >= 0) of the boundaries it reads and writes (see Chains).
     """
 
     impairment: float
     saving: int
     key: Hashable | None = None
+    inputs: int = 0
+    outputs: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("inputs", "outputs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"candidate {name} must be a width option (an int >= 0), got {value!r}")
         impairment = float(self.impairment)
         if not math.isfinite(impairment):
             raise ValueError(f"candidate impairment must be finite, got {self.impairment!r}")
@@ -77,6 +93,7 @@ class Combination:
 
 # A front point: (saving, exact scaled impairment, choice tuple).
 _Point = tuple[int, int, tuple[int, ...]]
+_END: list[_Point] = [(0, 0, ())]  # the front past the last sub-network, whatever the last boundary's width
 
 
 class _Tables:
@@ -85,11 +102,15 @@ class _Tables:
     def __init__(self, candidates: Sequence[Sequence[Candidate]]) -> None:
         ratios: list[list[tuple[int, int]]] = []
         savings: list[list[int]] = []
+        self.inputs: list[list[int]] = []
+        self.outputs: list[list[int]] = []
         for k, options in enumerate(candidates):
             options = list(options)
             if not options:
                 raise ValueError(f"sub-network {k} has no candidates; give it at least one (e.g. 'keep unpruned')")
             row_r, row_s = [], []
+            self.inputs.append([c.inputs for c in options])
+            self.outputs.append([c.outputs for c in options])
             for j, c in enumerate(options):
                 imp = float(c.impairment)
                 if not math.isfinite(imp):
@@ -115,20 +136,25 @@ class _Tables:
     def combination(self, choice: tuple[int, ...], imp: int, saving: int) -> Combination:
         return Combination(choice=choice, impairment=self.to_float(imp), saving=saving)
 
-    def max_saving(self) -> int:
-        return sum(max(row) for row in self.savings)
-
-    def suffix_fronts(self) -> list[list[_Point]]:
-        """fronts[k]: Pareto front of sub-networks k..K-1, saving (and impairment) strictly ascending."""
-        fronts: list[list[_Point]] = [[] for _ in range(self.k)] + [[(0, 0, ())]]
+    def suffix_fronts(self) -> list[dict[int, list[_Point]]]:
+        """fronts[k][w]: Pareto front of sub-networks k..K-1 when sub-network k reads width option w,
+        saving (and impairment) strictly ascending; fronts[K] is empty (read it through `front`)."""
+        fronts: list[dict[int, list[_Point]]] = [{} for _ in range(self.k + 1)]
         for k in range(self.k - 1, -1, -1):
-            merged = [
-                (s + sav, i + imp, (j,) + ch)
-                for j, (imp, sav) in enumerate(zip(self.imps[k], self.savings[k]))
-                for s, i, ch in fronts[k + 1]
-            ]
-            fronts[k] = _pareto(merged)
+            for w in sorted(set(self.inputs[k])):
+                merged = [
+                    (s + sav, i + imp, (j,) + ch)
+                    for j, (imp, sav) in enumerate(zip(self.imps[k], self.savings[k]))
+                    if self.inputs[k][j] == w
+                    for s, i, ch in self.front(fronts, k + 1, self.outputs[k][j])
+                ]
+                if merged:
+                    fronts[k][w] = _pareto(merged)
         return fronts
+
+    def front(self, fronts: list[dict[int, list[_Point]]], k: int, w: int) -> list[_Point]:
+        """The front of sub-networks k.. reading width option w (empty when no valid completion)."""
+        return _END if k == self.k else fronts[k].get(w, [])
 
 
 def _pareto(points: list[_Point]) -> list[_Point]:
@@ -143,7 +169,13 @@ def _pareto(points: list[_Point]) -> list[_Point]:
     return out
 
 
-def _infeasible(min_saving: int, reachable: int) -> ValueError:
+def _infeasible(min_saving: int, front: list[_Point]) -> ValueError:
+    if not front:
+        return ValueError(
+            "no combination is valid: no chain of candidates reads the width option its predecessor writes "
+            "(the first sub-network must read option 0)"
+        )
+    reachable = front[-1][0]
     return ValueError(
         f"no combination reaches min_saving={min_saving}: the maximum reachable saving is {reachable} (short by {min_saving - reachable})"
     )
@@ -161,7 +193,7 @@ def joint_front(candidates: Sequence[Sequence[Candidate]]) -> list[Combination]:
     [((0, 0), 0), ((0, 1), 60), ((1, 0), 100), ((1, 1), 160)]
     """
     tables = _Tables(candidates)
-    return [tables.combination(ch, i, s) for s, i, ch in tables.suffix_fronts()[0]]
+    return [tables.combination(ch, i, s) for s, i, ch in tables.front(tables.suffix_fronts(), 0, 0)]
 
 
 def solve(candidates: Sequence[Sequence[Candidate]], min_saving: int) -> Combination:
@@ -176,12 +208,12 @@ def solve(candidates: Sequence[Sequence[Candidate]], min_saving: int) -> Combina
     """
     min_saving = operator.index(min_saving)
     tables = _Tables(candidates)
-    front = tables.suffix_fronts()[0]
+    front = tables.front(tables.suffix_fronts(), 0, 0)
     # Impairment rises strictly with saving along the front, so the first feasible point is optimal,
     # and no other combination has its impairment with a larger saving.
     j = bisect_left([s for s, _, _ in front], min_saving)
     if j == len(front):
-        raise _infeasible(min_saving, tables.max_saving())
+        raise _infeasible(min_saving, front)
     s, i, ch = front[j]
     return tables.combination(ch, i, s)
 
@@ -209,34 +241,39 @@ def top_combinations(candidates: Sequence[Sequence[Candidate]], min_saving: int,
         raise ValueError(f"t must be >= 0, got {t}")
     tables = _Tables(candidates)
     fronts = tables.suffix_fronts()
-    front_savings = [[s for s, _, _ in front] for front in fronts]
+    front_savings: dict[tuple[int, int], list[int]] = {}
 
-    def best_completion(k: int, missing: int) -> tuple[int, int] | None:
-        """(impairment, saving) of the best completion of sub-networks k.. that saves >= missing."""
-        j = bisect_left(front_savings[k], missing)
-        if j == len(front_savings[k]):
+    def best_completion(k: int, w: int, missing: int) -> tuple[int, int] | None:
+        """(impairment, saving) of the best completion of sub-networks k.., reading width option w, that
+        saves >= missing."""
+        front = tables.front(fronts, k, w)
+        savings = front_savings.setdefault((k, w), [s for s, _, _ in front])
+        j = bisect_left(savings, missing)
+        if j == len(savings):
             return None
-        s, i, _ = fronts[k][j]
+        s, i, _ = front[j]
         return i, s
 
-    if best_completion(0, min_saving) is None:
-        raise _infeasible(min_saving, tables.max_saving())
+    root = best_completion(0, 0, min_saving)
+    if root is None:
+        raise _infeasible(min_saving, tables.front(fronts, 0, 0))
     K = tables.k
     out: list[Combination] = []
-    # Heap entries: (impairment bound, -saving bound, prefix, prefix saving, prefix impairment).
-    # Each bound is that of the best completion, so a prefix never sorts after any of its completions.
-    root = best_completion(0, min_saving)
-    assert root is not None  # checked just above
-    heap: list[tuple[int, int, tuple[int, ...], int, int]] = [(root[0], -root[1], (), 0, 0)]  # impairments in integer units
+    # Heap entries: (impairment bound, -saving bound, prefix, prefix saving, prefix impairment, width option
+    # the next sub-network reads). Each bound is that of the best completion, so a prefix never sorts after
+    # any of its completions.
+    heap: list[tuple[int, int, tuple[int, ...], int, int, int]] = [(root[0], -root[1], (), 0, 0, 0)]  # impairments in integer units
     while heap and len(out) < t:
-        _, _, prefix, s, i = heapq.heappop(heap)
+        _, _, prefix, s, i, w = heapq.heappop(heap)
         k = len(prefix)
         if k == K:
             out.append(tables.combination(prefix, i, s))
             continue
         for j, (imp, sav) in enumerate(zip(tables.imps[k], tables.savings[k])):
+            if tables.inputs[k][j] != w:
+                continue
             s2, i2 = s + sav, i + imp
-            best = best_completion(k + 1, min_saving - s2)
+            best = best_completion(k + 1, tables.outputs[k][j], min_saving - s2)
             if best is not None:
-                heapq.heappush(heap, (i2 + best[0], -(s2 + best[1]), prefix + (j,), s2, i2))
+                heapq.heappush(heap, (i2 + best[0], -(s2 + best[1]), prefix + (j,), s2, i2, tables.outputs[k][j]))
     return out

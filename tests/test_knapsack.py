@@ -43,6 +43,9 @@ def brute_force(table: Table) -> list[tuple[Fraction, int, tuple[int, ...]]]:
     rows = [[(Fraction(c.impairment), c.saving) for c in row] for row in table]
     out = []
     for choice in product(*(range(len(row)) for row in rows)):
+        links = [0] + [table[k][j].outputs for k, j in enumerate(choice)]  # the network input has width option 0
+        if any(table[k][j].inputs != links[k] for k, j in enumerate(choice)):
+            continue  # a candidate reads another width than its predecessor writes: not a network
         picked = [rows[k][j] for k, j in enumerate(choice)]
         out.append((sum((i for i, _ in picked), Fraction(0)), sum(s for _, s in picked), choice))
     out.sort(key=lambda r: (r[0], -r[1], r[2]))
@@ -113,6 +116,44 @@ def test_top_combinations_matches_brute_force():
             assert got[0] == solve(table, target)
             lengths.append(len(got) < t)
     assert any(lengths) and not all(lengths)  # both "t found" and "fewer than t exist" occur
+
+
+def random_chain_table(rng: random.Random) -> Table:
+    """`random_table` whose candidates also read and write boundary width options (0..2): the chain."""
+    widths = [rng.randint(1, 3) for _ in range(5)]
+    return [
+        [Candidate(c.impairment, c.saving, inputs=rng.randrange(widths[k]), outputs=rng.randrange(widths[k + 1])) for c in row]
+        for k, row in enumerate(random_table(rng))
+    ]
+
+
+def test_chain_matches_brute_force():
+    """Boundary widths as genes: only chains where each candidate reads what its predecessor writes count."""
+    rng = random.Random(2024)
+    constrained = invalid = checked = 0
+    for _ in range(300):
+        table = random_chain_table(rng)
+        schemes = brute_force(table)
+        constrained += len(schemes) < math.prod(len(row) for row in table)
+        if not schemes:
+            for call in (lambda: solve(table, 0), lambda: top_combinations(table, 0, 3)):
+                with pytest.raises(ValueError, match="no chain of candidates"):
+                    call()
+            assert joint_front(table) == []
+            invalid += 1
+            continue
+        assert joint_front(table) == brute_front(table)
+        for target in random_targets(rng, table)[:4]:
+            feasible = [as_combination(r) for r in schemes if r[1] >= target]
+            if not feasible:
+                with pytest.raises(ValueError, match=f"min_saving={target}: the maximum reachable saving is {schemes and max(r[1] for r in schemes)}"):
+                    solve(table, target)
+                continue
+            assert solve(table, target) == feasible[0]
+            t = rng.choice([1, 3, 10])
+            assert top_combinations(table, target, t) == feasible[:t]
+            checked += 1
+    assert constrained > 150 and invalid > 10 and checked > 300  # the chain binds, and all branches ran
 
 
 def test_top_combinations_edge_cases():
@@ -192,6 +233,9 @@ def test_candidate_validation_and_coercion():
                 dict(impairment=0.1, saving=-1), dict(impairment=0.1, saving=1.5)]:
         with pytest.raises(ValueError):
             Candidate(**bad)
+    for bad in [dict(inputs=-1), dict(outputs=1.0), dict(inputs=True)]:
+        with pytest.raises(ValueError, match="must be a width option"):
+            Candidate(0.0, 0, **bad)
 
 
 def test_performance_sized_instance_agrees_with_solve():
