@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,8 @@ from pruning.search import choose_for_target
 from pruning.train import resolve_device, seed_everything
 
 __all__ = ["PruneResult", "prune"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,9 +136,11 @@ def prune(
                 seed=seed,
                 device=dev,
             )
-            best = front.members[
-                choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)
-            ]
+            index, fallback = choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)
+            best = front.members[index]
+            if fallback:
+                info.setdefault("fallbacks", []).append(fallback)
+                logger.warning("whole-emo: %s", fallback)
             scheme = front.space.decode(best.genes, group_importance(base, x1))
             if fill_back:
                 landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)

@@ -92,6 +92,7 @@ class JointScheme:
     measured_acc: float
     saving: int
     verified: list[dict]  # the top-T combinations measured jointly
+    fallback: str | None = None  # what was done instead when no combination landed near the target
 
 
 def _candidates(table: list[list[dict]]) -> list[list[Candidate]]:
@@ -118,11 +119,17 @@ def joint_scheme(
     `max_saving` keeps the scheme near the target: measured impairments are noisy on a finite val set, and
     a much smaller network that ties on accuracy is not what was asked for. The combinations are taken in
     exact impairment order and those above `max_saving` skipped (searching the first 50 * top_t); if none
-    falls inside, the unbounded best are used."""
+    falls inside, the unbounded best are used, and `fallback` says so."""
     cands = _candidates(table)
     combos: list[Combination] = top_combinations(cands, min_saving, top_t if max_saving is None else 50 * top_t)
+    fallback = None
     if max_saving is not None:
         inside = [c for c in combos if c.saving <= max_saving]
+        if not inside:
+            fallback = (
+                f"none of the {len(combos)} best combinations saves at most {max_saving} (target plus rank.max_overshoot); "
+                f"the {min(top_t, len(combos))} best that save more were measured instead"
+            )
         combos = inside[:top_t] if inside else combos[:top_t]
     verified: list[dict[str, Any]] = []
     for c in combos:
@@ -130,7 +137,7 @@ def joint_scheme(
         acc = accuracy_with(subnetworks, head, repl, features, labels, device=device)
         verified.append({"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "measured_acc": acc, "saving": c.saving})
     best = max(verified, key=lambda v: (v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))
-    return JointScheme(tuple(best["choice"]), best["predicted_acc"], best["measured_acc"], best["saving"], verified)
+    return JointScheme(tuple(best["choice"]), best["predicted_acc"], best["measured_acc"], best["saving"], verified, fallback)
 
 
 def joint_pareto(table: list[list[dict]], base_acc: float, base_cost: int) -> list[dict]:
@@ -257,6 +264,7 @@ def rank(
             for k, row in enumerate(best.choice)
         ],
         "verified": best.verified,
+        "fallbacks": [best.fallback] if best.fallback else [],
         "table": table,
         "joint_front": joint_pareto(table, base_acc, total_cost),
     }

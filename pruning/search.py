@@ -303,9 +303,10 @@ def spread_indices(costs: Sequence[float], m: int, target: float | None = None) 
     return sorted(chosen)
 
 
-def choose_for_target(costs: Sequence[float], errors: Sequence[float], target: float, max_overshoot: float) -> int:
-    """Index of the lowest-error front member whose cost fraction meets `target` (a reduction), preferring
-    those within `max_overshoot` of it; at equal error the larger (closer to target) one."""
+def choose_for_target(costs: Sequence[float], errors: Sequence[float], target: float, max_overshoot: float) -> tuple[int, str | None]:
+    """(index of the lowest-error front member whose cost fraction meets `target` (a reduction), preferring
+    those within `max_overshoot` of it, at equal error the larger (closer to target) one; a note saying what
+    was taken instead when no member lies within `max_overshoot`, else None)."""
     limit = 1.0 - target
     feasible = [i for i, c in enumerate(costs) if c <= limit + 1e-12]
     if not feasible:
@@ -314,8 +315,14 @@ def choose_for_target(costs: Sequence[float], errors: Sequence[float], target: f
             f"target reduction {target} is beyond this front, which reaches at most {reach:.4f}; "
             f"allowed: a target up to {reach:.4f}, or a longer search"
         )
-    near = [i for i in feasible if costs[i] >= limit - max_overshoot] or feasible
-    return min(near, key=lambda i: (errors[i], -costs[i], i))
+    near = [i for i in feasible if costs[i] >= limit - max_overshoot]
+    if near:
+        return min(near, key=lambda i: (errors[i], -costs[i], i)), None
+    best = min(feasible, key=lambda i: (errors[i], -costs[i], i))
+    return best, (
+        f"no front member removes between {target} and {target + max_overshoot:.4f}; took the most accurate that "
+        f"removes more ({1.0 - costs[best]:.4f})"
+    )
 
 
 class _PruningProblem(Problem):

@@ -79,11 +79,13 @@ def rank_emo_dir(
 def rank_whole_emo(params: Params, division: Division, example: torch.Tensor) -> tuple[torch.nn.Module, dict, dict]:
     members = read_json(paths.SEARCH / "front_whole.json")["members"]
     # as for emo-dir: near the target when the front allows it, not a much smaller model that ties on error
-    best = members[
-        choose_for_target([m["cost"] for m in members], [m["error"] for m in members], params.prune.target, params.rank.max_overshoot)
-    ]
+    index, fallback = choose_for_target(
+        [m["cost"] for m in members], [m["error"] for m in members], params.prune.target, params.rank.max_overshoot
+    )
+    best = members[index]
     scheme = best["scheme"]
-    return pruned_copy(division.model, example, scheme), scheme, {"search_error": best["error"], "genes": best["genes"]}
+    info = {"search_error": best["error"], "genes": best["genes"], "fallbacks": [fallback] if fallback else []}
+    return pruned_copy(division.model, example, scheme), scheme, info
 
 
 def choose(
@@ -164,7 +166,12 @@ def run(params: Params) -> dict:
             "rank_seconds": seconds,
             "bn_samples": bn_samples,
             "target_gap": doc[p.metric]["reduction"] - p.target,
+            # what was done instead of what was asked, in words ("" when nothing was)
+            "fallback": "; ".join(info.get("fallbacks", [])),
         }
+        if out["fallback"]:
+            print(f"rank: fallback: {out['fallback']}", flush=True)
+            mlflow.set_tag("emoprune.fallback", out["fallback"][:5000])
         print(
             f"rank: {p.method} removes {doc['flops']['reduction']:.1%} of the FLOPs and {doc['params']['reduction']:.1%} of the "
             f"params (target {p.target} of the {p.metric}); val accuracy before finetuning {out['val_acc_before_finetune']:.2%}",

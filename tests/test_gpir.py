@@ -38,7 +38,10 @@ def test_joint_scheme_builds_a_whole_model_with_the_predicted_flops():
     total = count_flops_params(model, x[:1])[0]
     need = int(0.3 * total)
     best = joint_scheme(subs, head, table, modules, base_acc, need, top_t=5, features=feats, labels=y)
-    assert best.saving >= need and len(best.verified) == 5
+    assert best.saving >= need and len(best.verified) == 5 and best.fallback is None
+    # a window no combination lands in: the best that save more are measured, and the scheme says so
+    narrow = joint_scheme(subs, head, table, modules, base_acc, need, top_t=5, features=feats, labels=y, max_saving=need - 1)
+    assert narrow.fallback and f"saves at most {need - 1}" in narrow.fallback and narrow.choice == best.choice
     chosen = {i + 1: (modules[i][r - 1], schemes[i][r - 1]) for i, r in enumerate(best.choice) if r > 0}
     merged, full_scheme = merge_into(model, x[:1], subs, chosen)
     assert count_flops_params(merged, x[:1])[0] == total - best.saving

@@ -94,8 +94,11 @@ def test_spread_and_choice_helpers():
     assert spread_indices([0.1, 0.2, 0.3, 0.4, 0.5, 1.0], 3) == [0, 2, 4]
     assert spread_indices([0.1, 1.0], 0) == [0]
     costs, errors = [0.2, 0.45, 0.5, 0.7], [0.9, 0.3, 0.35, 0.1]
-    assert choose_for_target(costs, errors, 0.5, 0.02) == 2   # only 0.5 is within target..target+2pp
-    assert choose_for_target(costs, errors, 0.5, 0.1) == 1    # 0.45 is allowed and more accurate
+    assert choose_for_target(costs, errors, 0.5, 0.02) == (2, None)  # only 0.5 is within target..target+2pp
+    assert choose_for_target(costs, errors, 0.5, 0.1) == (1, None)  # 0.45 is allowed and more accurate
+    # nothing within 0.4..0.42: the most accurate member that removes more, and the note says so
+    index, note = choose_for_target(costs, errors, 0.4, 0.02)
+    assert index == 1 and "no front member removes between 0.4 and 0.4200" in note and "(0.5500)" in note
     with pytest.raises(ValueError, match="at most 0.8000"):
         choose_for_target(costs, errors, 0.9, 0.02)
 
