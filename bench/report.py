@@ -20,17 +20,21 @@ ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch
 def _plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in result["rows"] if "error" not in r]
+    seeded = "units" in result
     for method in ORDER:
-        pts = sorted((r["flops_reduction"], r["test_acc"]) for r in rows if r["method"] == method)
+        pts = sorted((r["flops_reduction"], r["test_acc"], r.get("test_acc_sd") or 0.0) for r in rows if r["method"] == method)
         if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, "o-" if method == "emo-dir" else "s--", label=method, lw=2 if method == "emo-dir" else 1)
+            xs, ys, sds = zip(*pts)
+            style = dict(fmt="o-" if method == "emo-dir" else "s--", label=method, lw=2 if method == "emo-dir" else 1, capsize=3)
+            # seeded profiles: the mean over seeds, bars one standard deviation across seeds (none with one seed)
+            ax.errorbar(xs, ys, yerr=sds if seeded and any(sds) else None, **style)
     if rows:
         ax.axhline(rows[0]["test_acc_base"], color="grey", lw=0.8, ls=":", label="unpruned")
     ax.set_xlabel("FLOPs removed")
-    ax.set_ylabel("test accuracy after finetuning")
+    ax.set_ylabel("test accuracy after finetuning" + (" (mean)" if seeded else ""))
     variant = f" ({', '.join(result['sets'])})" if "variant" in result else ""
-    ax.set_title(f"{result['profile']}{variant}: {result['params']['model']['name']} on {result['params']['data']['source']}",
+    bars = "; bars: sd over seeds" if seeded else ""
+    ax.set_title(f"{result['profile']}{variant}: {result['params']['model']['name']} on {result['params']['data']['source']}{bars}",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
