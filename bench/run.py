@@ -442,8 +442,23 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def unit_params(params: dict, method: str) -> dict:
+    """The params that can change a unit's result: those dvc.yaml's stages on the method's path read (a
+    baseline's unit does not go stale when a search setting changes)."""
+    stages = ["sources", "prepare", "pretrain", *method_stages(method), "finetune", "export"]
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for key in sorted({k for s in stages for k in spec[s].get("params", [])}):
+        value = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = value
+    return out
+
+
 def _digest(params: dict, sets: list[str], method: str, target: float, seed: int) -> str:
-    blob = json.dumps({"params": params, "sets": sorted(sets), "unit": [method, target, seed]}, sort_keys=True, default=str)
+    blob = json.dumps({"params": unit_params(params, method), "sets": sorted(sets), "unit": [method, target, seed]},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -66,6 +66,7 @@ def prune(
     round_to: int = 1,
     encoding: Literal["levels", "binary"] = _SEARCH.encoding,
     calib_samples: int = _SEARCH.calib_samples,
+    search_precision: Literal["bf16", "fp32"] = _SEARCH.precision,
     candidates: int = _CON.candidates,
     constrain_epochs: int = _CON.epochs,
     constrain_lr: float = _CON.lr,
@@ -106,7 +107,14 @@ def prune(
     x1 = example_input[:1].cpu()
     base_flops, base_params = count_flops_params(base, x1)
     info: dict = {"method": method}
-    search = SearchSettings(pop_size=pop_size, generations=generations, levels=levels, encoding=encoding, calib_samples=calib_samples)
+    search = SearchSettings(
+        pop_size=pop_size,
+        generations=generations,
+        levels=levels,
+        encoding=encoding,
+        calib_samples=calib_samples,
+        precision=search_precision,
+    )
     if spec.one_shot is not None:
         result = spec.one_shot(round_to=round_to, seed=seed)(base, x1, target_)
         scheme = result.scheme

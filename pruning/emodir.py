@@ -56,6 +56,7 @@ class SearchSettings:
     encoding: Literal["levels", "binary"] = "levels"
     error: Literal["ce", "acc"] = "ce"
     calib_samples: int = 256
+    precision: Literal["bf16", "fp32"] = "bf16"  # of the scoring pass (BatchNorm re-estimation stays fp32)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,15 @@ def search_network(
     space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded))
     if not space.groups:
         raise ValueError(f"{type(module).__name__} has no prunable channel group")
-    scorer = Scorer(selector, train_inputs[: settings.calib_samples], val_inputs, val_labels, error=settings.error, device=device)
+    scorer = Scorer(
+        selector,
+        train_inputs[: settings.calib_samples],
+        val_inputs,
+        val_labels,
+        error=settings.error,
+        device=device,
+        precision=settings.precision,
+    )
     return run_search(
         module,
         example_input,

@@ -32,6 +32,7 @@ from torch import nn
 from pruning import stopping
 from pruning.arrays import as_batch
 from pruning.channels import ChannelGroup, KeepScheme, channel_groups, count_flops_params, group_importance, keep_by_importance, pruned_copy
+from pruning.train import autocast
 
 __all__ = [
     "Evaluation",
@@ -195,20 +196,25 @@ class Scorer:
         error: Literal["ce", "acc"] = "ce",
         batch_size: int = 256,
         device: torch.device | str = "cpu",
+        precision: Literal["bf16", "fp32"] = "fp32",
     ) -> None:
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision {precision!r} is not supported; allowed: bf16, fp32")
         self.selector = selector.eval().to(device)
         self.calib, self.val_x, self.val_y = calib_inputs, val_inputs, val_labels
-        self.error, self.batch_size, self.device = error, batch_size, torch.device(device)
+        self.error, self.batch_size, self.device, self.precision = error, batch_size, torch.device(device), precision
 
     @torch.no_grad()
     def __call__(self, module: nn.Module) -> float:
         module = module.to(self.device)
-        recalibrate_bn(module, self.calib, self.batch_size, self.device)
+        recalibrate_bn(module, self.calib, self.batch_size, self.device)  # BatchNorm statistics in fp32
         logits = []
-        for i in range(0, len(self.val_x), self.batch_size):
-            stopping.check()
-            x = as_batch(self.val_x[i : i + self.batch_size]).to(self.device)
-            logits.append(self.selector(module(x)).float().cpu())
+        # the val pass under `precision`: bf16 autocast made a whole evaluation 1.2-1.6x faster on this CPU (AVX512-BF16)
+        with autocast(self.device, self.precision):
+            for i in range(0, len(self.val_x), self.batch_size):
+                stopping.check()
+                x = as_batch(self.val_x[i : i + self.batch_size]).to(self.device)
+                logits.append(self.selector(module(x)).float().cpu())
         z, y = torch.cat(logits), as_batch(self.val_y)
         if self.error == "acc":
             return 1.0 - (z.argmax(1) == y).float().mean().item()

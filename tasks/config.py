@@ -104,6 +104,7 @@ class SearchParams(_Section):
     encoding: Literal["levels", "binary"] = SEARCH.encoding
     error: Literal["ce", "acc"] = SEARCH.error
     calib_samples: int = Field(SEARCH.calib_samples, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
+    precision: Literal["bf16", "fp32"] = Field(SEARCH.precision, description="of the scoring pass: bf16 autocast or fp32")
 
 
 class ConstrainParams(_Section):

@@ -53,3 +53,30 @@ def test_shapes_must_match():
 def test_docstring_examples_run():
     result = doctest.testmod(stats)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
+    """bench/run.py keys each unit by the params dvc.yaml's stages on its method's path read: a search setting
+    reruns EMO-DIR's units, not the baselines' (which cost as long to redo)."""
+    import copy
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+        run = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(run)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert "search" in run.unit_params(params, "emo-dir") and "constrain" in run.unit_params(params, "emo-dir")
+    assert not {"search", "constrain", "selectors", "divide"} & set(run.unit_params(params, "global-magnitude"))
+    other = copy.deepcopy(params)
+    other["search"]["pop_size"] += 1
+    digest = lambda p, m: run._digest(p, [], m, 0.5, 0)  # noqa: E731
+    assert digest(other, "global-magnitude") == digest(params, "global-magnitude")
+    assert digest(other, "emo-dir") != digest(params, "emo-dir")
+    other["finetune"]["epochs"] += 1  # every method finetunes
+    assert digest(other, "global-magnitude") != digest(params, "global-magnitude")

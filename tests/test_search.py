@@ -103,6 +103,20 @@ def test_spread_and_choice_helpers():
         choose_for_target(costs, errors, 0.9, 0.02)
 
 
+def test_bf16_scoring_ranks_like_fp32(setting):
+    """The search's scoring pass under bf16 autocast: not the fp32 numbers (autocast is on), but the same
+    order of candidates within rounding, and BatchNorm statistics re-estimated in fp32 either way."""
+    sub, ex, scorer, space = setting
+    imp = group_importance(sub.module, ex)
+    fast = Scorer(scorer.selector, scorer.calib, scorer.val_x, scorer.val_y, precision="bf16")
+    modules = [pruned_copy(sub.module, ex, space.decode(space.uniform(f), imp)) for f in (0.2, 0.5, 1.0)]
+    exact, rounded = [scorer(m) for m in modules], [fast(m) for m in modules]
+    assert exact != rounded and max(abs(a - b) for a, b in zip(exact, rounded)) < 0.02 * max(exact)
+    assert sorted(range(3), key=exact.__getitem__) == sorted(range(3), key=rounded.__getitem__)
+    with pytest.raises(ValueError, match="precision 'fp16' is not supported; allowed: bf16, fp32"):
+        Scorer(scorer.selector, scorer.calib, scorer.val_x, scorer.val_y, precision="fp16")
+
+
 def test_candidates_are_spread_by_cost_and_crowd_near_the_target():
     # by cost, not by position: four members crowd at 0.1-0.14, the middle pick is the one nearest 0.5
     assert spread_indices([0.1, 0.11, 0.12, 0.13, 0.14, 0.9, 1.0], 3) == [0, 4, 5]
