@@ -20,7 +20,7 @@ ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch
 def _plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in result["rows"] if "error" not in r]
-    seeded = "units" in result
+    seeded = any(len(r.get("seeds", [])) > 1 for r in rows)  # bars only where there are seeds to spread
     for method in ORDER:
         pts = sorted((r["flops_reduction"], r["test_acc"], r.get("test_acc_sd") or 0.0) for r in rows if r["method"] == method)
         if pts:

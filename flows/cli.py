@@ -294,6 +294,8 @@ def _interrupted(signum: int, frame) -> None:
     # flow run crashed, temporary files are removed; without this the process would vanish mid-write
     global _stopped_by
     _stopped_by = signum
+    if (stopping := sys.modules.get("pruning.stopping")) is not None:
+        stopping.request(signum)  # the loops' checks see it too, should this exception be lost
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 

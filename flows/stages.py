@@ -135,6 +135,7 @@ def repro_stage(stage: str, env: dict[str, str], force: bool, cwd: str) -> bool:
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
+        stopping.check()
         lines.append(line)
         if (route := output_route(line)) == "raw":
             sys.stdout.write(line)
@@ -218,7 +219,12 @@ def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
             env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
             if url := _api_url():
                 env["PREFECT_API_URL"] = url  # stage flows report to this flow's server instead of starting their own
-            ran = [stage for stage in STAGES if repro_stage(stage, env, force, str(project))]
+            with stopping.recorded():  # a stop request ends the run even if its exception is lost
+                ran = []
+                for stage in STAGES:
+                    stopping.check()
+                    if repro_stage(stage, env, force, str(project)):
+                        ran.append(stage)
             mlflow.set_tag("emoprune.stages_run", ",".join(ran) or "none")
             return {"ran": ran, "parent_run_id": parent.info.run_id, "up_to_date": False}
     finally:

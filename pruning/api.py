@@ -201,6 +201,8 @@ def prune(
                 device=dev,
             )
             decided.pop("table")
+            for note in decided["fallbacks"]:
+                logger.warning("emo-dir: %s", note)
             info.update(evaluations=evaluations, **decided)
     info["bn_samples"] = reestimate_bn(pruned.to(dev), train_loader, bn_samples, dev)  # every method, as the rank stage
     if finetune_epochs > 0:

@@ -6,7 +6,9 @@ sub-network, and its predicted impairment and saving are the sums over the picke
 Chains. Sub-networks form a chain: sub-network k reads the boundary feature k-1 and writes boundary
 k. When boundary widths are searched too, each candidate names the width option of the boundary it
 reads (``inputs``) and of the one it writes (``outputs``), and a joint scheme is valid only when
-every candidate reads the width its predecessor writes; the network's input has the one option 0.
+every candidate reads the width its predecessor writes; the network's input has the one option 0,
+and the last boundary takes whatever the last candidate writes (the caller counts the head's
+change in that candidate's saving, and offers only widths the head can read).
 Candidates that leave both at 0 (the default) make every combination valid: the plain
 multiple-choice knapsack. The fronts below are then kept per boundary option (a dynamic programme
 over the chain whose state is the boundary's width option and the partial saving), so the chain
@@ -66,8 +68,13 @@ class Candidate:
     def __post_init__(self) -> None:
         for name in ("inputs", "outputs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            try:
+                option = operator.index(value)
+            except TypeError:
+                option = -1
+            if isinstance(value, bool) or option < 0:
                 raise ValueError(f"candidate {name} must be a width option (an int >= 0), got {value!r}")
+            object.__setattr__(self, name, int(option))
         impairment = float(self.impairment)
         if not math.isfinite(impairment):
             raise ValueError(f"candidate impairment must be finite, got {self.impairment!r}")
@@ -247,7 +254,9 @@ def top_combinations(candidates: Sequence[Sequence[Candidate]], min_saving: int,
         """(impairment, saving) of the best completion of sub-networks k.., reading width option w, that
         saves >= missing."""
         front = tables.front(fronts, k, w)
-        savings = front_savings.setdefault((k, w), [s for s, _, _ in front])
+        savings = front_savings.get((k, w))
+        if savings is None:
+            savings = front_savings[(k, w)] = [s for s, _, _ in front]
         j = bisect_left(savings, missing)
         if j == len(savings):
             return None

@@ -52,7 +52,8 @@ __all__ = [
 # the errors a forward pass raises when a tensor arrives with other channels than a layer or an add expects
 _SHAPE_ERROR = re.compile(
     r"must match the size of tensor|expected input\S* to have \d+ channels|should contain \d+ elements"
-    r"|shapes cannot be multiplied|size mismatch|Sizes of tensors must match"
+    r"|shapes cannot be multiplied|size mismatch|Sizes of tensors must match|shape '\[[-\d, ]*\]' is invalid"
+    r"|divisible by|normalized_shape|to have \d+ channels"
 )
 
 
@@ -87,7 +88,8 @@ def group_exclusions(
             except RuntimeError as e:
                 if not _SHAPE_ERROR.search(str(e)):
                     raise
-                excluded.append((g.name, "reaches the input (a residual add of it): the boundary keeps its channels"))
+                # typically a residual add of the module's input, whose channels the boundary fixes
+                excluded.append((g.name, f"breaks the forward pass with one channel fewer: {str(e).splitlines()[0][:120]}"))
                 continue
         if shape != out_shape:
             excluded.append((g.name, "reaches the output: the boundary keeps its channels"))
@@ -287,10 +289,10 @@ def spread_indices(costs: Sequence[float], m: int, target: float | None = None) 
     is left out: it is every sub-network's 'keep' option anyway.
 
     Without `target`: evenly spaced in cost from the cheapest to the dearest member. With `target` (the
-    reduction asked for the whole network, so a cost of 1 - target): half of them (rounded up) evenly over the
-    whole front, ends included, the other half evenly over cost 1 - target +- NEAR_TARGET, where GPIR most
-    likely picks; each anchor takes the unused member nearest in cost, so a front with few members near the
-    target still yields `m` distinct candidates."""
+    reduction asked for the whole network, so a cost of 1 - target): half of them (rounded down, at least one)
+    evenly over cost 1 - target +- NEAR_TARGET, where GPIR most likely picks, the rest evenly over the whole
+    front (both ends when two or more); each anchor takes the unused member nearest in cost, so a front with
+    few members near the target still yields `m` distinct candidates."""
     pruned = [i for i, c in enumerate(costs) if c < 1.0 - 1e-9]
     if m == 0 or m >= len(pruned):
         return pruned
@@ -298,10 +300,10 @@ def spread_indices(costs: Sequence[float], m: int, target: float | None = None) 
     if target is None:
         anchors = list(np.linspace(lo, hi, m))
     else:
-        wide = (m + 1) // 2
+        n_near = max(1, m // 2)
         centre = min(max(1.0 - target, lo), hi)
-        near = np.linspace(max(lo, centre - NEAR_TARGET), min(hi, centre + NEAR_TARGET), m - wide + 2)[1:-1]
-        anchors = list(np.linspace(lo, hi, wide)) + list(near) if wide > 1 else [lo, *near]
+        near = np.linspace(max(lo, centre - NEAR_TARGET), min(hi, centre + NEAR_TARGET), n_near + 2)[1:-1]
+        anchors = [*np.linspace(lo, hi, m - n_near), *near]
     chosen: list[int] = []
     for a in anchors:
         free = [i for i in pruned if i not in chosen]

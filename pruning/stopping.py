@@ -5,6 +5,8 @@ inside a weakref callback or a `__del__` (a lazy `import torch._dynamo` runs suc
 the handler raises is printed as "Exception ignored" and dropped, and the work simply goes on: a stage told
 to stop would finish and report success. So the handler also records the request, and every training,
 evaluation and search loop calls `check()` once per batch, which raises again until the loop is left.
+The flag lives in this process: search tasks in worker processes (`orchestration.task_runner`
+processes or dask) are stopped by their pool shutting down, not by these checks.
 """
 
 from __future__ import annotations
@@ -44,19 +46,24 @@ def recorded(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iter
     in place when the block began: Prefect's, which raises its TerminationSignal, or Python's KeyboardInterrupt).
     The previous handlers come back when the block ends. Only the main thread can set handlers: elsewhere this
     is a no-op."""
-    previous = {}
+    previous: dict[int, object] = {}
+
+    def restore() -> None:
+        for s, h in reversed(previous.items()):
+            signal.signal(s, h)  # type: ignore[arg-type]
+
     try:
-        for s in signals:
-            previous[s] = signal.signal(s, _chained(signal.getsignal(s)))
+        for s in dict.fromkeys(signals):  # each signal once
+            current = signal.getsignal(s)
+            previous[s] = signal.SIG_DFL if current is None else current  # None: set outside Python
+            signal.signal(s, _chained(previous[s]))
     except ValueError:  # not the main thread
-        for s, h in previous.items():
-            signal.signal(s, h)
+        restore()
         previous = {}
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        restore()
 
 
 def _chained(handler):

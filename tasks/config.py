@@ -109,7 +109,9 @@ class SearchParams(_Section):
 
 class ConstrainParams(_Section):
     candidates: int = Field(
-        CONSTRAIN.candidates, ge=0, description="front members trained per sub-network, spread along the front; 0 = all"
+        CONSTRAIN.candidates,
+        ge=0,
+        description="front members trained per sub-network, by cost: half near prune.target, the rest over the front; 0 = all",
     )
     epochs: int = Field(CONSTRAIN.epochs, ge=0)
     lr: float = Field(CONSTRAIN.lr, gt=0.0, le=10.0)

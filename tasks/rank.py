@@ -166,8 +166,9 @@ def run(params: Params) -> dict:
             "rank_seconds": seconds,
             "bn_samples": bn_samples,
             "target_gap": doc[p.metric]["reduction"] - p.target,
-            # what was done instead of what was asked, in words ("" when nothing was)
-            "fallback": "; ".join(info.get("fallbacks", [])),
+            # what was done instead of what was asked, in words ("" when nothing was), with where it ended
+            "fallback": "; ".join(info.get("fallbacks", []))
+            + (f"; the final model removes {doc[p.metric]['reduction']:.4f} of the {p.metric}" if info.get("fallbacks") else ""),
         }
         if out["fallback"]:
             print(f"rank: fallback: {out['fallback']}", flush=True)

@@ -45,6 +45,12 @@ def test_groups_left_out_are_listed_with_the_reason_and_other_errors_are_raised(
     assert [g.name for g in kept] == [g.name for g in space.groups]
     assert excluded == [("0.conv2", "reaches the output: the boundary keeps its channels")]
 
+    # a block whose identity shortcut adds its input: the chain it writes is the input's, which stays whole
+    block = build_model("resnet20", 10).eval().layer1[1]
+    kept, excluded = group_exclusions(block, torch.randn(1, 16, 32, 32))
+    assert [g.name for g in kept] == ["conv1"] and [name for name, _ in excluded] == ["conv2"]
+    assert "one channel fewer: The size of tensor a (15) must match the size of tensor b (16)" in excluded[0][1]
+
     class Fussy(torch.nn.Module):  # a forward that fails for a reason other than a channel mismatch
         def __init__(self):
             super().__init__()
@@ -128,6 +134,8 @@ def test_candidates_are_spread_by_cost_and_crowd_near_the_target():
     assert near == [0.05, 0.45, 0.49, 0.5, 0.55, 0.95]
     assert [costs[i] for i in spread_indices(costs, 4, target=0.3)] == [0.05, 0.67, 0.73, 0.95]  # cost 0.7
     assert spread_indices(costs, 0, target=0.5) == list(range(91))
+    assert [costs[i] for i in spread_indices(costs, 1, target=0.5)] == [0.5]  # one candidate: at the target
+    assert [costs[i] for i in spread_indices(costs, 2, target=0.5)] == [0.05, 0.5]
 
 
 def test_genes_that_decode_to_one_network_are_evaluated_once(setting):

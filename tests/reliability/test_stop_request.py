@@ -66,3 +66,29 @@ def test_an_ignored_signal_is_not_a_stop_request(clean_request):
         stopping.check()  # no request: nothing raised
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_recorded_restores_each_handler_once_and_treats_a_foreign_handler_as_default(clean_request):
+    before = signal.getsignal(signal.SIGUSR1)
+    with stopping.recorded((signal.SIGUSR1, signal.SIGUSR1)):  # listed twice: wrapped once
+        assert signal.getsignal(signal.SIGUSR1) is not before
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_command_told_to_stop_never_exits_0(monkeypatch, clean_request):
+    """The work went on to the end (the stop's exception was lost and no loop saw it): the CLI still exits
+    128 + signal, so DVC does not record the stage as done."""
+    from flows import cli
+
+    def finished_anyway():
+        stopping.request(signal.SIGTERM)  # recorded by a stage's flow while the exception was dropped
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "app", finished_anyway)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert done.value.code == 128 + signal.SIGTERM
