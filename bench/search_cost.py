@@ -41,7 +41,6 @@ def main() -> None:
         scheme = space.decode(space.uniform(0.5), group_importance(module, ex))
         scorers = {p: Scorer(selector, inputs[:256], inputs[256:], y, precision=p) for p in ("fp32", "bf16")}
         times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        selector_s = []
         for _ in range(5):
             for precision, scorer in scorers.items():
                 start = time.perf_counter()
@@ -49,11 +48,6 @@ def main() -> None:
                 count_flops_params(pruned, ex)
                 scorer(pruned)
                 times[precision].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = pruned(inputs[256:512])
-                selector(out)
-            selector_s.append(time.perf_counter() - start)
         row = {"module": name, "groups": len(space.groups), **{f"{p}_ms": 1000 * statistics.median(v) for p, v in times.items()}}
         row["bf16_speedup"] = row["fp32_ms"] / row["bf16_ms"]
         rows.append(row)
