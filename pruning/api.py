@@ -71,6 +71,7 @@ def prune(
     constrain_epochs: int = _CON.epochs,
     constrain_lr: float = _CON.lr,
     lam: float = _CON.lam,
+    constrain_data: Literal["cache", "stream"] = _CON.data,
     top_t: int = _RANK.top_t,
     max_overshoot: float = _RANK.max_overshoot,
     bn_samples: int = _RANK.bn_samples,
@@ -160,7 +161,7 @@ def prune(
             selectors = train_selectors(
                 subs, head, tr, ytr, num_classes, SelectorSettings(epochs=selector_epochs, lr=selector_lr), seed=seed, device=dev
             )
-            constrain = ConstrainSettings(candidates=candidates, epochs=constrain_epochs, lr=constrain_lr, lam=lam)
+            constrain = ConstrainSettings(candidates=candidates, epochs=constrain_epochs, lr=constrain_lr, lam=lam, data=constrain_data)
             cands, evaluations = [], 0
             previous: list[nn.Module] = []
             for sub, selector in zip(subs, selectors):
@@ -182,7 +183,9 @@ def prune(
                 importance = group_importance(sub.module, ex)
                 chosen = front.spread(candidates, target)
                 local = [front.space.decode(m.genes, importance) for m in chosen]
-                trained = constrain_subnetwork(sub, subs, local, tr, ytr, selector, previous, constrain, seed=seed, device=dev)
+                trained = constrain_subnetwork(
+                    sub, subs, local, tr, ytr, selector, previous, constrain, seed=seed, device=dev, train_loader=train_loader
+                )
                 cands.append([(m, sch, cost_of(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])
                 previous = trained
             pruned, scheme, decided = rank(

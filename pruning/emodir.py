@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pruning.constrain import train_front
+from pruning.constrain import FeatureStream, train_front
 from pruning.distill import Distiller, DynamicKDLoss, KDLoss
 from pruning.divide import SubNetwork
 from pruning.search import ParetoFront, Scorer, SearchSpace, group_exclusions, loader_images, recalibrate_bn, run_search
@@ -61,13 +61,16 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class ConstrainSettings:
-    """Cross-network constrained training of `candidates` front members per sub-network (0 = all)."""
+    """Cross-network constrained training of `candidates` front members per sub-network (0 = all), on the
+    cached features (`data="cache"`) or on features streamed from the whole augmented training set through
+    the original network (`data="stream"`: each epoch is a pass over the training loader)."""
 
     candidates: int = 4
     epochs: int = 2
     lr: float = 0.01
     lam: float = 1.0
     batch_size: int = 128
+    data: Literal["cache", "stream"] = "cache"
 
 
 @dataclass(frozen=True)
@@ -191,13 +194,21 @@ def constrain_subnetwork(
     seed: int = 0,
     device: torch.device | str = "cpu",
     on_trained: Callable[[int, nn.Module, dict[str, float]], None] | None = None,
+    train_loader: Iterable | None = None,
 ) -> list[nn.Module]:
     """Train sub-network k's candidates (`schemes`) under the cross-network constraint: their input is, per batch,
     the original S_{k-1} or one of its trained candidates `previous` applied to X_{k-2}; their output must match
-    X_k and keep g_k right. Seeded `seed + k` (and `seed + 100 k + j` per candidate) whatever ran before."""
+    X_k and keep g_k right. Seeded `seed + k` (and `seed + 100 k + j` per candidate) whatever ran before.
+    With `settings.data == "stream"` the features come from `train_loader` (augmented images) through the
+    original network instead of the cache."""
     k = sub.index
     seed_everything(seed + k)
     predecessors = [subnetworks[k - 2].module, *previous] if k > 1 else []
+    stream = None
+    if settings.data == "stream":
+        if train_loader is None:
+            raise ValueError("constrain data 'stream' needs the training loader (train_loader); allowed without it: 'cache'")
+        stream = FeatureStream([s.module for s in subnetworks], k, train_loader, device)
     return train_front(
         sub.module,
         torch.zeros(1, *sub.in_shape),
@@ -215,6 +226,7 @@ def constrain_subnetwork(
         seed=seed + 100 * k,
         device=device,
         on_trained=on_trained,
+        stream=stream,
     )
 
 

@@ -116,7 +116,10 @@ class ConstrainParams(_Section):
     epochs: int = Field(CONSTRAIN.epochs, ge=0)
     lr: float = Field(CONSTRAIN.lr, gt=0.0, le=10.0)
     lam: float = Field(CONSTRAIN.lam, ge=0.0, description="weight of the selector cross-entropy against the feature loss")
-    batch_size: int = Field(CONSTRAIN.batch_size, ge=1)
+    batch_size: int = Field(CONSTRAIN.batch_size, ge=1, description="for cached features; streamed ones come in data.batch_size")
+    data: Literal["cache", "stream"] = Field(
+        CONSTRAIN.data, description="cache: the cached features; stream: the whole augmented training set through the original network"
+    )
 
 
 class RankParams(_Section):

@@ -15,7 +15,7 @@ from pruning.methods import method_spec
 from pruning.search import spread_indices
 from pruning.train import resolve_device
 from tasks import paths
-from tasks.common import log_metrics_flat
+from tasks.common import Data, log_metrics_flat
 from tasks.config import Params
 from tasks.division import Division, load_division, load_feature, load_labels
 from tasks.io import atomic_json, atomic_torch_save, read_json
@@ -49,9 +49,14 @@ def run(params: Params) -> dict:
         c = params.constrain
         start = time.perf_counter()
         ytr = load_labels("train")
-        index: dict = {"method": method, "subnetworks": []}
+        index: dict = {"method": method, "data": c.data, "subnetworks": []}
         previous: list[nn.Module] = []
         train_features = [load_feature("train", k) for k in range(division.k + 1)]  # memory-mapped: read as used
+        # constrain.data: stream feeds every epoch the whole augmented training set through the original network
+        train_loader = Data(params).loader("train", train=True) if c.data == "stream" else None
+        if train_loader is not None:
+            index["streamed_batches_per_epoch"] = len(train_loader)
+            print(f"constrain: features streamed from {len(train_loader)} training batches per epoch", flush=True)
         for sub in division.subnetworks:
             k = sub.index
             front = read_json(paths.SEARCH / f"front_s{k}.json")
@@ -99,6 +104,7 @@ def run(params: Params) -> dict:
                 seed=params.seed,
                 device=device,
                 on_trained=keep,
+                train_loader=train_loader,
             )
             index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows})
             previous = trained
@@ -106,5 +112,7 @@ def run(params: Params) -> dict:
         index["trained"] = sum(len(s["candidates"]) for s in index["subnetworks"])
         atomic_json(index, paths.CANDIDATES / "index.json")
         log_metrics_flat({"seconds": index["seconds"], "trained": index["trained"]}, "constrain.")
-        atomic_json({"method": method, "trained": index["trained"], "seconds": index["seconds"]}, paths.metrics_file("constrain"))
+        atomic_json(
+            {"method": method, "data": c.data, "trained": index["trained"], "seconds": index["seconds"]}, paths.metrics_file("constrain")
+        )
         return index

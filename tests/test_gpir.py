@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from pruning.channels import count_flops_params, group_importance, pruned_copy
-from pruning.constrain import train_constrained
+from pruning.constrain import FeatureStream, train_constrained
 from pruning.divide import assemble, boundary_features, divide
+from pruning.emodir import ConstrainSettings, constrain_subnetwork
 from pruning.gpir import accuracy_with, impairment_table, joint_pareto, joint_scheme, merge_into
 from pruning.models import build_model
 from pruning.search import SearchSpace, prunable_groups
@@ -74,6 +76,46 @@ def test_constrained_training_pulls_the_pruned_feature_towards_the_original():
     assert all(not p.requires_grad for p in head.parameters())
     with torch.no_grad():  # the original network is untouched
         assert torch.allclose(assemble(subs, head)(x), model(x))
+
+
+def test_streamed_constrained_training_sees_every_training_batch_each_epoch():
+    """constrain.data: stream: features computed per batch from (augmented) images through the original network,
+    the whole loader every epoch, predecessors mixed in as with the cache; it learns as the cached path does."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    x, y = torch.randn(96, 3, 32, 32), torch.randint(0, 10, (96,))
+    subs, head = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x[64:])  # held out: never streamed
+    sub = subs[2]
+    ex = feats[2][:1]
+    space = SearchSpace(tuple(prunable_groups(sub.module, ex)))
+    cand = pruned_copy(sub.module, ex, space.decode(space.uniform(0.4), group_importance(sub.module, ex)))
+
+    class Loader(list):
+        served = 0
+
+        def __iter__(self):
+            for batch in list.__iter__(self):
+                Loader.served += 1
+                yield batch
+
+    loader = Loader([(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)])
+    stream = FeatureStream([s.module for s in subs], 3, loader)
+    before_, inputs_, target_, labels_ = next(iter(stream))
+    with torch.no_grad():
+        assert torch.allclose(subs[1].module(before_), inputs_) and torch.allclose(sub.module(inputs_), target_)
+
+    def mse(m):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(m.eval()(feats[2]), feats[3]).item()
+
+    start, Loader.served = mse(cand), 0
+    stats = train_constrained(cand, None, None, None, head, predecessors=[subs[1].module, copy.deepcopy(subs[1].module)],
+                              lam=0.0, epochs=6, lr=0.01, stream=stream)
+    assert mse(cand) < start and stats["feature_mse"] > 0
+    assert Loader.served == 6 * 4 + 4  # six epochs of 4 batches, and the first 1,024 images (all 4) for BatchNorm
+    with pytest.raises(ValueError, match="needs the training loader"):
+        constrain_subnetwork(sub, subs, [{}], feats, y[64:], head, [], ConstrainSettings(data="stream"))
 
 
 def _candidates_of(model, x, fracs=(0.3, 0.6)):

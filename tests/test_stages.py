@@ -245,3 +245,16 @@ def test_the_python_api_finds_the_pipelines_scheme(project):
                    top_t=p.rank.top_t, max_overshoot=p.rank.max_overshoot, seed=p.seed, device="cpu")
     assert result.scheme == project[1]["scheme.json"]["keep"]
     assert result.flops == project[1]["rank"]["flops"]
+
+
+def test_constrain_streams_the_whole_training_set_when_asked(project):
+    """constrain.data: stream, through the real stage: every epoch is a pass over the 150 training images
+    (3 batches of 64), not the 128 cached features; the candidates are still written and indexed."""
+    root, _, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["constrain"]["data"] = "stream"
+    path = write_params(root / "stream.yaml", params)
+    out = stage_flow("constrain", str(path))
+    index = read_json(root / paths.CANDIDATES / "index.json")
+    assert index["data"] == "stream" and index["streamed_batches_per_epoch"] == 3
+    assert out["trained"] == sum(len(s["candidates"]) for s in index["subnetworks"]) > 0
