@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedLayerError",
     "check_supported",
     "channel_groups",
+    "left_out_groups",
     "classifier_layer",
     "count_flops_params",
     "group_importance",
@@ -103,14 +104,26 @@ def _out_fn(module: nn.Module):
 
 
 def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
+    dg, out, _ = _groups_and_left_out(model, example_input, ignored)
+    return dg, out
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt, RegNet): its channels go in groups of
+    in_channels / groups, which removing single channels would break."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
+
+
+def _groups_and_left_out(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
     check_supported(model)
     if ignored is None:  # a classifier's outputs are the classes; a headless sub-network has none to protect
         ignored = [classifier_layer(model)] if any(isinstance(m, nn.Linear) for m in model.modules()) else []
     dg = _dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
+    modules_by_name = {n: m for m, n in names.items()}
     order = {m: i for i, m in enumerate(names)}
     name_order = {n: i for i, n in enumerate(names.values())}
-    out = []
+    out, left_out = [], []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         producers = [
             d.target.module
@@ -125,9 +138,15 @@ def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.
         # Named after its first producing layer in definition order, so names read like the model.
         first = min(producers, key=order.__getitem__)
         layers = tuple(sorted({names[d.target.module] for d, _ in group if d.target.module in names}, key=name_order.__getitem__))
+        grouped = [names[d.target.module] for d, _ in group if d.target.module in names and _is_grouped(d.target.module)]
+        if grouped:  # left out, and said so, rather than a shape-valid but wrong grouped convolution
+            conv = modules_by_name[grouped[0]]
+            left_out.append((names[first], f"feeds or leaves grouped convolution {grouped[0]} (groups={conv.groups}), not pruned yet"))
+            continue
         out.append((ChannelGroup(names[first], len(group[0].idxs), layers), group))
     out.sort(key=lambda item: name_order[item[0].name])
-    return dg, out
+    left_out.sort(key=lambda item: name_order[item[0]])
+    return dg, out, list(dict.fromkeys(left_out))
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -142,6 +161,12 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored: Seque
     ('conv1', 16)
     """
     return [g for g, _ in _groups(model, example_input, ignored)[1]]
+
+
+def left_out_groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None) -> list[tuple[str, str]]:
+    """(group name, why) for the channel groups `channel_groups` leaves out: those touching a grouped
+    (not depthwise) convolution, whose channels must go a whole group at a time."""
+    return _groups_and_left_out(model, example_input, ignored)[2]
 
 
 def group_importance(

@@ -31,7 +31,16 @@ from torch import nn
 
 from pruning import stopping
 from pruning.arrays import as_batch
-from pruning.channels import ChannelGroup, KeepScheme, channel_groups, count_flops_params, group_importance, keep_by_importance, pruned_copy
+from pruning.channels import (
+    ChannelGroup,
+    KeepScheme,
+    channel_groups,
+    count_flops_params,
+    group_importance,
+    keep_by_importance,
+    left_out_groups,
+    pruned_copy,
+)
 from pruning.train import autocast
 
 __all__ = [
@@ -76,7 +85,7 @@ def group_exclusions(
     with torch.no_grad():
         out_shape = module(example_input).shape
     keep: list[ChannelGroup] = []
-    excluded: list[tuple[str, str]] = []
+    excluded: list[tuple[str, str]] = list(left_out_groups(module, example_input, ignored))
     for g in channel_groups(module, example_input, ignored=ignored):
         if g.channels < 2:
             excluded.append((g.name, "a single channel"))

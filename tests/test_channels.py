@@ -115,3 +115,31 @@ def test_one_shot_baselines_round_channel_counts(name):
     result = METHODS[name](round_to=8, seed=0)(model, X[:1], Target(0.5))
     assert result.flops_reduction >= 0.5
     assert all(len(kept) % 8 == 0 or len(kept) == groups[n] for n, kept in result.scheme.items())
+
+
+def test_groups_touching_a_grouped_convolution_are_left_out_with_the_reason():
+    """A grouped (not depthwise) convolution takes its channels a whole group at a time: removing single
+    channels around it once crashed (or built a shape-valid but wrong conv). Its groups are left out, and said so."""
+    from pruning.channels import left_out_groups
+    from pruning.search import group_exclusions
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.ba = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.g, self.bg = nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32)
+            self.c, self.fc = nn.Conv2d(32, 16, 1), nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bg(self.g(torch.relu(self.ba(self.a(x))))))
+            return self.fc(self.c(x).mean((2, 3)))
+
+    model, x = Grouped().eval(), torch.randn(2, 3, 8, 8)
+    assert [g.name for g in channel_groups(model, x[:1])] == ["c"]
+    reason = "grouped convolution g (groups=4), not pruned yet"
+    assert [(name, why.endswith(reason)) for name, why in left_out_groups(model, x[:1])] == [("a", True), ("g", True)]
+    pruned = pruned_copy(model, x[:1], {"c": list(range(8))})
+    assert pruned.g.groups == 4 and pruned.c.out_channels == 8 and pruned(x).shape == (2, 10)
+    assert count_flops_params(pruned, x[:1])[0] < count_flops_params(model, x[:1])[0]
+    headless = nn.Sequential(model.a, model.ba, model.g, model.bg, model.c)
+    assert [name for name, _ in group_exclusions(headless, x[:1])[1]] == ["0", "2", "4"]  # c reaches the output
