@@ -109,9 +109,9 @@ def _groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.
 
 
 def _is_grouped(m: nn.Module) -> bool:
-    """A grouped convolution that is not depthwise (ResNeXt, RegNet): its channels go in groups of
-    in_channels / groups, which removing single channels would break."""
-    return isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
+    """A grouped convolution that is not plain depthwise (ResNeXt, RegNet, a depthwise one with a channel
+    multiplier): its channels go in groups, which removing single channels would break."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
 
 
 def _groups_and_left_out(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
@@ -150,7 +150,8 @@ def _groups_and_left_out(model: nn.Module, example_input: torch.Tensor, ignored:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+    """One filter per channel, in == out == groups: what Torch-Pruning prunes as depthwise."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:

@@ -3,6 +3,7 @@ from the features that pruned predecessors hand it, while its selector still cla
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,10 +32,20 @@ class FeatureStream:
     def __init__(self, originals: Sequence[nn.Module], k: int, loader, device: torch.device | str = "cpu") -> None:
         if not 1 <= k <= len(originals):
             raise ValueError(f"k={k} is not a sub-network; allowed: 1..{len(originals)}")
-        self.originals, self.k, self.loader, self.device = [m.eval() for m in originals[:k]], k, loader, torch.device(device)
+        self.k, self.loader, self.device = k, loader, torch.device(device)
+        # copies on the device, moved once: the caller's sub-networks stay where they are (a GPU run prunes
+        # and merges them afterwards with CPU examples)
+        self.originals = [copy.deepcopy(m).eval().to(self.device) for m in originals[:k]]
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the loader's shuffling and augmentation draws from `seed` (when it has a generator), so a
+        candidate sees the same images whatever was trained before it."""
+        generator = getattr(self.loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(seed)
 
     def __iter__(self):
         for images, labels in self.loader:
@@ -42,7 +53,7 @@ class FeatureStream:
                 h = images.to(self.device)
                 feats = [h]
                 for module in self.originals:
-                    h = module.to(self.device)(h)
+                    h = module(h)
                     feats.append(h)
             yield (feats[self.k - 2] if self.k >= 2 else None), feats[self.k - 1], feats[self.k], labels
 
@@ -86,6 +97,10 @@ def train_constrained(
     """
     if predecessors and predecessor_inputs is None and stream is None:
         raise ValueError("predecessors given without predecessor_inputs (X_{k-2})")
+    if predecessors and stream is not None and stream.k < 2:
+        raise ValueError("predecessors given for sub-network 1, which reads the images: it has none")
+    if stream is not None:
+        stream.reseed(seed)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     candidate.to(device)
@@ -144,6 +159,8 @@ def train_constrained(
             sums["feature_mse"] += mse.item() * len(y)
             sums["selector_ce"] += ce.item() * len(y)
             count += len(y)
+        if count == 0:
+            raise ValueError("constrained training got no batch: the training data (or its loader) is empty")
         stats = {k: v / count for k, v in sums.items()}
     return stats
 

@@ -157,7 +157,8 @@ def search_network(
     groups, excluded = group_exclusions(module, example_input)
     space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded))
     if not space.groups:
-        raise ValueError(f"{type(module).__name__} has no prunable channel group")
+        why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
+        raise ValueError(f"{type(module).__name__} has no prunable channel group ({why})")
     scorer = Scorer(
         selector,
         train_inputs[: settings.calib_samples],

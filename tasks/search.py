@@ -16,7 +16,7 @@ from torch import nn
 from pruning.channels import group_importance
 from pruning.emodir import SearchSettings, search_network
 from pruning.methods import method_spec
-from pruning.search import ParetoFront, prunable_groups
+from pruning.search import ParetoFront, group_exclusions
 from pruning.selectors import FeatureSelector
 from pruning.train import resolve_device
 from tasks import paths
@@ -167,8 +167,13 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     xtr = load_feature("train", k - 1)
     xva, yva = load_feature("val", k - 1), load_labels("val")
     example = division.example(k)
-    if not prunable_groups(sub.module, example):
-        raise ValueError(f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group; use a smaller divide.k")
+    groups, excluded = group_exclusions(sub.module, example)
+    if not groups:
+        why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
+        raise ValueError(
+            f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group ({why}); "
+            "a smaller divide.k gives each sub-network more blocks"
+        )
     return _search(
         params, f"s{k}", sub.module, example, load_selector(division, k), xtr, xva, yva, params.search.generations, run_id, device
     )

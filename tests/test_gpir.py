@@ -116,6 +116,29 @@ def test_streamed_constrained_training_sees_every_training_batch_each_epoch():
     assert Loader.served == 6 * 4 + 4  # six epochs of 4 batches, and the first 1,024 images (all 4) for BatchNorm
     with pytest.raises(ValueError, match="needs the training loader"):
         constrain_subnetwork(sub, subs, [{}], feats, y[64:], head, [], ConstrainSettings(data="stream"))
+    assert all(p.device.type == "cpu" for p in sub.module.parameters())  # the stream trains on its own copies
+
+    class Shuffled:  # a loader with a generator, as the pipeline's: its order depends on what was drawn before
+        generator = torch.Generator()
+
+        def __len__(self):
+            return 4
+
+        def __iter__(self):
+            order = torch.randperm(64, generator=self.generator)
+            for i in range(0, 64, 16):
+                yield x[order[i : i + 16]], y[order[i : i + 16]]
+
+    shuffled = FeatureStream([s.module for s in subs], 3, Shuffled())
+    start = copy.deepcopy(cand)
+    trained = []
+    for _ in range(2):
+        c = copy.deepcopy(start)
+        train_constrained(c, None, None, None, head, lam=0.0, epochs=1, lr=0.01, seed=5, stream=shuffled)
+        trained.append(c)
+        list(shuffled)  # draws from the loader's generator in between
+    # each candidate's data follow its own seed, not what ran before it
+    assert all(torch.equal(a, b) for a, b in zip(trained[0].state_dict().values(), trained[1].state_dict().values()))
 
 
 def _candidates_of(model, x, fracs=(0.3, 0.6)):

@@ -254,7 +254,10 @@ def test_constrain_streams_the_whole_training_set_when_asked(project):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["constrain"]["data"] = "stream"
     path = write_params(root / "stream.yaml", params)
+    cached = [c["feature_mse"] for s in read_json(root / paths.CANDIDATES / "index.json")["subnetworks"] for c in s["candidates"]]
     out = stage_flow("constrain", str(path))
     index = read_json(root / paths.CANDIDATES / "index.json")
     assert index["data"] == "stream" and index["streamed_batches_per_epoch"] == 3
+    streamed = [c["feature_mse"] for s in index["subnetworks"] for c in s["candidates"]]
+    assert len(streamed) == len(cached) and all(a != b for a, b in zip(streamed, cached))  # trained on other data
     assert out["trained"] == sum(len(s["candidates"]) for s in index["subnetworks"]) > 0
