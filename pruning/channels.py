@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedLayerError",
     "check_supported",
     "channel_groups",
+    "channel_groups_and_left_out",
     "left_out_groups",
     "classifier_layer",
     "count_flops_params",
@@ -168,6 +169,14 @@ def left_out_groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequ
     """(group name, why) for the channel groups `channel_groups` leaves out: those touching a grouped
     (not depthwise) convolution, whose channels must go a whole group at a time."""
     return _groups_and_left_out(model, example_input, ignored)[2]
+
+
+def channel_groups_and_left_out(
+    model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None
+) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
+    """`channel_groups` and `left_out_groups` from one dependency graph."""
+    _, out, left_out = _groups_and_left_out(model, example_input, ignored)
+    return [g for g, _ in out], left_out
 
 
 def group_importance(

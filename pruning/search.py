@@ -34,11 +34,10 @@ from pruning.arrays import as_batch
 from pruning.channels import (
     ChannelGroup,
     KeepScheme,
-    channel_groups,
+    channel_groups_and_left_out,
     count_flops_params,
     group_importance,
     keep_by_importance,
-    left_out_groups,
     pruned_copy,
 )
 from pruning.train import autocast
@@ -85,8 +84,9 @@ def group_exclusions(
     with torch.no_grad():
         out_shape = module(example_input).shape
     keep: list[ChannelGroup] = []
-    excluded: list[tuple[str, str]] = list(left_out_groups(module, example_input, ignored))
-    for g in channel_groups(module, example_input, ignored=ignored):
+    groups, left_out = channel_groups_and_left_out(module, example_input, ignored)
+    excluded: list[tuple[str, str]] = list(left_out)
+    for g in groups:
         if g.channels < 2:
             excluded.append((g.name, "a single channel"))
             continue
