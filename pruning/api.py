@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pruning.boundary import CandidateIO, plan_boundaries
 from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.divide import boundary_features, divide
 from pruning.emodir import (
@@ -19,10 +20,13 @@ from pruning.emodir import (
     RankSettings,
     SearchSettings,
     SelectorSettings,
+    candidate_cost,
+    choose_candidates,
     constrain_subnetwork,
     finetune,
     reestimate_bn,
     search_network,
+    searched_module,
     train_selectors,
 )
 from pruning.exact import land_on_target
@@ -67,6 +71,7 @@ def prune(
     encoding: Literal["levels", "binary"] = _SEARCH.encoding,
     calib_samples: int = _SEARCH.calib_samples,
     search_precision: Literal["bf16", "fp32"] = _SEARCH.precision,
+    boundary_widths: tuple[float, ...] = _SEARCH.boundary_widths,
     candidates: int = _CON.candidates,
     constrain_epochs: int = _CON.epochs,
     constrain_lr: float = _CON.lr,
@@ -115,6 +120,7 @@ def prune(
         encoding=encoding,
         calib_samples=calib_samples,
         precision=search_precision,
+        boundary_widths=tuple(boundary_widths),
     )
     if spec.one_shot is not None:
         result = spec.one_shot(round_to=round_to, seed=seed)(base, x1, target_)
@@ -164,8 +170,11 @@ def prune(
             constrain = ConstrainSettings(candidates=candidates, epochs=constrain_epochs, lr=constrain_lr, lam=lam, data=constrain_data)
             cands, evaluations = [], 0
             previous: list[nn.Module] = []
+            previous_ios: list[CandidateIO] = []
+            plan = plan_boundaries(base, subs, x1, boundary_widths, round_to)
             for sub, selector in zip(subs, selectors):
                 ex = torch.zeros(1, *sub.in_shape)
+                reads, writes = (plan[sub.index - 2] if sub.index > 1 else None), plan[sub.index - 1]
                 front = search_network(
                     sub.module,
                     ex,
@@ -178,16 +187,37 @@ def prune(
                     metric=metric,
                     seed=seed,
                     device=dev,
+                    reads=reads,
+                    writes=writes,
                 )
                 evaluations += front.evaluations
-                importance = group_importance(sub.module, ex)
-                chosen = front.spread(candidates, target)
+                importance = group_importance(searched_module(sub.module, ex, reads), ex)
+                picked, notes = choose_candidates(front.archive, candidates, target, {io.outputs for io in previous_ios})
+                for note in notes:
+                    logger.warning("emo-dir s%d: %s", sub.index, note)
+                chosen = [front.archive[i] for i in picked]
                 local = [front.space.decode(m.genes, importance) for m in chosen]
+                ios = [front.space.io(m.genes, sub.out_shape[0]) for m in chosen]
                 trained = constrain_subnetwork(
-                    sub, subs, local, tr, ytr, selector, previous, constrain, seed=seed, device=dev, train_loader=train_loader
+                    sub,
+                    subs,
+                    local,
+                    tr,
+                    ytr,
+                    selector,
+                    previous,
+                    constrain,
+                    seed=seed,
+                    device=dev,
+                    train_loader=train_loader,
+                    ios=ios,
+                    previous_ios=previous_ios,
                 )
-                cands.append([(m, sch, cost_of(count_flops_params(m, ex), metric)) for m, sch in zip(trained, local)])
-                previous = trained
+                last = head if sub.index == len(subs) else None
+                cands.append(
+                    [(m, sch, cost_of(candidate_cost(sub, m, sch, io, last), metric), io) for m, sch, io in zip(trained, local, ios)]
+                )
+                previous, previous_ios = trained, ios
             pruned, scheme, decided = rank(
                 base,
                 x1,

@@ -13,6 +13,7 @@ from torch import nn
 
 from pruning import stopping
 from pruning.arrays import as_batch
+from pruning.boundary import BoundaryIO
 from pruning.search import recalibrate_bn
 
 __all__ = ["FeatureStream", "train_constrained", "train_front"]
@@ -88,6 +89,8 @@ def train_constrained(
 ) -> dict[str, float]:
     """Train `candidate` in place with loss = MSE(S'_k(X~), X_k) / E[X_k^2] + lam * CE(g_k(S'_k(X~)), y).
 
+    A candidate that prunes its output boundary (BoundaryIO) is held to the channels of X_k it keeps.
+
     X~ is, per batch, the output of one module drawn from `predecessors` (the previous sub-network's
     trained candidates, the original included by the caller if wanted) applied to `predecessor_inputs`;
     with no predecessors X~ is `inputs` itself (k = 1). With `stream` the batches (X_{k-2}, X_{k-1}, X_k, y)
@@ -135,7 +138,8 @@ def train_constrained(
     # are eval-mode features, and batch statistics of small batches would chase noise instead
     recalibrate_bn(candidate, calib, batch_size, torch.device(device))
     # the feature loss is relative to the boundary's energy, so lam means the same at every depth
-    scale = float(as_batch(calib_targets).float().pow(2).mean().clamp_min(1e-8))
+    kept = candidate.kept_output if isinstance(candidate, BoundaryIO) else (lambda t: t)
+    scale = float(kept(as_batch(calib_targets)).float().pow(2).mean().clamp_min(1e-8))
     for _ in range(epochs):
         candidate.eval()
         sums, count = {"feature_mse": 0.0, "selector_ce": 0.0}, 0
@@ -148,7 +152,7 @@ def train_constrained(
             else:
                 x = inputs_b.to(device)
             out = candidate(x)
-            mse = F.mse_loss(out, target.to(device)) / scale
+            mse = F.mse_loss(kept(out), kept(target.to(device))) / scale
             ce = F.cross_entropy(selector(out), y.to(device))
             loss = mse + lam * ce
             opt.zero_grad(set_to_none=True)
@@ -166,39 +170,34 @@ def train_constrained(
 
 
 def train_front(
-    subnetwork: nn.Module,
-    example_input: torch.Tensor,
-    schemes: Sequence[dict[str, list[int]]],
+    candidates: Sequence[nn.Module],
     inputs,
     targets,
     labels,
     selector: nn.Module,
     *,
-    predecessors: Sequence[nn.Module] = (),
+    predecessors: Sequence[Sequence[nn.Module]] | None = None,
     predecessor_inputs=None,
     seed: int = 0,
     on_trained: Callable[[int, nn.Module, dict[str, float]], None] | None = None,
     **train_kwargs,
 ) -> list[nn.Module]:
-    """Physically prune `subnetwork` to each keep-scheme (weights inherited) and train each with
-    `train_constrained`; `on_trained(j, module, losses)` sees every result as it is done.
+    """Train each pruned candidate (in place) with `train_constrained`, candidate j mixing `predecessors[j]`;
+    `on_trained(j, module, losses)` sees every result as it is done.
 
     Example (illustrative, not run)::
 
-        trained = train_front(sub.module, x, [front_scheme_a, front_scheme_b], X_km1, X_k, y, selector)
+        trained = train_front([pruned_a, pruned_b], X_km1, X_k, y, selector)
     """
-    from pruning.channels import pruned_copy
-
     trained = []
-    for j, scheme in enumerate(schemes):
-        module = pruned_copy(subnetwork, example_input, scheme)
+    for j, module in enumerate(candidates):
         losses = train_constrained(
             module,
             inputs,
             targets,
             labels,
             selector,
-            predecessors=predecessors,
+            predecessors=predecessors[j] if predecessors is not None else (),
             predecessor_inputs=predecessor_inputs,
             seed=seed + j,
             **train_kwargs,

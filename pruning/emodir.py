@@ -15,10 +15,22 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pruning.boundary import ADAPTER, Boundary, CandidateIO, build_candidate, pruned_head_cost, with_input_adapter
+from pruning.channels import count_flops_params
 from pruning.constrain import FeatureStream, train_front
 from pruning.distill import Distiller, DynamicKDLoss, KDLoss
 from pruning.divide import SubNetwork
-from pruning.search import ParetoFront, Scorer, SearchSpace, group_exclusions, loader_images, recalibrate_bn, run_search
+from pruning.search import (
+    Evaluation,
+    ParetoFront,
+    Scorer,
+    SearchSpace,
+    boundary_search_groups,
+    loader_images,
+    recalibrate_bn,
+    run_search,
+    spread_indices,
+)
 from pruning.selectors import train_selector
 from pruning.train import TrainConfig, fit, seed_everything
 
@@ -28,11 +40,15 @@ __all__ = [
     "RankSettings",
     "SearchSettings",
     "SelectorSettings",
+    "candidate_cost",
+    "candidate_module",
+    "choose_candidates",
     "constrain_subnetwork",
     "distiller",
     "finetune",
     "reestimate_bn",
     "search_network",
+    "searched_module",
     "train_selectors",
 ]
 
@@ -57,6 +73,8 @@ class SearchSettings:
     error: Literal["ce", "acc"] = "ce"
     calib_samples: int = 256
     precision: Literal["bf16", "fp32"] = "bf16"  # of the scoring pass (BatchNorm re-estimation stays fp32)
+    # keep fractions a boundary feature X_k may take (its channels chosen by whole-network importance); (1.0,) freezes them
+    boundary_widths: tuple[float, ...] = (1.0, 0.75, 0.5)
 
 
 @dataclass(frozen=True)
@@ -151,12 +169,18 @@ def search_network(
     device: torch.device | str = "cpu",
     state: bytes | None = None,
     on_generation: Callable[[int, dict[str, float], bytes], None] | None = None,
+    reads: Boundary | None = None,
+    writes: Boundary | None = None,
 ) -> ParetoFront:
     """NSGA-II over the channel groups of `module` (a sub-network, or the whole network for whole-emo), scored
-    by `selector` on the module's cached val inputs; BatchNorm re-estimated on `calib_samples` train inputs."""
-    groups, excluded = group_exclusions(module, example_input)
-    space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded))
-    if not space.groups:
+    by `selector` on the module's cached val inputs; BatchNorm re-estimated on `calib_samples` train inputs.
+
+    `reads` and `writes` (from `plan_boundaries`) make the width options of the boundary features X_{k-1} and
+    X_k genes too, where they are searchable; the front's members then say which options they read and write."""
+    searched = searched_module(module, example_input, reads)
+    groups, genes, excluded = boundary_search_groups(searched, example_input, reads, writes)
+    space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded), tuple(genes))
+    if not space.groups and not space.boundary:
         why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
         raise ValueError(f"{type(module).__name__} has no prunable channel group ({why})")
     scorer = Scorer(
@@ -169,7 +193,7 @@ def search_network(
         precision=settings.precision,
     )
     return run_search(
-        module,
+        searched,
         example_input,
         scorer,
         space=space,
@@ -180,6 +204,69 @@ def search_network(
         state=state,
         on_generation=on_generation,
     )
+
+
+def searched_module(module: nn.Module, example_input: torch.Tensor, reads: Boundary | None) -> nn.Module:
+    """What the search prunes: `module`, behind an input adapter when its input boundary `reads` is searchable."""
+    if reads is not None and reads.searchable:
+        return with_input_adapter(module, int(example_input.shape[1]))
+    return module
+
+
+def candidate_module(sub: SubNetwork, scheme: dict[str, list[int]], io: CandidateIO) -> nn.Module:
+    """Sub-network `sub` pruned to a front member's `scheme` (weights inherited), between its boundaries `io`."""
+    example = torch.zeros(1, *sub.in_shape)
+    searched = with_input_adapter(sub.module, sub.in_shape[0]) if io.in_group == ADAPTER else sub.module
+    return build_candidate(searched, example, scheme, io)
+
+
+def candidate_cost(
+    sub: SubNetwork, module: nn.Module, scheme: dict[str, list[int]], io: CandidateIO, head: nn.Module | None = None
+) -> tuple[int, int]:
+    """(FLOPs, params) the network spends in candidate `module` of `sub`: its own, and for the last
+    sub-network (pass the `head`) the head's change when the candidate prunes X_K, which the head reads."""
+    example = torch.zeros(1, *sub.in_shape)
+    flops, params = count_flops_params(module, example)
+    if head is not None and io.out_group is not None and io.outputs != 0:
+        keep = scheme[io.out_group]
+        full = count_flops_params(head, torch.zeros(1, *sub.out_shape))
+        cut = pruned_head_cost(head, torch.zeros(1, *sub.out_shape), keep)
+        flops, params = flops - (full[0] - cut[0]), params - (full[1] - cut[1])
+    return flops, params
+
+
+def choose_candidates(
+    members: Sequence[Evaluation], m: int, target: float | None, reads_from: set[int] | None = None
+) -> tuple[list[int], list[str]]:
+    """(indices of up to `m` cost-sorted front `members` to train (0 = all), notes on what could not be chained).
+
+    Only members reading a width option that a trained predecessor writes (`reads_from`; option 0 always: the
+    unpruned predecessor) can join a scheme. The `m` are shared out over those options (each gets at least one
+    while `m` allows, the predecessor's pruned options first) and spread by cost within each (`spread_indices`,
+    denser near `target`), so every link the predecessor offers can be continued."""
+    allowed = sorted({0} | (reads_from or set()), key=lambda o: (o == 0, o))
+    by_option = {o: [i for i, e in enumerate(members) if e.inputs == o and e.cost < 1.0 - 1e-9] for o in allowed}
+    notes = [
+        f"no front member reads boundary width option {o}: the predecessor's candidates writing it cannot be chained"
+        for o in allowed
+        if o != 0 and not by_option[o]
+    ]
+    options = [o for o in allowed if by_option[o]]
+    if m == 0:
+        return sorted(i for o in options for i in by_option[o]), notes
+    quota = {o: 0 for o in options}
+    left = m
+    while left > 0 and any(quota[o] < len(by_option[o]) for o in options):
+        for o in options:
+            if left > 0 and quota[o] < len(by_option[o]):
+                quota[o] += 1
+                left -= 1
+    chosen = []
+    for o in options:
+        if quota[o]:
+            idx = by_option[o]
+            chosen += [idx[i] for i in spread_indices([members[i].cost for i in idx], quota[o], target)]
+    return sorted(chosen), notes
 
 
 def constrain_subnetwork(
@@ -196,24 +283,33 @@ def constrain_subnetwork(
     device: torch.device | str = "cpu",
     on_trained: Callable[[int, nn.Module, dict[str, float]], None] | None = None,
     train_loader: Iterable | None = None,
+    ios: Sequence[CandidateIO] | None = None,
+    previous_ios: Sequence[CandidateIO] | None = None,
 ) -> list[nn.Module]:
-    """Train sub-network k's candidates (`schemes`) under the cross-network constraint: their input is, per batch,
-    the original S_{k-1} or one of its trained candidates `previous` applied to X_{k-2}; their output must match
-    X_k and keep g_k right. Seeded `seed + k` (and `seed + 100 k + j` per candidate) whatever ran before.
-    With `settings.data == "stream"` the features come from `train_loader` (augmented images) through the
-    original network instead of the cache."""
+    """Train sub-network k's candidates (`schemes`, meeting their boundaries as `ios` say) under the
+    cross-network constraint: their input is, per batch, the original S_{k-1} or one of its trained candidates
+    `previous` that writes the boundary width the candidate reads, applied to X_{k-2}; their output must match
+    (the kept channels of) X_k and keep g_k right. Seeded `seed + k` (and `seed + 100 k + j` per candidate)
+    whatever ran before. With `settings.data == "stream"` the features come from `train_loader` (augmented
+    images) through the original network instead of the cache."""
     k = sub.index
     seed_everything(seed + k)
-    predecessors = [subnetworks[k - 2].module, *previous] if k > 1 else []
+    ios = list(ios) if ios is not None else [CandidateIO()] * len(schemes)
+    previous_ios = list(previous_ios) if previous_ios is not None else [CandidateIO()] * len(previous)
+    if len(ios) != len(schemes) or len(previous_ios) != len(previous):
+        raise ValueError("one CandidateIO per scheme (ios) and per previous candidate (previous_ios)")
+    candidates = [candidate_module(sub, scheme, io) for scheme, io in zip(schemes, ios)]
+    predecessors = [
+        ([subnetworks[k - 2].module, *(p for p, pio in zip(previous, previous_ios) if pio.outputs == io.inputs)] if k > 1 else [])
+        for io in ios
+    ]
     stream = None
     if settings.data == "stream":
         if train_loader is None:
             raise ValueError("constrain data 'stream' needs the training loader (train_loader); allowed without it: 'cache'")
         stream = FeatureStream([s.module for s in subnetworks], k, train_loader, device)
     return train_front(
-        sub.module,
-        torch.zeros(1, *sub.in_shape),
-        schemes,
+        candidates,
         features[k - 1],
         features[k],
         labels,

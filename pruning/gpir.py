@@ -64,10 +64,13 @@ def impairment_table(
     features: Sequence,
     labels,
     device: torch.device | str = "cpu",
+    options: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> tuple[float, list[list[dict]]]:
     """acc(N) and, per sub-network, one row per candidate (module, cost): its accuracy with only that
     sub-network replaced, impairment = acc(N) - that, and the cost (FLOPs or params) it saves against
     `base_costs[k]`. Row 0 of every sub-network is 'keep it unpruned' (impairment 0, saving 0).
+    `options[k][j]` = (inputs, outputs): the boundary width options candidate j reads and writes (default 0, 0);
+    a candidate pruning a boundary is a BoundaryIO, so it fits between the original neighbours.
 
     Example (illustrative, not run)::
 
@@ -77,10 +80,21 @@ def impairment_table(
     base_acc = accuracy_with(subnetworks, head, {}, features, labels, device=device)
     table = []
     for sub, cands, base_cost in zip(subnetworks, candidates, base_costs):
-        rows = [{"candidate": None, "val_acc": base_acc, "impairment": 0.0, "saving": 0, "cost": int(base_cost)}]
+        rows = [{"candidate": None, "val_acc": base_acc, "impairment": 0.0, "saving": 0, "cost": int(base_cost), "inputs": 0, "outputs": 0}]
         for j, (module, cost) in enumerate(cands):
             acc = accuracy_with(subnetworks, head, {sub.index: module}, features, labels, device=device)
-            rows.append({"candidate": j, "val_acc": acc, "impairment": base_acc - acc, "saving": int(base_cost - cost), "cost": int(cost)})
+            inputs, outputs = options[sub.index - 1][j] if options is not None else (0, 0)
+            rows.append(
+                {
+                    "candidate": j,
+                    "val_acc": acc,
+                    "impairment": base_acc - acc,
+                    "saving": int(base_cost - cost),
+                    "cost": int(cost),
+                    "inputs": inputs,
+                    "outputs": outputs,
+                }
+            )
         table.append(rows)
     return base_acc, table
 
@@ -96,7 +110,7 @@ class JointScheme:
 
 
 def _candidates(table: list[list[dict]]) -> list[list[Candidate]]:
-    return [[Candidate(r["impairment"], int(r["saving"])) for r in rows] for rows in table]
+    return [[Candidate(r["impairment"], int(r["saving"]), None, r.get("inputs", 0), r.get("outputs", 0)) for r in rows] for rows in table]
 
 
 def joint_scheme(
@@ -154,8 +168,9 @@ def joint_pareto(table: list[list[dict]], base_acc: float, base_cost: int) -> li
 
 
 def check_reachable(table: list[list[dict]], min_saving: int, base_cost: int, target: float) -> None:
-    """A clear error when even the most pruned candidate of every sub-network saves less than the target asks."""
-    reach = sum(max(r["saving"] for r in rows) for rows in table)
+    """A clear error when even the most pruned chain of candidates (one per sub-network, agreeing on every
+    boundary's width) saves less than the target asks."""
+    reach = joint_front(_candidates(table))[-1].saving
     if reach < min_saving:
         raise ValueError(
             f"target reduction {target} is out of reach for these candidates: together they remove at most "
@@ -172,24 +187,34 @@ def merge_into(
     model: nn.Module,
     example_input: torch.Tensor,
     subnetworks: Sequence[SubNetwork],
-    chosen: dict[int, tuple[nn.Module, dict[str, list[int]]]],
+    chosen: dict[int, tuple],
 ) -> tuple[nn.Module, dict[str, list[int]]]:
     """One physically pruned copy of the whole `model` carrying the chosen sub-network candidates.
 
-    `chosen` maps k to (trained pruned module, its keep-scheme in sub-network-local names). Returns the
-    model and its keep-scheme in whole-model names, so it can be rebuilt from the original architecture."""
+    `chosen` maps k to (trained pruned module, its keep-scheme in sub-network-local names[, its CandidateIO]):
+    local groups are renamed to the whole model's, boundary groups taken from the CandidateIO (candidates that
+    share a boundary must keep the same channels of it). Returns the model and its keep-scheme in whole-model
+    names, so it can be rebuilt from the original architecture."""
+    from pruning.boundary import BoundaryIO, CandidateIO
     from pruning.channels import pruned_copy
     from pruning.divide import source_name
 
     full_scheme: dict[str, list[int]] = {}
-    for k, (_, scheme) in chosen.items():
+    for k, entry in chosen.items():
+        _, scheme, *rest = entry
+        io = rest[0] if rest else CandidateIO()
         sub = subnetworks[k - 1]
         for local, kept in scheme.items():
-            full_scheme[source_name(sub, local)] = list(kept)
+            if local not in io.local_names:
+                full_scheme[source_name(sub, local)] = list(kept)
+        for group, kept in io.whole.items():
+            if full_scheme.setdefault(group, list(kept)) != list(kept):
+                raise ValueError(f"sub-network {k} keeps other channels of boundary group {group!r} than its neighbour")
     pruned = pruned_copy(model, example_input, full_scheme)
     state = pruned.state_dict()
-    for k, (module, _) in chosen.items():
+    for k, (module, *_) in chosen.items():
         sub = subnetworks[k - 1]
+        module = module.module if isinstance(module, BoundaryIO) else module
         for name, tensor in module.state_dict().items():
             path, _, leaf = name.rpartition(".")
             full = f"{source_name(sub, path)}.{leaf}"
@@ -205,7 +230,7 @@ def rank(
     example_input: torch.Tensor,
     subnetworks: Sequence[SubNetwork],
     head: nn.Module,
-    candidates: Sequence[Sequence[tuple[nn.Module, dict[str, list[int]], int]]],
+    candidates: Sequence[Sequence[tuple]],
     base_costs: Sequence[int],
     total_cost: int,
     target: float,
@@ -218,7 +243,10 @@ def rank(
 ) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
 
-    `candidates[k]` lists sub-network k+1's trained candidates as (module, local keep-scheme, cost).
+    `candidates[k]` lists sub-network k+1's trained candidates as (module, local keep-scheme, cost[, CandidateIO]);
+    candidates of neighbouring sub-networks join only when they agree on the width of their boundary. The
+    merged model is measured once more on the val features: it must compute what the verified combination
+    did (the chained BoundaryIO candidates stand for it), else this is a defect and raises.
     Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
     choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
 
@@ -227,12 +255,22 @@ def rank(
         pruned, scheme, info = rank(model, x, subs, head, cands, [s.flops for s in subs], total, 0.5, top_t=10,
                                     max_overshoot=0.02, features=X_val, labels=y_val)
     """
+    from pruning.boundary import CandidateIO
+
+    ios = [[c[3] if len(c) > 3 else CandidateIO() for c in cs] for cs in candidates]
     base_acc, table = impairment_table(
-        subnetworks, head, [[(m, c) for m, _, c in cs] for cs in candidates], base_costs, features, labels, device=device
+        subnetworks,
+        head,
+        [[(c[0], c[2]) for c in cs] for cs in candidates],
+        base_costs,
+        features,
+        labels,
+        device=device,
+        options=[[(io.inputs, io.outputs) for io in row] for row in ios],
     )
     need = min_saving_for(target, total_cost)
     check_reachable(table, need, total_cost, target)
-    modules = [[m for m, _, _ in cs] for cs in candidates]
+    modules = [[c[0] for c in cs] for cs in candidates]
     best = joint_scheme(
         subnetworks,
         head,
@@ -246,12 +284,19 @@ def rank(
         device=device,
         max_saving=min_saving_for(min(1.0, target + max_overshoot), total_cost),
     )
-    chosen = {k + 1: candidates[k][row - 1][:2] for k, row in enumerate(best.choice) if row > 0}
+    chosen = {k + 1: (*candidates[k][row - 1][:2], ios[k][row - 1]) for k, row in enumerate(best.choice) if row > 0}
     pruned, scheme = merge_into(model, example_input, subnetworks, chosen)
+    merged_acc = accuracy_with([], pruned, {}, features, labels, device=device)
+    if abs(merged_acc - best.measured_acc) > 0.005:
+        raise ValueError(
+            f"the merged pruned model scores {merged_acc:.4f} on the val features, its candidates chained {best.measured_acc:.4f}: "
+            "a boundary was merged other than the candidates were trained (a defect; please report it)"
+        )
     info = {
         "val_cache_acc_base": base_acc,
         "predicted_val_acc": best.predicted_acc,
         "measured_val_acc": best.measured_acc,
+        "merged_val_acc": merged_acc,
         "predicted_saving": best.saving,
         "choice": [
             {
@@ -260,6 +305,8 @@ def rank(
                 "candidate": table[k][row]["candidate"],
                 "impairment": table[k][row]["impairment"],
                 "saving": table[k][row]["saving"],
+                "inputs": table[k][row]["inputs"],
+                "outputs": table[k][row]["outputs"],
             }
             for k, row in enumerate(best.choice)
         ],

@@ -31,6 +31,7 @@ from torch import nn
 
 from pruning import stopping
 from pruning.arrays import as_batch
+from pruning.boundary import ADAPTER, Boundary, CandidateIO, build_candidate
 from pruning.channels import (
     ChannelGroup,
     KeepScheme,
@@ -43,9 +44,11 @@ from pruning.channels import (
 from pruning.train import autocast
 
 __all__ = [
+    "BoundaryGene",
     "Evaluation",
     "ParetoFront",
     "SearchSpace",
+    "boundary_search_groups",
     "Scorer",
     "choose_for_target",
     "loader_images",
@@ -80,10 +83,20 @@ def group_exclusions(
     Each group is probed by removing its last channel: a group is left out when the module's output then has
     other channels, or when the forward pass fails on a channel-count mismatch (the group reaches the module's
     input, through a residual add of it). Any other error is a defect and is raised, not taken for a boundary."""
+    inner, outputs, excluded = _classify_groups(module, example_input, ignored)
+    excluded += [(g.name, "reaches the output: the boundary keeps its channels") for g in outputs]
+    return inner, excluded
+
+
+def _classify_groups(
+    module: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None = None
+) -> tuple[list[ChannelGroup], list[ChannelGroup], list[tuple[str, str]]]:
+    """(groups inside the module, groups that reach its output, [(group, why it cannot be pruned)])."""
     module = module.eval()
     with torch.no_grad():
         out_shape = module(example_input).shape
-    keep: list[ChannelGroup] = []
+    inner: list[ChannelGroup] = []
+    outputs: list[ChannelGroup] = []
     groups, left_out = channel_groups_and_left_out(module, example_input, ignored)
     excluded: list[tuple[str, str]] = list(left_out)
     for g in groups:
@@ -100,21 +113,83 @@ def group_exclusions(
                 # typically a residual add of the module's input, whose channels the boundary fixes
                 excluded.append((g.name, f"breaks the forward pass with one channel fewer: {str(e).splitlines()[0][:120]}"))
                 continue
-        if shape != out_shape:
-            excluded.append((g.name, "reaches the output: the boundary keeps its channels"))
+        (inner if shape == out_shape else outputs).append(g)
+    return inner, outputs, excluded
+
+
+@dataclass(frozen=True)
+class BoundaryGene:
+    """A gene choosing the width option of the boundary channels a sub-network reads (`reads`: j of X_j) and/or
+    writes (`writes`); `group` is the local channel group carrying them, `options[o]` the channels option o keeps
+    (nested, fixed by whole-network importance: see pruning/boundary.py), `whole` the whole-network group."""
+
+    group: str
+    channels: int
+    options: tuple[tuple[int, ...], ...]
+    reads: int | None = None
+    writes: int | None = None
+    whole: str | None = None
+
+
+def boundary_search_groups(
+    module: nn.Module, example_input: torch.Tensor, reads: Boundary | None, writes: Boundary | None
+) -> tuple[list[ChannelGroup], list[BoundaryGene], list[tuple[str, str]]]:
+    """(inner groups, boundary genes, [(group, why left out)]) of a sub-network searched with its boundaries.
+
+    `module` carries the input adapter (pruning/boundary.py) when `reads` is searchable. Its adapter's group
+    reads X_{k-1}; a group reaching the output writes X_k and becomes a gene when `writes` is searchable
+    (one group, X_k's channels); a group doing both (a residual chain through the whole sub-network) is one
+    gene for both boundaries, which then share a whole-network group and options."""
+    inner, outputs, excluded = _classify_groups(module, example_input)
+    genes: list[BoundaryGene] = []
+    reads = reads if reads is not None and reads.searchable else None
+    writes = writes if writes is not None and writes.searchable else None
+    adapter = [g for g in inner + outputs if g.name == ADAPTER]
+    if reads is not None and not adapter:
+        raise ValueError(f"X_{reads.index} is searched, but the module has no {ADAPTER!r} group: put it behind with_input_adapter")
+    through = bool(adapter) and adapter[0] in outputs
+    inner = [g for g in inner if g.name != ADAPTER]
+    outputs = [g for g in outputs if g.name != ADAPTER]
+    if adapter and reads is not None:
+        if through and (writes is None or writes.group != reads.group or writes.options != reads.options):
+            excluded.append((ADAPTER, f"carries X_{reads.index} through to the output, whose boundary is not searched alike"))
         else:
-            keep.append(g)
-    return keep, excluded
+            genes.append(
+                BoundaryGene(
+                    ADAPTER,
+                    reads.channels,
+                    reads.options,
+                    reads.index,
+                    writes.index if through and writes is not None else None,
+                    reads.group,
+                )
+            )
+    if outputs:
+        why: str | None = None
+        if writes is None:
+            why = "reaches the output: the boundary keeps its channels"
+        elif through:
+            why = "reaches the output beside the input's group"
+        elif len(outputs) > 1:
+            why = f"reaches the output with {len(outputs) - 1} other group(s)"
+        elif outputs[0].channels != writes.channels:
+            why = f"reaches the output with {outputs[0].channels} channels, X_{writes.index} has {writes.channels}"
+        if why is None and writes is not None:
+            genes.append(BoundaryGene(outputs[0].name, writes.channels, writes.options, None, writes.index, writes.group))
+        else:
+            excluded += [(g.name, why or "reaches the output") for g in outputs]
+    return inner, genes, excluded
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """How genes encode a keep-scheme over `groups`.
+    """How genes encode a keep-scheme over `groups` (and the `boundary` genes after them).
 
     `levels` (default): one integer gene in 1..levels per group; gene v keeps round(v / levels * channels)
     channels (at least one), the most important ones by L1 group magnitude.
     `binary`: one bit per channel; a group whose bits are all 0 keeps its most important channel.
     `round_to` (levels only) makes every kept count a multiple of it, where the group is that wide.
+    `boundary` (levels only): one gene in 1..len(options) per `BoundaryGene`, gene v keeping options[v - 1].
 
     Example (illustrative, not run)::
 
@@ -127,25 +202,39 @@ class SearchSpace:
     encoding: Literal["levels", "binary"] = "levels"
     round_to: int = 1  # 'levels' only: kept channel counts are multiples of this (fast kernels want 8 or 16)
     excluded: tuple[tuple[str, str], ...] = ()  # (group, why) of the module's groups that are not genes
+    boundary: tuple[BoundaryGene, ...] = ()
 
     def __post_init__(self) -> None:
         if self.encoding not in ("levels", "binary"):
             raise ValueError(f"encoding must be 'levels' or 'binary', got {self.encoding!r}")
         if self.levels < 2:
             raise ValueError(f"levels must be >= 2, got {self.levels}")
+        if self.boundary and self.encoding != "levels":
+            raise ValueError("boundary genes need encoding 'levels'; with 'binary' keep every boundary channel (boundary widths [1.0])")
 
     @property
     def n_var(self) -> int:
-        return len(self.groups) if self.encoding == "levels" else sum(g.channels for g in self.groups)
+        inner = len(self.groups) if self.encoding == "levels" else sum(g.channels for g in self.groups)
+        return inner + len(self.boundary)
 
     @property
-    def bounds(self) -> tuple[int, int]:
-        return (1, self.levels) if self.encoding == "levels" else (0, 1)
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) bound of every gene."""
+        lo, hi = (1, self.levels) if self.encoding == "levels" else (0, 1)
+        inner = self.n_var - len(self.boundary)
+        upper = [hi] * inner + [len(b.options) for b in self.boundary]
+        return np.array([lo] * inner + [1] * len(self.boundary)), np.array(upper)
 
     def uniform(self, fraction: float) -> np.ndarray:
-        """Genes keeping about `fraction` of every group."""
+        """Genes keeping about `fraction` of every group (and the boundary option nearest it)."""
+
+        def nearest_option(b: BoundaryGene) -> int:
+            return 1 + min(range(len(b.options)), key=lambda o: (abs(len(b.options[o]) / b.channels - fraction), o))
+
+        nearest = [nearest_option(b) for b in self.boundary]
         if self.encoding == "levels":
-            return np.full(self.n_var, max(1, min(self.levels, int(round(fraction * self.levels)))), dtype=int)
+            level = max(1, min(self.levels, int(round(fraction * self.levels))))
+            return np.array([level] * len(self.groups) + nearest, dtype=int)
         bits = []
         for g in self.groups:
             k = max(1, int(round(fraction * g.channels)))
@@ -160,6 +249,8 @@ class SearchSpace:
             k = int(v) / self.levels * g.channels
             r = self.round_to if g.channels >= self.round_to else 1
             out[g.name] = min(g.channels, max(r, int(round(k / r)) * r))
+        for b, v in zip(self.boundary, genes[len(self.groups) :]):
+            out[b.group] = len(b.options[int(v) - 1])
         return out
 
     def network_key(self, genes: Sequence[int]) -> tuple[int, ...]:
@@ -177,7 +268,11 @@ class SearchSpace:
 
     def decode(self, genes: Sequence[int], importance: dict[str, torch.Tensor]) -> KeepScheme:
         if self.encoding == "levels":
-            return keep_by_importance({g.name: importance[g.name] for g in self.groups}, self.keep_counts(genes))
+            counts = self.keep_counts(genes)
+            scheme = keep_by_importance({g.name: importance[g.name] for g in self.groups}, counts)
+            for b, v in zip(self.boundary, genes[len(self.groups) :]):
+                scheme[b.group] = list(b.options[int(v) - 1])
+            return scheme
         scheme, pos = {}, 0
         for g in self.groups:
             bits = [int(b) for b in genes[pos : pos + g.channels]]
@@ -187,6 +282,21 @@ class SearchSpace:
             kept = [ranked[i] for i, b in enumerate(bits) if b] or ranked[:1]
             scheme[g.name] = sorted(kept)
         return scheme
+
+    def io(self, genes: Sequence[int], out_channels: int = 0) -> CandidateIO:
+        """The boundary options `genes` read and write, with their kept channels in whole-network terms."""
+        inputs = outputs = 0
+        in_group = out_group = None
+        whole: dict[str, list[int]] = {}
+        for b, v in zip(self.boundary, genes[len(self.groups) :]):
+            option = int(v) - 1
+            if b.reads is not None:
+                inputs, in_group = option, b.group
+            if b.writes is not None:
+                outputs, out_group = option, b.group
+            if b.whole is not None:
+                whole[b.whole] = list(b.options[option])
+        return CandidateIO(inputs, outputs, in_group, out_group, out_channels, whole)
 
 
 class Scorer:
@@ -271,6 +381,8 @@ class Evaluation:
     error: float  # selector error
     flops: int
     params: int
+    inputs: int = 0  # width option of the boundary read (0: all channels)
+    outputs: int = 0  # width option of the boundary written
 
 
 @dataclass
@@ -284,6 +396,8 @@ class ParetoFront:
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: int = 0
     fronts: list[list[tuple[float, float]]] = field(default_factory=list)  # (cost, error) of the front after each generation
+
+    archive: list[Evaluation] = field(default_factory=list)  # non-dominated within each (inputs, outputs) boundary state
 
     def spread(self, m: int, target: float | None = None) -> list[Evaluation]:
         """Up to `m` pruned members spread by cost, denser near `target` (0 = all); see `spread_indices`."""
@@ -367,26 +481,42 @@ class _Search:
         self.importance = group_importance(module, example_input)
         self.importance = {g.name: self.importance[g.name] for g in space.groups}
         self.base = count_flops_params(module, example_input)
+        if isinstance(module, nn.Sequential) and ADAPTER in module._modules:  # not part of the sub-network: candidates drop it
+            adapter = count_flops_params(module.get_submodule(ADAPTER), example_input)
+            self.base = (self.base[0] - adapter[0], self.base[1] - adapter[1])
+        with torch.no_grad():
+            self.out_channels = int(module.eval()(example_input).shape[1])
         self.cache: dict[tuple[int, ...], Evaluation] = {}  # by decoded network (`SearchSpace.network_key`)
         self.evaluations = 0  # distinct networks evaluated
 
     def scheme(self, genes: Sequence[int]) -> KeepScheme:
         return self.space.decode(genes, self.importance)
 
+    def candidate(self, genes: Sequence[int]) -> tuple[nn.Module, CandidateIO]:
+        io = self.space.io(genes, self.out_channels)
+        return build_candidate(self.module, self.example, self.scheme(genes), io), io
+
     def __call__(self, genes: np.ndarray) -> tuple[float, float, int, int]:
         first = tuple(int(v) for v in genes)  # the front lists the first gene vector seen for a network
         key = self.space.network_key(first)
         if key not in self.cache:
-            pruned = pruned_copy(self.module, self.example, self.scheme(first))
+            pruned, io = self.candidate(first)
             flops, params = count_flops_params(pruned, self.example)
             cost = flops / self.base[0] if self.metric == "flops" else params / self.base[1]
-            self.cache[key] = Evaluation(first, cost, float(self.scorer(pruned)), flops, params)
+            self.cache[key] = Evaluation(first, cost, float(self.scorer(pruned)), flops, params, io.inputs, io.outputs)
             self.evaluations += 1
         e = self.cache[key]
         return e.cost, e.error, e.flops, e.params
 
-    def front(self) -> list[Evaluation]:
-        evals = list(self.cache.values())
+    def archive(self) -> list[Evaluation]:
+        """The front of each (inputs, outputs) boundary state, together, sorted by cost: candidates that chain
+        with any neighbour's choice of boundary width."""
+        states = sorted({(e.inputs, e.outputs) for e in self.cache.values()})
+        members = [m for st in states for m in self.front([e for e in self.cache.values() if (e.inputs, e.outputs) == st])]
+        return sorted(members, key=lambda e: (e.cost, e.error, e.genes))
+
+    def front(self, evals: list[Evaluation] | None = None) -> list[Evaluation]:
+        evals = list(self.cache.values()) if evals is None else evals
         if not evals:
             return []
         F_ = np.array([[e.cost, e.error] for e in evals])
@@ -516,4 +646,4 @@ def run_search(
             finally:
                 algorithm.problem = problem
             on_generation(gen, metrics, blob)
-    return ParetoFront(space, search.base[0], search.base[1], search.front(), history, search.evaluations, fronts)
+    return ParetoFront(space, search.base[0], search.base[1], search.front(), history, search.evaluations, fronts, archive=search.archive())

@@ -105,6 +105,20 @@ class SearchParams(_Section):
     error: Literal["ce", "acc"] = SEARCH.error
     calib_samples: int = Field(SEARCH.calib_samples, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
     precision: Literal["bf16", "fp32"] = Field(SEARCH.precision, description="of the scoring pass: bf16 autocast or fp32")
+    boundary_widths: list[float] = Field(
+        default_factory=lambda: list(SEARCH.boundary_widths),
+        min_length=1,
+        description="emo-dir: keep fractions a boundary feature X_k may take (channels by whole-network importance); [1.0] freezes them",
+    )
+
+    @field_validator("boundary_widths")
+    @classmethod
+    def _widths(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        if any(not 0.0 < w <= 1.0 for w in v) or 1.0 not in v:
+            raise ValueError(f"boundary widths must be fractions in (0, 1] and include 1.0 (keep all), got {v}")
+        if len(set(v)) > 1 and info.data.get("encoding") == "binary":
+            raise ValueError(f"boundary widths {v} need encoding 'levels'; with encoding 'binary' use [1.0]")
+        return sorted(set(v), reverse=True)
 
 
 class ConstrainParams(_Section):

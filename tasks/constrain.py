@@ -9,10 +9,10 @@ import mlflow
 import torch
 from torch import nn
 
-from pruning.channels import count_flops_params, pruned_copy
-from pruning.emodir import ConstrainSettings, constrain_subnetwork
+from pruning.boundary import CandidateIO
+from pruning.emodir import ConstrainSettings, candidate_cost, candidate_module, choose_candidates, constrain_subnetwork
 from pruning.methods import method_spec
-from pruning.search import spread_indices
+from pruning.search import Evaluation
 from pruning.train import resolve_device
 from tasks import paths
 from tasks.common import Data, log_metrics_flat
@@ -28,9 +28,11 @@ def candidate_path(k: int, j: int):
 
 
 def load_candidate(division: Division, k: int, j: int) -> tuple[nn.Module, dict]:
-    """Rebuild trained candidate j of sub-network k: prune a copy of S_k to its scheme, load its weights."""
+    """Rebuild trained candidate j of sub-network k: prune a copy of S_k to its scheme (between its
+    boundaries), load its weights; the metadata carries its CandidateIO as "io"."""
     blob = torch.load(candidate_path(k, j), map_location="cpu", weights_only=True)
-    module = pruned_copy(division.subnetworks[k - 1].module, division.example(k), blob["scheme"])
+    blob["io"] = CandidateIO.from_json(blob.get("io"))
+    module = candidate_module(division.subnetworks[k - 1], blob["scheme"], blob["io"])
     module.load_state_dict(blob["state_dict"])
     return module.eval(), {key: v for key, v in blob.items() if key != "state_dict"}
 
@@ -51,6 +53,7 @@ def run(params: Params) -> dict:
         ytr = load_labels("train")
         index: dict = {"method": method, "data": c.data, "subnetworks": []}
         previous: list[nn.Module] = []
+        previous_ios: list[CandidateIO] = []
         train_features = [load_feature("train", k) for k in range(division.k + 1)]  # memory-mapped: read as used
         # constrain.data: stream feeds every epoch the whole augmented training set through the original network
         train_loader = Data(params).loader("train", train=True) if c.data == "stream" else None
@@ -60,17 +63,26 @@ def run(params: Params) -> dict:
         for sub in division.subnetworks:
             k = sub.index
             front = read_json(paths.SEARCH / f"front_s{k}.json")
-            costs = [m["cost"] for m in front["members"]]
-            chosen = [front["members"][i] for i in spread_indices(costs, c.candidates, params.prune.target)]
+            archive = front.get("archive", front["members"])
+            members = [Evaluation(tuple(m["genes"]), m["cost"], m["error"], 0, 0, m.get("inputs", 0), m.get("outputs", 0)) for m in archive]
+            picked, notes = choose_candidates(members, c.candidates, params.prune.target, {io.outputs for io in previous_ios})
+            for note in notes:
+                print(f"constrain s{k}: {note}", flush=True)
+            chosen = [archive[i] for i in picked]
+            ios = [CandidateIO.from_json(m.get("io")) for m in chosen]
             selector = load_selector(division, k)
             rows: list[dict] = []
 
-            def keep(j: int, module: nn.Module, losses: dict[str, float], k: int = k, chosen: list = chosen, rows: list = rows) -> None:
+            def keep(
+                j: int, module: nn.Module, losses: dict[str, float], k: int = k, chosen: list = chosen, rows: list = rows, ios: list = ios
+            ) -> None:
                 member = chosen[j]
-                flops, n_params = count_flops_params(module, division.example(k))
+                sub = division.subnetworks[k - 1]
+                flops, n_params = candidate_cost(sub, module, member["scheme"], ios[j], division.head if k == division.k else None)
                 atomic_torch_save(
                     {
                         "scheme": member["scheme"],
+                        "io": ios[j].to_json(),
                         "genes": member["genes"],
                         "flops": flops,
                         "params": n_params,
@@ -81,7 +93,16 @@ def run(params: Params) -> dict:
                     candidate_path(k, j),
                 )
                 rows.append(
-                    {"candidate": j, "flops": flops, "params": n_params, "cost": member["cost"], "search_error": member["error"], **losses}
+                    {
+                        "candidate": j,
+                        "flops": flops,
+                        "params": n_params,
+                        "cost": member["cost"],
+                        "search_error": member["error"],
+                        "inputs": ios[j].inputs,
+                        "outputs": ios[j].outputs,
+                        **losses,
+                    }
                 )
                 mlflow.log_metrics(
                     {f"constrain.s{k}.feature_mse": losses["feature_mse"], f"constrain.s{k}.selector_ce": losses["selector_ce"]}, step=j
@@ -105,9 +126,11 @@ def run(params: Params) -> dict:
                 device=device,
                 on_trained=keep,
                 train_loader=train_loader,
+                ios=ios,
+                previous_ios=previous_ios,
             )
-            index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows})
-            previous = trained
+            index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows, "notes": notes})
+            previous, previous_ios = trained, ios
         index["seconds"] = time.perf_counter() - start
         index["trained"] = sum(len(s["candidates"]) for s in index["subnetworks"])
         atomic_json(index, paths.CANDIDATES / "index.json")

@@ -4,7 +4,6 @@ as `key = value: what is allowed`, instead of deep inside a stage. Nothing here 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -355,10 +354,21 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
     p, s = params.prune, params.search
     key = hashlib.sha256(
         json.dumps(
-            [params.model.name, nc, params.data.image_size, p.method, p.metric, p.round_to, params.divide.k, s.levels, s.encoding]
+            [
+                params.model.name,
+                nc,
+                params.data.image_size,
+                p.method,
+                p.metric,
+                p.round_to,
+                params.divide.k,
+                s.levels,
+                s.encoding,
+                s.boundary_widths,
+            ]
         ).encode()
     )
-    for f in ("channels.py", "divide.py", "search.py", "methods.py"):
+    for f in ("channels.py", "divide.py", "search.py", "methods.py", "boundary.py", "emodir.py"):
         key.update((Path(pruning.__file__).parent / f).read_bytes())
     cache = root / ".emoprune" / "preflight" / f"reach_{key.hexdigest()[:16]}.json"
     try:
@@ -372,27 +382,46 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
 
 
 def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head) -> tuple[float, str]:
+    from pruning.boundary import plan_boundaries
     from pruning.channels import channel_groups, count_flops_params, pruned_copy
-    from pruning.divide import assemble
+    from pruning.divide import source_name
+    from pruning.emodir import searched_module
     from pruning.methods import cost_of
-    from pruning.search import SearchSpace, prunable_groups
+    from pruning.search import SearchSpace, boundary_search_groups, prunable_groups
 
     p, s = params.prune, params.search
+
+    def lowest(space: SearchSpace) -> list[int]:
+        return [int(v) for v in space.bounds[0]]
 
     def smallest(module: nn.Module, example: torch.Tensor) -> nn.Module:
         groups = tuple(prunable_groups(module, example))
         if not groups:
             return module
         space = SearchSpace(groups, s.levels, s.encoding, p.round_to)
-        genes = [space.bounds[0]] * space.n_var
-        return pruned_copy(module, example, space.decode(genes, {g.name: torch.zeros(g.channels) for g in groups}))
+        return pruned_copy(module, example, space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups}))
 
     spec = method_spec(p.method)
     if spec.search == "subnetworks":
-        small = assemble([dataclasses.replace(sub, module=smallest(sub.module, torch.zeros(1, *sub.in_shape))) for sub in subs], head)
+        # every gene at its lowest level, boundaries at their narrowest width: one whole-network scheme
+        plan = plan_boundaries(model, subs, x, s.boundary_widths, p.round_to)
+        scheme: dict[str, list[int]] = {}
+        for sub in subs:
+            ex = torch.zeros(1, *sub.in_shape)
+            reads, writes = (plan[sub.index - 2] if sub.index > 1 else None), plan[sub.index - 1]
+            groups, genes, _ = boundary_search_groups(searched_module(sub.module, ex, reads), ex, reads, writes)
+            space = SearchSpace(tuple(groups), s.levels, s.encoding, p.round_to, (), tuple(genes))
+            for name, kept in space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups}).items():
+                if name not in {b.group for b in genes}:
+                    scheme[source_name(sub, name)] = kept
+        for b in plan:
+            if b.searchable and b.group is not None:
+                scheme[b.group] = list(b.options[-1])
+        small = pruned_copy(model, x, scheme)
+        searched = sum(b.searchable for b in plan)
         what = (
             f"the {p.method} search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
-            f"keep level, boundary channels kept)"
+            f"keep level, {searched} of {len(plan)} boundaries at their narrowest width {min(s.boundary_widths)})"
         )
     elif spec.search == "network":
         small, what = smallest(model, x), f"the {p.method} search space (every channel group at its lowest keep level)"

@@ -46,7 +46,7 @@ def rank_emo_dir(
     cands = []
     for entry in index["subnetworks"]:
         loaded = [load_candidate(division, entry["k"], row["candidate"]) for row in entry["candidates"]]
-        cands.append([(m, meta["scheme"], meta[metric]) for m, meta in loaded])
+        cands.append([(m, meta["scheme"], meta[metric], meta["io"]) for m, meta in loaded])
     feats, labels = load_features("val", division.k)
     base_costs = [getattr(s, metric) for s in division.subnetworks]
     total = cost_of(count_flops_params(division.model, example), metric)

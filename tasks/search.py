@@ -13,10 +13,11 @@ from mlflow import MlflowClient
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from pruning.boundary import Boundary, plan_boundaries
 from pruning.channels import group_importance
-from pruning.emodir import SearchSettings, search_network
+from pruning.emodir import SearchSettings, search_network, searched_module
 from pruning.methods import method_spec
-from pruning.search import ParetoFront, group_exclusions
+from pruning.search import Evaluation, ParetoFront, boundary_search_groups
 from pruning.selectors import FeatureSelector
 from pruning.train import resolve_device
 from tasks import paths
@@ -26,7 +27,7 @@ from tasks.division import Division, load_division, load_feature, load_labels
 from tasks.io import atomic_json, atomic_path
 from tasks.tracking import stage_run
 
-SEARCH_SCHEMA = 1
+SEARCH_SCHEMA = 2  # 2: boundary genes, members' boundary options (inputs, outputs, io) and the per-state archive
 # mapper(ks, run_id) -> one result dict per sub-network; the flow supplies a Prefect task map
 Mapper = Callable[[Sequence[int], str], list[dict]]
 
@@ -68,6 +69,8 @@ def _search(
     generations: int,
     run_id: str | None,
     device: torch.device,
+    reads: Boundary | None = None,
+    writes: Boundary | None = None,
 ) -> dict:
     s = params.search
     ckpt = paths.CHECKPOINTS / f"search_{tag}_{_fingerprint(params, tag)}.pkl"
@@ -112,13 +115,27 @@ def _search(
         device=device,
         state=state,
         on_generation=on_generation,
+        reads=reads,
+        writes=writes,
     )
     seconds = time.perf_counter() - start
-    importance = group_importance(module, example)
-    doc = front_document(tag, front, importance, seconds)
+    importance = group_importance(searched_module(module, example, reads), example)
+    with torch.no_grad():
+        out_channels = int(module.eval()(example).shape[1])
+    doc = front_document(tag, front, importance, seconds, out_channels)
     atomic_json(doc, paths.SEARCH / f"front_{tag}.json")
     left_out = ", ".join(f"{name} ({why.split(':')[0]})" for name, why in front.space.excluded)
-    print(f"search {tag}: {len(front.space.groups)} channel groups searched; left out: {left_out or 'none'}", flush=True)
+    widths = "; ".join(
+        f"{'reads' if b.reads is not None else ''}{' and ' if b.reads is not None and b.writes is not None else ''}"
+        f"{'writes' if b.writes is not None else ''} X_{b.reads if b.reads is not None else b.writes} "
+        f"at {'/'.join(str(len(o)) for o in b.options)} channels"
+        for b in front.space.boundary
+    )
+    print(
+        f"search {tag}: {len(front.space.groups)} channel groups searched; boundaries: {widths or 'kept whole'}; "
+        f"left out: {left_out or 'none'}",
+        flush=True,
+    )
     ckpt.unlink(missing_ok=True)  # the front is written: a later (forced) run searches afresh, as training does
     return {
         "tag": tag,
@@ -130,8 +147,22 @@ def _search(
     }
 
 
-def front_document(tag: str, front: ParetoFront, importance: dict, seconds: float) -> dict:
+def front_document(tag: str, front: ParetoFront, importance: dict, seconds: float, out_channels: int = 0) -> dict:
     space = front.space
+
+    def member(m: Evaluation) -> dict:
+        return {
+            "genes": list(m.genes),
+            "cost": m.cost,
+            "error": m.error,
+            "flops": m.flops,
+            "params": m.params,
+            "inputs": m.inputs,
+            "outputs": m.outputs,
+            "scheme": space.decode(m.genes, importance),
+            "io": space.io(m.genes, out_channels).to_json(),
+        }
+
     return {
         "schema_version": SEARCH_SCHEMA,
         "tag": tag,
@@ -139,21 +170,17 @@ def front_document(tag: str, front: ParetoFront, importance: dict, seconds: floa
         "levels": space.levels,
         "groups": [{"name": g.name, "channels": g.channels, "layers": list(g.layers)} for g in space.groups],
         "excluded_groups": [{"name": name, "reason": why} for name, why in space.excluded],
+        "boundary_genes": [
+            {"group": b.group, "reads": b.reads, "writes": b.writes, "whole_group": b.whole, "options": [len(o) for o in b.options]}
+            for b in space.boundary
+        ],
         "base_flops": front.base_flops,
         "base_params": front.base_params,
         "evaluations": front.evaluations,
         "seconds": seconds,
-        "members": [
-            {
-                "genes": list(m.genes),
-                "cost": m.cost,
-                "error": m.error,
-                "flops": m.flops,
-                "params": m.params,
-                "scheme": space.decode(m.genes, importance),
-            }
-            for m in front.members
-        ],
+        "members": [member(m) for m in front.members],
+        # the front of each (inputs, outputs) boundary state: what constrain chooses from, so candidates chain
+        "archive": [member(m) for m in front.archive],
         "history": front.history,
         "fronts": front.fronts,
     }
@@ -167,16 +194,36 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     xtr = load_feature("train", k - 1)
     xva, yva = load_feature("val", k - 1), load_labels("val")
     example = division.example(k)
-    groups, excluded = group_exclusions(sub.module, example)
-    if not groups:
+    plan = boundary_plan(params, division)
+    reads, writes = (plan[k - 2] if k > 1 else None), plan[k - 1]
+    searched = searched_module(sub.module, example, reads)
+    groups, genes, excluded = boundary_search_groups(searched, example, reads, writes)
+    if not groups and not genes:
         why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
         raise ValueError(
             f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group ({why}); "
             "a smaller divide.k gives each sub-network more blocks"
         )
     return _search(
-        params, f"s{k}", sub.module, example, load_selector(division, k), xtr, xva, yva, params.search.generations, run_id, device
+        params,
+        f"s{k}",
+        sub.module,
+        example,
+        load_selector(division, k),
+        xtr,
+        xva,
+        yva,
+        params.search.generations,
+        run_id,
+        device,
+        reads=reads,
+        writes=writes,
     )
+
+
+def boundary_plan(params: Params, division: Division) -> list[Boundary]:
+    """The width options of X_1..X_K (search.boundary_widths, prune.round_to), the same in every stage that asks."""
+    return plan_boundaries(division.model, division.subnetworks, division.example(1), params.search.boundary_widths, params.prune.round_to)
 
 
 def subnetwork_device(device: str, k: int) -> torch.device:

@@ -86,8 +86,11 @@ def test_search_writes_one_nondominated_front_per_subnetwork(project):
         for a in pts:  # no member dominates another
             assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in pts)
         assert len(doc["history"]) == 2 and doc["history"][-1]["hypervolume"] > 0
-        # the residual chain reaching the sub-network's output is listed as left out, with the reason
-        assert [(e["name"], e["reason"].split(":")[0]) for e in doc["excluded_groups"]] == [("0.conv2" if k > 1 else "0.0", "reaches the output")]
+        # the residual chains the sub-network reads and writes are genes at search.boundary_widths: none left out
+        assert not doc["excluded_groups"]
+        expected = [("0.0", None, 1)] if k == 1 else [("boundary_in", k - 1, None), ("0.conv2", None, k)]
+        assert [(b["group"], b["reads"], b["writes"]) for b in doc["boundary_genes"]] == expected
+        assert {(m["inputs"], m["io"]["inputs"]) for m in doc["archive"]} <= {(o, o) for o in range(3)}
 
 
 def test_constrain_trains_candidates_along_each_front(project):
