@@ -172,6 +172,9 @@ class ExportParams(_Section):
     opset: int = Field(18, ge=13, le=23)
     latency_repeats: int = Field(50, ge=3)
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+    quantize: Literal["none", "int8"] = Field("none", description="int8: also a static INT8 (QDQ) model, checked and timed")
+    calibration_images: int = Field(512, ge=1, description="val images that calibrate the INT8 activation ranges")
+    max_int8_drop: float = Field(1.0, ge=0.0, le=100.0, description="points of test accuracy INT8 may lose against FP32")
 
     @field_validator("latency_batch_sizes")
     @classmethod

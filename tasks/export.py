@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlflow
+import onnxruntime as ort
 
 from pruning.onnx_export import compare_with_torch, export_onnx, latency_pair_ms, session
+from pruning.quantize import check_int8_drop, evaluate_onnx, quantize_int8
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.common import Data, log_metrics_flat
@@ -38,6 +42,7 @@ def run(params: Params) -> dict:
             print(
                 f"export: batch {b}: {pruned_ms:.2f} ms pruned, {base_ms:.2f} ms base ({pruned_ms / base_ms:.2f} of the time)", flush=True
             )
+        out.update(quantized(params, data, s_pruned))
         first = p.latency_batch_sizes[0]
         out["latency_batch"] = first
         out["latency_ms_base"] = out[f"latency_ms_base_b{first}"]
@@ -46,3 +51,53 @@ def run(params: Params) -> dict:
         mlflow.log_artifact(str(paths.PRUNED_ONNX), "models")
         atomic_json(out, paths.metrics_file("export"))
         return out
+
+
+def quantized(params: Params, data: Data, fp32: ort.InferenceSession) -> dict:
+    """export.quantize: int8: models/int8/pruned.onnx, calibrated on val images, its test accuracy, agreement,
+    latency and size beside the FP32 model's; fails when it loses more than export.max_int8_drop points."""
+    p = params.export
+    if paths.INT8.exists():
+        shutil.rmtree(paths.INT8)
+    paths.INT8.mkdir(parents=True)
+    if p.quantize == "none":
+        (paths.INT8 / "NOTE.txt").write_text("export.quantize is none: no INT8 model was made\n")
+        return {"quantize": "none"}
+    target = paths.INT8 / "pruned.onnx"
+
+    def calibration():
+        n = 0
+        for x, _ in data.loader("val"):
+            if n >= p.calibration_images:
+                return
+            yield x[: p.calibration_images - n].numpy()
+            n += len(x)
+
+    images = quantize_int8(paths.PRUNED_ONNX, target, calibration())
+    int8 = session(target)
+    fp32_eval = evaluate_onnx(fp32, data.loader("test"))
+    int8_eval = evaluate_onnx(int8, data.loader("test"), reference=fp32)
+    out: dict = {
+        "quantize": "int8",
+        "int8_calibration_images": images,
+        "int8_test_acc": int8_eval["accuracy"],
+        "fp32_onnx_test_acc": fp32_eval["accuracy"],
+        "int8_drop_points": 100.0 * (fp32_eval["accuracy"] - int8_eval["accuracy"]),
+        "int8_top1_agreement": int8_eval["top1_agreement"],
+        "int8_size_bytes": target.stat().st_size,
+        "fp32_size_bytes": paths.PRUNED_ONNX.stat().st_size,
+    }
+    for b in p.latency_batch_sizes:
+        fp32_ms, int8_ms = latency_pair_ms(fp32, int8, data.example, b, p.latency_repeats)
+        assert int8_ms is not None
+        out[f"int8_latency_ms_b{b}"] = int8_ms
+        out[f"int8_speedup_b{b}"] = fp32_ms / int8_ms
+        print(f"export: INT8 batch {b}: {int8_ms:.2f} ms, {fp32_ms / int8_ms:.2f}x the FP32 pruned model", flush=True)
+    print(
+        f"export: INT8 {target} ({out['int8_size_bytes'] / 1e6:.2f} MB, FP32 {out['fp32_size_bytes'] / 1e6:.2f} MB) "
+        f"calibrated on {images} val images: test accuracy {int8_eval['accuracy']:.2%} (FP32 {fp32_eval['accuracy']:.2%}, "
+        f"{out['int8_drop_points']:+.2f} points lost), agrees with FP32 on {int8_eval['top1_agreement']:.2%}",
+        flush=True,
+    )
+    check_int8_drop(fp32_eval["accuracy"], int8_eval["accuracy"], p.max_int8_drop)
+    return out

@@ -11,6 +11,7 @@ PRUNED_INIT = Path("models/pruned_init.pt")
 PRUNED = Path("models/pruned.pt")
 BASE_ONNX = Path("models/base.onnx")
 PRUNED_ONNX = Path("models/pruned.onnx")
+INT8 = Path("models/int8")  # export.quantize: int8 writes pruned.onnx here; otherwise a note says why it is empty
 SCHEME = Path("artifacts/scheme.json")
 METRICS = Path("metrics")
 PLOTS = Path("plots")

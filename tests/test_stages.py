@@ -23,7 +23,9 @@ from tests.conftest import tiny_params, write_params
 def project(tmp_path_factory, prefect_server):
     """A project folder where every stage has run once, in order, as Prefect flows."""
     root = tmp_path_factory.mktemp("project")
-    params_path = write_params(root / "params.yaml", tiny_params(root))
+    params = tiny_params(root)
+    params["export"].update(quantize="int8", calibration_images=40)  # the INT8 path too, on a few val images
+    params_path = write_params(root / "params.yaml", params)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     parent_client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
@@ -143,6 +145,13 @@ def test_finetune_and_export(project):
     assert onnx["top1_agreement"] >= 0.999 and onnx["max_abs_diff"] < 1e-3
     assert onnx["latency_ms_base_b8"] > 0 and onnx["latency_ms_pruned_b8"] > 0
     assert (root / paths.PRUNED_ONNX).stat().st_size < (root / paths.BASE_ONNX).stat().st_size
+    # export.quantize: int8: calibrated on the asked val images, measured on the test split against FP32
+    int8 = root / paths.INT8 / "pruned.onnx"
+    assert onnx["quantize"] == "int8" and onnx["int8_calibration_images"] == 40 and int8.is_file()
+    assert onnx["int8_size_bytes"] == int8.stat().st_size < 0.5 * onnx["fp32_size_bytes"]
+    assert onnx["fp32_onnx_test_acc"] == pytest.approx(results["finetune"]["test_acc"], abs=0.01)
+    assert onnx["int8_drop_points"] == pytest.approx(100 * (onnx["fp32_onnx_test_acc"] - onnx["int8_test_acc"]))
+    assert onnx["int8_top1_agreement"] >= 0.9 and onnx["int8_latency_ms_b8"] > 0
 
 
 def test_summary_has_the_promised_keys(project):
