@@ -29,7 +29,7 @@ from pruning.emodir import (
     searched_module,
     train_selectors,
 )
-from pruning.exact import land_on_target
+from pruning.exact import fill_trained, land_on_target
 from pruning.gpir import rank
 from pruning.methods import PruningResult, Target, cost_of, method_spec
 from pruning.search import choose_for_target
@@ -234,6 +234,10 @@ def prune(
                 device=dev,
             )
             decided.pop("table")
+            if fill_back:  # as the rank stage: channels given back come with the base's weights
+                pruned, landing = fill_trained(pruned, base, x1, scheme, target, group_importance(base, x1), metric, round_to)
+                scheme = landing.scheme
+                decided.update(landing.info())
             for note in decided["fallbacks"]:
                 logger.warning("emo-dir: %s", note)
             info.update(evaluations=evaluations, **decided)

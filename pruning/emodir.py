@@ -101,7 +101,7 @@ class RankSettings:
     top_t: int = 10
     max_overshoot: float = 0.02
     bn_samples: int = 2048
-    fill_back: bool = True  # schemes built from the base weights (not GPIR's): give channels back down to the target
+    fill_back: bool = True  # give channels back down to the target (to GPIR's trained scheme with the base's weights)
 
 
 @dataclass(frozen=True)

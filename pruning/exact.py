@@ -11,6 +11,7 @@ with every channel given back.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from pruning.channels import KeepScheme, count_flops_params, pruned_copy
 
-__all__ = ["TOLERANCE", "Landing", "land_on_target"]
+__all__ = ["TOLERANCE", "Landing", "fill_trained", "land_on_target", "transplant"]
 
 TOLERANCE = 0.005  # a reduction further than this above the target is reported, never passed over in silence
 
@@ -108,3 +109,70 @@ def land_on_target(
         if r >= target:
             chosen, result = [*chosen, unit], r
     return Landing(_add(scheme, chosen), before, result, sum(len(u[2]) for u in chosen))
+
+
+@torch.no_grad()
+def _surviving(model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, dim: int) -> dict[str, torch.Tensor]:
+    """For every parameter and buffer with more than `dim` dimensions: the original indices along `dim` that
+    pruning `model` to `scheme` keeps, traced by pruning a copy whose entries hold their own index."""
+    marked = copy.deepcopy(model)
+    for _, t in [*marked.named_parameters(), *marked.named_buffers()]:
+        if t.dim() > dim and t.is_floating_point():
+            shape = [1] * t.dim()
+            shape[dim] = t.shape[dim]
+            t.copy_(torch.arange(t.shape[dim], dtype=t.dtype).view(shape).expand_as(t))
+    pruned = pruned_copy(marked, example_input, scheme)
+    out = {}
+    for name, t in [*pruned.named_parameters(), *pruned.named_buffers()]:
+        if t.dim() > dim and t.is_floating_point():
+            out[name] = t.movedim(dim, 0).reshape(t.shape[dim], -1)[:, 0].round().long()
+    return out
+
+
+@torch.no_grad()
+def transplant(
+    trained: nn.Module, base: nn.Module, example_input: torch.Tensor, trained_scheme: KeepScheme, scheme: KeepScheme
+) -> nn.Module:
+    """`base` pruned to `scheme` (which keeps every channel `trained_scheme` keeps, and maybe more), carrying the
+    weights of `trained` (base pruned to `trained_scheme`, then trained) on the channels both keep; the channels
+    only `scheme` keeps come with the base's weights."""
+    x = example_input[:1]
+    model = pruned_copy(base, x, scheme)
+    kept = [_surviving(base, x, trained_scheme, d) for d in (0, 1)]
+    wider = [_surviving(base, x, scheme, d) for d in (0, 1)]
+    target = dict([*model.named_parameters(), *model.named_buffers()])
+    for name, t in [*trained.named_parameters(), *trained.named_buffers()]:
+        dest = target[name]
+        if t.dim() == 0 or not t.is_floating_point():
+            dest.copy_(t)
+            continue
+        index = []
+        for d in range(min(t.dim(), 2)):
+            where = {int(c): i for i, c in enumerate(wider[d][name])}
+            missing = [int(c) for c in kept[d][name] if int(c) not in where]
+            if missing:
+                raise ValueError(f"{name}: channels {missing[:8]} kept by the trained scheme are not kept by the wider one")
+            index.append(torch.tensor([where[int(c)] for c in kept[d][name]], dtype=torch.long))
+        if len(index) == 1:
+            dest[index[0]] = t
+        else:
+            dest[index[0][:, None], index[1][None, :]] = t
+    return model.eval()
+
+
+def fill_trained(
+    trained: nn.Module,
+    base: nn.Module,
+    example_input: torch.Tensor,
+    scheme: KeepScheme,
+    target: float,
+    importance: Mapping[str, torch.Tensor],
+    metric: str = "flops",
+    round_to: int = 1,
+) -> tuple[nn.Module, Landing]:
+    """`land_on_target` for a model whose kept weights were trained (EMO-DIR's merged candidates): the channels
+    given back come with the base's weights, the trained ones keep theirs (`transplant`)."""
+    landing = land_on_target(base, example_input, scheme, target, importance, metric, round_to)
+    if landing.channels_added == 0:
+        return trained, landing
+    return transplant(trained, base, example_input, scheme, landing.scheme), landing

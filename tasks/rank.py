@@ -14,7 +14,7 @@ import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, pruned_copy
 from pruning.emodir import reestimate_bn
-from pruning.exact import TOLERANCE, land_on_target
+from pruning.exact import TOLERANCE, fill_trained, land_on_target
 from pruning.gpir import rank as gpir_rank
 from pruning.methods import METHOD_NAMES, Target, cost_of, method_spec
 from pruning.search import choose_for_target
@@ -102,6 +102,11 @@ def choose(
     division = load_division(params)
     if spec.gpir:
         pruned, scheme, info = rank_emo_dir(params, division, example, write_tables=write_tables)
+        if params.rank.fill_back:  # the trained channels keep their weights, the ones given back come from the base
+            p = params.prune
+            importance = group_importance(division.model, example)
+            pruned, landing = fill_trained(pruned, division.model, example, scheme, p.target, importance, p.metric, p.round_to)
+            scheme, info = landing.scheme, {**info, **landing.info()}
     else:
         _, scheme, info = rank_whole_emo(params, division, example)
         scheme, info = _landed(params, division.model, example, scheme, info)
@@ -179,12 +184,7 @@ def run(params: Params) -> dict:
             flush=True,
         )
         if out["target_gap"] > TOLERANCE:
-            why = (
-                "GPIR chooses among the trained candidates, whose costs are discrete; channels are given back only to "
-                "schemes built from the base weights"
-                if method_spec(p.method).gpir
-                else ("rank.fill_back is off" if not params.rank.fill_back else "no removed channel fits back within the target")
-            )
+            why = "rank.fill_back is off" if not params.rank.fill_back else "no removed channel fits back within the target"
             print(
                 f"rank: {p.method} removes {doc[p.metric]['reduction']:.4f} of the {p.metric} for target {p.target} "
                 f"({100 * out['target_gap']:+.1f} points): {why}",

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pruning import prune
 from pruning.channels import count_flops_params, prune_channels
+from pruning.exact import TOLERANCE
 from pruning.models import build_model
 from tests.conftest import self_labelled
 
@@ -25,14 +26,14 @@ def test_prune_returns_a_smaller_model_and_its_scheme(data, method):
     before = [p.clone() for p in model.parameters()]
     result = prune(model, x[:1], train, val, target=0.4, method=method, k=3, pop_size=6, generations=2, candidates=2,
                    constrain_epochs=1, selector_epochs=1, finetune_epochs=1, kd="dynamickd")
-    assert result.flops_reduction >= 0.4
+    assert 0.4 <= result.flops_reduction <= 0.4 + TOLERANCE  # every method, EMO-DIR's trained scheme too, lands on it
     assert count_flops_params(result.model, x[:1])[0] == result.flops < result.base_flops
     assert result.model(x[:4]).shape == (4, 10)
     rebuilt = prune_channels(build_model("resnet20", 10), x[:1], result.scheme)  # the scheme alone rebuilds the shapes
     rebuilt.load_state_dict(result.model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model is untouched
     if method == "emo-dir":
-        assert result.info["evaluations"] > 0
+        assert result.info["evaluations"] > 0 and result.info["merged_val_acc"] == result.info["measured_val_acc"]
 
 
 def test_finetuning_trains_every_layer_the_classifier_included(data):
@@ -63,7 +64,7 @@ def test_the_api_defaults_are_the_pipelines():
         "constrain_lr": p.constrain.lr, "lam": p.constrain.lam, "constrain_data": p.constrain.data, "top_t": p.rank.top_t, "max_overshoot": p.rank.max_overshoot,
         "finetune_lr": p.finetune.lr, "kd": p.finetune.kd, "kd_temperature": p.finetune.kd_temperature,
         "kd_alpha": p.finetune.kd_alpha, "round_to": p.prune.round_to, "metric": p.prune.metric, "method": p.prune.method,
-        "seed": p.seed, "device": p.device,
+        "seed": p.seed, "device": p.device, "boundary_widths": tuple(p.search.boundary_widths),
     }
     signature = inspect.signature(prune).parameters
     assert {name: signature[name].default for name in expected} == expected

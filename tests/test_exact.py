@@ -1,13 +1,15 @@
 """Landing on the target: a scheme that overshoots is given channels back, most important first."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pruning.channels import count_flops_params, group_importance, pruned_copy
-from pruning.exact import TOLERANCE, land_on_target
+from pruning.channels import channel_groups, count_flops_params, group_importance, pruned_copy
+from pruning.exact import TOLERANCE, land_on_target, transplant
 from pruning.methods import GlobalMagnitude, Target, Uniform
 from pruning.models import build_model
+from tests.conftest import self_labelled
 
 X = torch.zeros(1, 3, 32, 32)
 
@@ -52,3 +54,25 @@ def test_a_scheme_short_of_the_target_is_refused(model):
     light = Uniform()(model, X, Target(0.2)).scheme
     with pytest.raises(ValueError, match="less than the target 0.5"):
         land_on_target(model, X, light, 0.5, group_importance(model, X))
+
+
+def test_transplant_keeps_the_trained_weights_and_gives_channels_back_with_the_base_weights():
+    model, x, _ = self_labelled(8)
+    groups = channel_groups(model, x[:1])
+    narrow = {g.name: list(range(0, g.channels, 2)) for g in groups}
+    wide = {g.name: sorted({*narrow[g.name], 1, g.channels - 1}) for g in groups}
+    trained = pruned_copy(model, x[:1], narrow)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # stands for constrained training
+    filled = transplant(trained, model, x[:1], narrow, wide)
+    assert count_flops_params(filled, x[:1]) == count_flops_params(pruned_copy(model, x[:1], wide), x[:1])
+    # removing the given-back channels again leaves exactly the trained network
+    back = pruned_copy(filled, x[:1], {n: [wide[n].index(c) for c in narrow[n]] for n in narrow})
+    with torch.no_grad():
+        assert torch.allclose(back(x), trained(x), atol=1e-5)
+        # and the given-back channels carry the base's weights: filled from the base alone, they are the base's
+        base_only = transplant(pruned_copy(model, x[:1], narrow), model, x[:1], narrow, wide)
+        assert torch.allclose(base_only(x), pruned_copy(model, x[:1], wide)(x), atol=1e-5)
+    with pytest.raises(ValueError, match="not kept by the wider one"):
+        transplant(trained, model, x[:1], wide, narrow)
