@@ -164,7 +164,38 @@ _CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "vgg16_bn": vgg16_bn_cifar,
     "mobilenetv2": mobilenetv2_cifar,
 }
-MODEL_NAMES = tuple(_CIFAR_MODELS) + ("torchvision:<name>",)
+MODEL_NAMES = tuple(_CIFAR_MODELS) + ("torchvision:<name>", "python:<module>:<callable>")
+
+
+def _user_model(name: str, num_classes: int) -> nn.Module:
+    """`python:<module>:<callable>`: the user's own network, built by a callable importable from the project
+    folder (or the environment), given `num_classes=` when it takes that argument."""
+    import importlib
+    import inspect
+    import os
+    import sys
+
+    module_name, sep, attr = name.split(":", 1)[1].partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model {name!r}: expected python:<module>:<callable>, e.g. python:mynets:build")
+    if os.getcwd() not in sys.path:  # the project folder, where a stage runs: its own modules import as they do for the user
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"model {name!r}: cannot import module {module_name!r} ({e}); allowed: a module in the project folder or installed"
+        ) from e
+    build = getattr(module, attr, None)
+    if not callable(build):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ValueError(f"model {name!r}: module {module_name!r} has no callable {attr!r}; it has: {', '.join(public) or 'none'}")
+    takes = inspect.signature(build).parameters
+    wants_classes = "num_classes" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values())
+    model = build(num_classes=num_classes) if wants_classes else build()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: {module_name}.{attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
@@ -185,4 +216,6 @@ def build_model(name: str, num_classes: int) -> nn.Module:
             raise ValueError(f"unknown torchvision model {tv_name!r}; available: {', '.join(sorted(available))}")
         # weights=None: nothing is downloaded; bring trained weights with model.checkpoint.
         return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+    if name.startswith("python:"):
+        return _user_model(name, num_classes)
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")

@@ -1,7 +1,7 @@
 """Stage sources: a fingerprint of the pipeline's inputs that live outside the repository.
 
-`data.root` (CIFAR or ImageFolder) and `model.checkpoint` may name files anywhere on disk, where DVC does not
-look. This stage lists them (relative path, size, modification time) and writes one digest per input to
+`data.root` (CIFAR or ImageFolder) and `model.checkpoint` may name files anywhere on disk, and a
+`python:<module>:<callable>` model is the user's code, where DVC does not look. This stage lists them (relative path, size, modification time) and writes one digest per input to
 `data/sources.json`. It runs on every `dvc repro` (`always_changed` in dvc.yaml) and costs a directory walk,
 not a read of the data; `prepare` and `pretrain` depend on its output, so a changed, added or removed image
 or a new checkpoint reruns them, and an unchanged source reruns nothing.
@@ -64,7 +64,17 @@ def fingerprint(params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"data": {"source": source, **listing(data_inputs(source, data.get("root")))}}
     checkpoint = (params.get("model") or {}).get("checkpoint")
     out["checkpoint"] = listing([Path(checkpoint)]) if checkpoint and Path(checkpoint).is_file() else None
+    name = str((params.get("model") or {}).get("name") or "")
+    if name.startswith("python:"):  # the user's model code: an edit rebuilds the model (located, not imported)
+        out["model_code"] = {"name": name, **listing(user_model_files(name.split(":")[1]))}
     return out
+
+
+def user_model_files(module: str) -> list[Path]:
+    """The source of `module` under the project folder: its .py file or its package folder (none when installed)."""
+    path = Path(*module.split("."))
+    found = [p for p in (path.with_suffix(".py"), path) if p.exists()]
+    return found[:1]
 
 
 def write(params_path: str | Path = "params.yaml", out: Path = SOURCES) -> bool:
