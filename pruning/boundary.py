@@ -216,15 +216,13 @@ def build_candidate(module: nn.Module, example_input: torch.Tensor, scheme: Mapp
     """The physically pruned candidate of `module` (the searched module: with the input adapter when `io.in_group`)
     for `scheme`; wrapped in BoundaryIO when a boundary is pruned, else the plain pruned copy."""
     pruned = pruned_copy(module, example_input, scheme)
-    if io.in_group is None and io.out_group is None:
-        return pruned
-    in_keep = None
-    if io.in_group is not None:
-        in_keep = list(scheme[io.in_group]) if io.in_group in scheme else None
-        children = [(n, m) for n, m in pruned.named_children() if n != ADAPTER]
-        stripped = nn.Sequential(OrderedDict(children))
+    if isinstance(pruned, nn.Sequential) and ADAPTER in pruned._modules:  # never part of a candidate, even unused
+        stripped = nn.Sequential(OrderedDict((n, m) for n, m in pruned.named_children() if n != ADAPTER))
         stripped.train(pruned.training)
         pruned = stripped
+    if io.in_group is None and io.out_group is None:
+        return pruned
+    in_keep = list(scheme[io.in_group]) if io.in_group is not None and io.in_group in scheme else None
     out_keep = list(scheme[io.out_group]) if io.out_group is not None and io.out_group in scheme else None
     full_in = in_keep is not None and len(in_keep) == int(example_input.shape[1])
     full_out = out_keep is not None and len(out_keep) == io.out_channels

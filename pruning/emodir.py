@@ -235,6 +235,9 @@ def candidate_cost(
     return flops, params
 
 
+CANDIDATE_WINDOW = 0.3  # candidates are trained within this distance (in cost fraction) of the target's cost, when enough lie there
+
+
 def choose_candidates(
     members: Sequence[Evaluation], m: int, target: float | None, reads_from: set[int] | None = None
 ) -> tuple[list[int], list[str]]:
@@ -243,7 +246,8 @@ def choose_candidates(
     Only members reading a width option that a trained predecessor writes (`reads_from`; option 0 always: the
     unpruned predecessor) can join a scheme. The `m` are shared out over those options (each gets at least one
     while `m` allows, the predecessor's pruned options first) and spread by cost within each (`spread_indices`,
-    denser near `target`), so every link the predecessor offers can be continued."""
+    denser near `target`, and within CANDIDATE_WINDOW of the target's cost when enough members lie there), so
+    every link the predecessor offers can be continued."""
     allowed = sorted({0} | (reads_from or set()), key=lambda o: (o == 0, o))
     by_option = {o: [i for i, e in enumerate(members) if e.inputs == o and e.cost < 1.0 - 1e-9] for o in allowed}
     notes = [
@@ -265,6 +269,9 @@ def choose_candidates(
     for o in options:
         if quota[o]:
             idx = by_option[o]
+            if target is not None:  # the far ends of a front rarely join a scheme for this target: spend no training there
+                near = [i for i in idx if abs(members[i].cost - (1.0 - target)) <= CANDIDATE_WINDOW]
+                idx = near if len(near) >= quota[o] else idx
             chosen += [idx[i] for i in spread_indices([members[i].cost for i in idx], quota[o], target)]
     return sorted(chosen), notes
 

@@ -134,6 +134,10 @@ def test_candidates_to_train_continue_every_link_the_predecessor_offers():
     picked, notes = choose_candidates(members, 2, 0.5, {3})
     assert {members[i].inputs for i in picked} <= {0} and "option 3" in notes[0]
     assert choose_candidates(members, 0, 0.5, set())[0] == [0, 2]  # nothing pruned upstream: only readers of the full width
+    # no training is spent on the far ends of a front when enough members lie near the target's cost
+    front = [Evaluation((i,), c, 0.1, 0, 0) for i, c in enumerate([0.05, 0.45, 0.5, 0.55, 0.95])]
+    assert {front[i].cost for i in choose_candidates(front, 2, 0.5)[0]} <= {0.45, 0.5, 0.55}
+    assert {front[i].cost for i in choose_candidates(front, 5, 0.5)[0]} == {0.05, 0.45, 0.5, 0.55, 0.95}
 
 
 def test_searched_candidates_cost_what_their_pruned_networks_cost(resnet, planned):
