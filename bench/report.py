@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
-EXTRA = {"latency_widths"}
+EXTRA = {"latency_widths", "int8"}
 ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch-pruning"]
 
 
@@ -113,6 +113,28 @@ def _base_line(result: dict) -> list[str]:
     return [line]
 
 
+def _int8() -> list[str]:
+    """INT8 on top of a benchmark's models (bench/int8.py), if it has run."""
+    path = RESULTS / "int8.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    out = ["## INT8 (static QDQ, onnxruntime.quantization) on a benchmark's models", "",
+           f"- command: `{r['command']}`; commit: `{r['commit']}`; onnxruntime {r['onnxruntime']}; "
+           f"{r['machine']['cpus']} CPUs; FP32 and INT8 timed in alternating blocks, median of {r['repeats']} runs",
+           f"- pruned model: {r['pruned_method']} at target {r['pruned_target']} ({100 * r['flops_reduction']:.1f}% of the FLOPs removed)",
+           "", "| model | FP32 test acc | INT8 test acc | agreement | size FP32 / INT8 KB | b1 ms FP32 / INT8 (speed-up) "
+           "| b64 ms FP32 / INT8 (speed-up) |", "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(
+            f"| {row['model']} | {100 * row['fp32_test_acc']:.2f}% | {100 * row['int8_test_acc']:.2f}% | "
+            f"{100 * row['top1_agreement']:.2f}% | {row['fp32_bytes'] / 1e3:.0f} / {row['int8_bytes'] / 1e3:.0f} | "
+            f"{row['fp32_ms_b1']:.2f} / {row['int8_ms_b1']:.2f} ({row['speedup_b1']:.2f}x) | "
+            f"{row['fp32_ms_b64']:.1f} / {row['int8_ms_b64']:.1f} ({row['speedup_b64']:.2f}x) |")
+    notes = REPO / "bench" / "notes" / "int8.md"
+    return out + ([""] + [notes.read_text().strip()] if notes.is_file() else []) + [""]
+
+
 def _widths() -> list[str]:
     """The channel-width latency study (bench/latency_widths.py), if it has run."""
     path = RESULTS / "latency_widths.json"
@@ -181,6 +203,7 @@ def main() -> None:
         notes = REPO / "bench" / "notes" / f"{name}.md"
         if notes.is_file():
             out += [notes.read_text().strip(), ""]
+    out += _int8()
     out += _widths()
     (DOCS / "benchmarks.md").write_text("\n".join(out) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
