@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pruning.onnx_export import latency_pair_ms, session  # noqa: E402
-from pruning.quantize import evaluate_onnx, quantize_int8  # noqa: E402
+from pruning.quantize import calibration_batches, evaluate_onnx, quantize_int8  # noqa: E402
 
 
 def main() -> None:
@@ -46,16 +46,8 @@ def main() -> None:
     for name in ("base", "pruned"):
         fp32_path, int8_path = work / "models" / f"{name}.onnx", Path("/tmp") / f"int8-{name}.onnx"
 
-        def calibration():
-            n = 0
-            for x, _ in data.loader("val"):
-                if n >= args.calibration:
-                    return
-                yield x[: args.calibration - n].numpy()
-                n += len(x)
-
         start = time.perf_counter()
-        images = quantize_int8(fp32_path, int8_path, calibration())
+        images = quantize_int8(fp32_path, int8_path, calibration_batches(data.loader("val"), args.calibration))
         seconds = time.perf_counter() - start
         fp32, int8 = session(fp32_path), session(int8_path)
         f, q = evaluate_onnx(fp32, data.loader("test")), evaluate_onnx(int8, data.loader("test"), reference=fp32)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-__all__ = ["check_int8_drop", "evaluate_onnx", "quantize_int8"]
+__all__ = ["calibration_batches", "check_int8_drop", "evaluate_onnx", "quantize_int8"]
 
 
 class _Batches(CalibrationDataReader):
@@ -33,6 +33,16 @@ class _Batches(CalibrationDataReader):
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
         return None if batch is None else {self.name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def calibration_batches(loader: Iterable, images: int) -> Iterator[np.ndarray]:
+    """The first `images` images of a loader of (images, labels) batches, as numpy batches."""
+    n = 0
+    for x, _ in loader:
+        if n >= images:
+            return
+        yield x[: images - n].numpy()
+        n += len(x)
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[np.ndarray]) -> int:

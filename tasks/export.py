@@ -8,7 +8,7 @@ import mlflow
 import onnxruntime as ort
 
 from pruning.onnx_export import compare_with_torch, export_onnx, latency_pair_ms, session
-from pruning.quantize import check_int8_drop, evaluate_onnx, quantize_int8
+from pruning.quantize import calibration_batches, check_int8_drop, evaluate_onnx, quantize_int8
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.common import Data, log_metrics_flat
@@ -65,15 +65,7 @@ def quantized(params: Params, data: Data, fp32: ort.InferenceSession) -> dict:
         return {"quantize": "none"}
     target = paths.INT8 / "pruned.onnx"
 
-    def calibration():
-        n = 0
-        for x, _ in data.loader("val"):
-            if n >= p.calibration_images:
-                return
-            yield x[: p.calibration_images - n].numpy()
-            n += len(x)
-
-    images = quantize_int8(paths.PRUNED_ONNX, target, calibration())
+    images = quantize_int8(paths.PRUNED_ONNX, target, calibration_batches(data.loader("val"), p.calibration_images))
     int8 = session(target)
     fp32_eval = evaluate_onnx(fp32, data.loader("test"))
     int8_eval = evaluate_onnx(int8, data.loader("test"), reference=fp32)
