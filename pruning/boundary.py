@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pruning.channels import channel_groups_and_left_out, group_importance, keep_by_importance, pruned_copy
-from pruning.divide import _JOIN, SubNetwork
+from pruning.divide import SubNetwork, block_module_names
 
 __all__ = [
     "ADAPTER",
@@ -72,7 +72,7 @@ def _part_of(path: str, subnetworks: Sequence[SubNetwork]) -> int:
     """1-based index of the sub-network holding module `path`; K + 1 for the head."""
     for sub in subnetworks:
         for block in sub.block_names:
-            for name in block.split(_JOIN):
+            for name in block_module_names(block):
                 if path == name or path.startswith(name + "."):
                     return sub.index
     return len(subnetworks) + 1

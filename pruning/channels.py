@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ __all__ = [
     "channel_groups",
     "channel_groups_and_left_out",
     "left_out_groups",
-    "classifier_layer",
+    "output_layers",
     "count_flops_params",
     "group_importance",
     "keep_by_importance",
@@ -65,35 +66,78 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise UnsupportedLayerError naming the first module (path and type) that holds parameters of its own
-    but is not a layer the dependency graph can prune through (a custom layer, a bare nn.Parameter)."""
+def check_supported(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """The per-channel parameters held outside the supported layers, as (parameter, channel dimension).
+
+    A parameter of a custom layer with one dimension longer than 1 (ConvNeXt's layer scale, shape (C, 1, 1))
+    scales or shifts channels, and is pruned along that dimension with them. Any other parameter outside
+    the supported layers raises UnsupportedLayerError naming the module (path and type)."""
+    unwrapped: list[tuple[nn.Parameter, int]] = []
     for path, module in model.named_modules():
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        if own and not isinstance(module, SUPPORTED_LAYERS):
-            raise UnsupportedLayerError(
-                f"layer {path or '(the model itself)'!r} ({type(module).__name__}) holds parameters {own} that channel pruning "
-                f"cannot follow; supported layers with parameters: {', '.join(t.__name__.lstrip('_') for t in SUPPORTED_LAYERS)} "
-                f"(parameter-free layers such as activations and pooling are fine)"
-            )
+        if isinstance(module, SUPPORTED_LAYERS):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            long = [d for d, n in enumerate(param.shape) if n > 1]
+            if len(long) != 1:
+                raise UnsupportedLayerError(
+                    f"layer {path or '(the model itself)'!r} ({type(module).__name__}) holds parameter {name!r} of shape "
+                    f"{tuple(param.shape)} that channel pruning cannot follow; supported: the layers "
+                    f"{', '.join(t.__name__.lstrip('_') for t in SUPPORTED_LAYERS)}, and elsewhere per-channel parameters "
+                    f"(one dimension longer than 1, such as a layer scale); parameter-free layers are fine"
+                )
+            unwrapped.append((param, long[0]))
+    return unwrapped
 
 
-def classifier_layer(model: nn.Module) -> nn.Module:
-    """The last Linear layer, taken as the classifier: its outputs are the classes and never pruned."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UnsupportedLayerError("the model has no nn.Linear classifier; pass the output layer explicitly")
-    return linears[-1]
-
-
-def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+    """The layer producing the model's output, when it outputs class scores: its channels are the classes and
+    never pruned. That is the last convolution or linear layer run when the output is 2-D (N, classes), and it
+    has as many outputs: a linear classifier, or SqueezeNet's final convolution before global pooling. A module
+    with a 4-D output (a sub-network of a divided model) has none: its output channels are a boundary's."""
+    ran: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m)) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # the graph is traced through autograd, even when a caller is in no_grad
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with torch.no_grad():
+            out = model(example_input[:1])
     finally:
         model.train(was_training)
+        for h in hooks:
+            h.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not ran:
+        return []
+    last = ran[-1]
+    width = last.out_features if isinstance(last, nn.Linear) else last.out_channels
+    return [last] if width == out.shape[1] else []
+
+
+def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    unwrapped = check_supported(model)
+    was_training = model.training
+    model.eval()
+    # In-place activations (AlexNet's ReLU(inplace=True)) rewrite their input's autograd node, and a module
+    # ending in one traces to no channel group at all; traced out of place, which computes the same.
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in inplace:
+        m.inplace = False
+    try:
+        with torch.enable_grad():  # the graph is traced through autograd, even when a caller is in no_grad
+            model(example_input)  # the model's own errors (a wrong input size) surface as they are
+            try:
+                return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, unwrapped_parameters=unwrapped)
+            except Exception as err:  # noqa: BLE001 -- whatever fails inside Torch-Pruning's tracing means the same to a user
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                raise UnsupportedLayerError(
+                    f"Torch-Pruning cannot follow the channels of {type(model).__name__} ({type(err).__name__}: {err} in "
+                    f"{where.name}); a view or reshape that moves channels between axes, such as ShuffleNet's channel "
+                    f"shuffle, is the usual cause; models whose channels it follows: convolutions, normalisations, "
+                    f"residual additions, concatenations, squeeze-and-excitation, flatten before a linear layer"
+                ) from err
+    finally:
+        model.train(was_training)
+        for m in inplace:
+            m.inplace = True
 
 
 def _out_fn(module: nn.Module):
@@ -116,9 +160,8 @@ def _is_grouped(m: nn.Module) -> bool:
 
 
 def _groups_and_left_out(model: nn.Module, example_input: torch.Tensor, ignored: Sequence[nn.Module] | None):
-    check_supported(model)
     if ignored is None:  # a classifier's outputs are the classes; a headless sub-network has none to protect
-        ignored = [classifier_layer(model)] if any(isinstance(m, nn.Linear) for m in model.modules()) else []
+        ignored = output_layers(model, example_input)
     dg = _dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
     modules_by_name = {n: m for m, n in names.items()}

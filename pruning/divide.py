@@ -1,4 +1,8 @@
-"""Divide a CNN into K sequential sub-networks of about equal FLOPs at block boundaries, plus its classifier head."""
+"""Divide a CNN into K sequential sub-networks of about equal FLOPs at block boundaries, plus its classifier head.
+
+Blocks come from per-family rules for the models this package builds (and torchvision's ResNet, MobileNetV2
+and VGG), and from the traced graph for any other network: a block ends wherever one tensor carries everything
+the rest of the network needs (`graph_blocks`)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ __all__ = [
     "balanced_partition",
     "blocks",
     "boundary_features",
+    "block_module_names",
     "divide",
+    "graph_blocks",
     "replace",
     "source_name",
 ]
@@ -34,11 +40,16 @@ SUPPORTED_MODELS = (
     "torchvision ResNet (resnet18/34/50/101/152, resnext, wide_resnet)",
     "torchvision MobileNetV2",
     "torchvision VGG (vgg11..vgg19, with or without BN)",
+    "any other network torch.fx can trace, cut where one 4-D feature map carries everything the rest needs",
 )
 
 # A block made of several of the model's modules (a stem, a VGG conv-bn-relu[-maxpool] unit) is an
 # nn.Sequential of those modules, positionally keyed, and named by their qualified names joined with this.
 _JOIN = "+"
+# A block cut from the traced graph (a torch.fx GraphModule whose submodules keep the model's qualified names)
+# is named by this prefix and the qualified names of the modules it calls, joined by _GRAPH_JOIN.
+_GRAPH = "fx"
+_GRAPH_JOIN = "|"
 
 Block = tuple[str, nn.Module]
 
@@ -91,8 +102,188 @@ def _conv_units(model: nn.Module, prefix: str, seq: nn.Sequential) -> list[Block
     return [_chain(model, u) for u in units]
 
 
-def _split(model: nn.Module) -> tuple[list[Block], nn.Module, int]:
-    """(blocks, head, number of leading stem blocks that must stay with the next block)."""
+def block_module_names(block: str) -> list[str]:
+    """The qualified names of the model's modules in block `block` (a name from `blocks()`).
+
+    >>> block_module_names("conv1+bn1+relu"), block_module_names("fx|features.0.0|features.0.1")
+    (['conv1', 'bn1', 'relu'], ['features.0.0', 'features.0.1'])
+    """
+    if block.startswith(_GRAPH + _GRAPH_JOIN):
+        return block.split(_GRAPH_JOIN)[1:]
+    return block.split(_JOIN)
+
+
+# Layers whose output is not a place to cut: the normalisation after a convolution stays with it.
+_NO_CUT_AFTER = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
+
+def _module_of(gm: nn.Module, node: torch.fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+_IDENTITY = (0, 1, 2, 3)
+_RESHAPES = ("view", "reshape", "flatten", "unflatten")
+
+
+def _op_name(node: torch.fx.Node) -> str | None:
+    target = node.target if node.op in ("call_method", "call_function") else None
+    return getattr(target, "__name__", target)
+
+
+def _layouts(gm: nn.Module, nodes: Sequence[torch.fx.Node]) -> dict:
+    """Each 4-D value's axis order relative to the input's (N, C, H, W), None where unknown.
+
+    Convolutions and pooling modules produce (N, C, H, W); permute and transpose reorder the axes
+    (ConvNeXt's blocks run in (N, H, W, C)); a reshape back to the shape of the value it started from
+    (ShuffleNet's channel shuffle) restores that value's order, any other reshape makes the order unknown;
+    everything else keeps the order its 4-D arguments agree on."""
+    order: dict = {}
+    for n in nodes:
+        shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+        ins = [a for a in n.all_input_nodes if order.get(a) is not None or _rank(a) == 4]  # 4-D inputs (not weights)
+        first = order.get(ins[0]) if ins else None
+        mod = _module_of(gm, n)
+        name = _op_name(n)
+        if n.op == "placeholder" or isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            got = _IDENTITY
+        elif name == "permute" and first is not None:
+            dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+            got = tuple(first[int(d)] for d in dims) if len(dims) == len(first) else None
+        elif name == "transpose" and first is not None:
+            a, b = (int(d) % len(first) for d in n.args[1:3])
+            swapped = list(first)
+            swapped[a], swapped[b] = swapped[b], swapped[a]
+            got = tuple(swapped)
+        elif name in _RESHAPES:  # back to the shape of the last value of known order: that order again
+            src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+            while src is not None and order.get(src) is None and _op_name(src) in (*_RESHAPES, "transpose", "permute", "contiguous"):
+                src = src.args[0] if isinstance(src.args[0], torch.fx.Node) else None
+            before = getattr(src.meta.get("tensor_meta"), "shape", None) if src is not None else None
+            got = order.get(src) if shape is not None and before == shape else None
+        elif ins and all(order.get(a) == first for a in ins):
+            got = first
+        else:
+            got = None
+        # a 4-D value keeps its order; so does a tuple of them (chunk, split), for the getitem reading it
+        order[n] = got if (shape is not None and len(shape) == 4) or isinstance(n.meta.get("tensor_meta"), tuple) else None
+    return order
+
+
+def _rank(node: torch.fx.Node) -> int:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return -1 if shape is None else len(shape)
+
+
+def _spatial(node: torch.fx.Node) -> int:
+    shape = node.meta["tensor_meta"].shape
+    return int(shape[2]) * int(shape[3])
+
+
+def graph_blocks(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Block], nn.Module]:
+    """The model's blocks and head cut from its torch.fx graph, for networks no family rule knows.
+
+    The graph is traced in eval mode. A cut is a point of the node order where exactly one value is still
+    needed later, that value is a 4-D feature map in (N, C, H, W) order, it does not come straight out of a
+    convolution or linear layer, and the output layer (the last convolution or
+    linear layer) comes after it. Of cuts with no layer between them one is kept: the later (after the
+    activation), unless it is spatially smaller (after a pooling). Consecutive cuts bound a block; the head
+    is everything after the last cut (global pooling, flatten, classifier). Each block is a GraphModule holding
+    the model's own modules under their qualified names, so pruning the model prunes its blocks.
+    Functional calls that read `self.training` (stochastic depth) are traced with the eval-mode value.
+
+    >>> bl, head = graph_blocks(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32))
+    >>> len(bl), bl[1][0]
+    (10, 'fx|layer1.0.conv1|layer1.0.bn1|layer1.0.relu|layer1.0.conv2|layer1.0.bn2|layer1.0.shortcut')
+    """
+    import torch.fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    flags = _training_flags(model)
+    model.eval()
+    try:
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as err:  # noqa: BLE001 -- any tracing failure means the same thing to the user
+            raise ValueError(
+                f"cannot divide a {type(model).__name__} into blocks: torch.fx cannot trace it "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); supported models: {', '.join(SUPPORTED_MODELS)}"
+            ) from err
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input[:1])
+    finally:
+        _restore_flags(flags)
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((pos[u] for u in n.users), default=pos[n]) for n in nodes}
+    cuts: list[tuple[int, torch.fx.Node]] = []  # (position after which to cut, the value carried over)
+    layout = _layouts(gm, nodes)
+    live: set = set()
+    for i, n in enumerate(nodes):
+        if n.op not in ("get_attr", "output"):
+            live.add(n)
+        live = {v for v in live if last_use[v] > i}
+        if len(live) != 1 or n.op == "output":
+            continue
+        (v,) = live
+        if v.op == "placeholder" or _rank(v) != 4 or layout[v] != _IDENTITY or (cuts and cuts[-1][1] is v):
+            continue
+        if isinstance(_module_of(gm, v), _NO_CUT_AFTER):
+            continue
+        cuts.append((i, v))
+    # The output layer (the last convolution or linear layer) stays in the head: no cut after it.
+    layers = [pos[n] for n in nodes if isinstance(_module_of(gm, n), _NO_CUT_AFTER)]
+    cuts = [c for c in cuts if layers and c[0] < layers[-1]]
+    # Cuts with no layer between them bound a block of nothing: keep one. A pooling between them belongs
+    # to the next block (the head starts before global pooling); an activation to the earlier one.
+    kept: list[tuple[int, torch.fx.Node]] = []
+    for c in cuts:
+        if kept and not any(kept[-1][0] < q <= c[0] for q in layers):
+            if _spatial(c[1]) < _spatial(kept[-1][1]):
+                continue
+            kept.pop()
+        kept.append(c)
+    cuts = kept
+    if len(cuts) < 2:
+        raise ValueError(
+            f"cannot divide a {type(model).__name__} into blocks: its traced graph has {len(cuts)} place(s) where one "
+            f"feature map carries everything the rest needs (at least 2 are needed); supported models: {', '.join(SUPPORTED_MODELS)}"
+        )
+    bounds = [(-1, nodes[0]), *cuts]
+    segments = [(bounds[j][0] + 1, bounds[j + 1][0] + 1, bounds[j][1], bounds[j + 1][1]) for j in range(len(cuts))]
+    segments.append((cuts[-1][0] + 1, len(nodes), cuts[-1][1], None))
+    out: list[Block] = []
+    for lo, hi, src, dst in segments:
+        g = torch.fx.Graph()
+        env: dict = {src: g.placeholder("x")}
+
+        def arg(node: torch.fx.Node, env: dict = env, g: torch.fx.Graph = g) -> torch.fx.Node:
+            if node not in env:  # a parameter or buffer read by this block (get_attr nodes are not carried over cuts)
+                if node.op != "get_attr":
+                    raise AssertionError(f"block reads {node.name} from before its cut")
+                env[node] = g.node_copy(node)
+            return env[node]
+
+        for n in nodes[lo:hi]:
+            if n.op == "get_attr" or n is src:
+                continue
+            if n.op == "output":
+                g.output(torch.fx.map_arg(n.args[0], arg))
+                continue
+            env[n] = g.node_copy(n, arg)
+        if dst is not None:
+            g.output(env[dst])
+        names = list(dict.fromkeys(str(n.target) for n in nodes[lo:hi] if n.op == "call_module"))  # a module called twice once
+        block = torch.fx.GraphModule(gm, g, class_name="GraphBlock")
+        block.training = False
+        out.append((_GRAPH_JOIN.join([_GRAPH, *names]), block))
+    *body, (_, head) = out
+    return body, head
+
+
+def _split(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[list[Block], nn.Module, int]:
+    """(blocks, head, number of leading stem blocks that must stay with the next block).
+
+    Family rules first; any other model is cut from its traced graph, which needs `example_input`."""
     # A torchvision model can only exist once torchvision.models is loaded; importing it just to learn that a
     # CIFAR model is not one of its classes costs every stage process 1.5 s.
     tvm = sys.modules.get("torchvision.models")
@@ -114,21 +305,27 @@ def _split(model: nn.Module) -> tuple[list[Block], nn.Module, int]:
         return _conv_units(model, "features", model.features), _head(model.pool, nn.Flatten(1), model.classifier), 0
     if tvm is not None and isinstance(model, tvm.VGG):
         return _conv_units(model, "features", model.features), _head(model.avgpool, nn.Flatten(1), model.classifier), 0
-    raise ValueError(f"cannot divide a {type(model).__name__} into blocks; supported models: {', '.join(SUPPORTED_MODELS)}")
+    if example_input is None:
+        raise ValueError(
+            f"cannot divide a {type(model).__name__} into blocks without an example input (it has no family rule; its graph is traced)"
+        )
+    bl, head = graph_blocks(model, example_input)
+    return bl, head, 1
 
 
-def blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
+def blocks(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
     """The model's ordered atomic blocks (qualified name, module) and its head (pool, flatten, classifier).
 
     Applying the blocks in order and then the head computes model(x). The modules are the model's own;
     a block made of several modules (the stem, a VGG conv unit) is an nn.Sequential of them named by
-    their qualified names joined with "+".
+    their qualified names joined with "+". Models without a family rule are cut from their traced graph
+    (`graph_blocks`, which needs `example_input`).
 
     >>> bl, head = blocks(build_model("resnet20", 10))
     >>> [n for n, _ in bl][:3]
     ['conv1+bn1+relu', 'layer1.0', 'layer1.1']
     """
-    bl, head, _ = _split(model)
+    bl, head, _ = _split(model, example_input)
     return bl, head
 
 
@@ -195,7 +392,7 @@ def divide(model: nn.Module, example_input: torch.Tensor, k: int, copy: bool = F
     """
     if copy:
         model = copy_module.deepcopy(model)
-    bl, head, n_stem = _split(model)
+    bl, head, n_stem = _split(model, example_input)
     n_units = len(bl) - n_stem if len(bl) > n_stem else len(bl)
     if not isinstance(k, int) or not 1 <= k <= n_units:
         stem_note = " (the stem stays with the first block)" if n_stem else ""
@@ -278,6 +475,10 @@ def source_name(subnetwork: SubNetwork, local_name: str) -> str:
     if not head.isdigit() or int(head) >= len(subnetwork.block_names):
         raise ValueError(f"{local_name!r} is not a module path inside sub-network {subnetwork.index}")
     block = subnetwork.block_names[int(head)]
+    if block.startswith(_GRAPH + _GRAPH_JOIN):  # a traced block keeps the model's qualified names
+        if not rest:
+            raise ValueError(f"{local_name!r} names a whole traced block of sub-network {subnetwork.index}, not a module in it")
+        return rest
     if _JOIN in block:
         if not rest:
             return block

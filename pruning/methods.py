@@ -18,10 +18,11 @@ from torch import nn
 from pruning.channels import (
     KeepScheme,
     channel_groups,
-    classifier_layer,
+    check_supported,
     count_flops_params,
     group_importance,
     keep_by_importance,
+    output_layers,
     pruned_copy,
 )
 
@@ -181,7 +182,8 @@ class GlobalMagnitude(PruningMethod):
             global_pruning=True,
             pruning_ratio=ratio,
             max_pruning_ratio=self.max_ratio,
-            ignored_layers=[classifier_layer(m)],
+            ignored_layers=output_layers(m, example_input),
+            unwrapped_parameters=check_supported(m),
         )
         dropped: dict[str, list[int]] = {}
         for group in pruner.step(interactive=True):

@@ -582,8 +582,8 @@ def run_search(
         front = run_search(sub, x, Scorer(selector, calib, val_x, val_y), space=space, pop_size=16, generations=8, seed=0)
         [(m.cost, m.error) for m in front.members][:2]
     """
-    if not space.groups:
-        raise ValueError("the module has no prunable channel group: nothing to search")
+    if not space.groups and not space.boundary:
+        raise ValueError("the module has no prunable channel group and no searched boundary: nothing to search")
     if pop_size < 4 or generations < 1:
         raise ValueError(f"search needs pop_size >= 4 and generations >= 1, got {pop_size} and {generations}")
     search = _Search(module.eval(), example_input, space, scorer, metric)

@@ -287,7 +287,7 @@ def _checkpoint(r: _Report, params: Params, nc: int, root: Path) -> None:
 
 def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
     """Build the model from params (no training): layers, size, divisibility into divide.k parts, the target's reach, memory."""
-    from pruning.channels import UnsupportedLayerError, check_supported
+    from pruning.channels import UnsupportedLayerError, channel_groups, check_supported
     from pruning.divide import blocks, divide
     from pruning.models import build_model
     from tasks.division import MB, Division, memory_plan
@@ -312,7 +312,8 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
         )
         return
     try:
-        blocks(model)
+        channel_groups(model, x)  # Torch-Pruning follows its channels
+        blocks(model, x)
     except ValueError as err:
         r.fail("model.name", name, str(err))
         return

@@ -95,3 +95,29 @@ def test_a_method_is_added_by_registering_it_once(data, monkeypatch):
     result = prune(model, x[:1], train, val, target=0.4, method="coarse-uniform", round_to=4)
     assert result.flops_reduction >= 0.4 and result.info["method"] == "coarse-uniform"
     assert all(len(kept) % 4 == 0 for kept in result.scheme.values())
+
+
+def test_emo_dir_prunes_a_network_no_family_rule_knows():
+    """A plain conv chain with in-place ReLUs and a max-pool (AlexNet's shape): divided from its traced graph into
+    sub-networks of one or two convolutions whose only genes are the boundaries they read and write."""
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def unit(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    model = nn.Sequential(*unit(3, 16), nn.MaxPool2d(2), *unit(16, 24), *unit(24, 32), nn.MaxPool2d(2), *unit(32, 32),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(96, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+    result = prune(model, x[:1], train, val, target=0.4, method="emo-dir", k=3, pop_size=8, generations=2, candidates=3,
+                   constrain_epochs=1, selector_epochs=1)
+    # one channel here is 1.5 to 2 points of the FLOPs, too coarse for TOLERANCE: the landing is the nearest above
+    assert 0.4 <= result.flops_reduction <= 0.42, result.info
+    assert result.model(x[:4]).shape == (4, 10)
+    kept = {name: len(channels) for name, channels in result.scheme.items()}  # groups named by their first conv
+    assert kept["7"] < 32 and kept["4"] < 24  # the boundaries X_2 (written by conv 7) and X_1 (conv 4) were pruned too

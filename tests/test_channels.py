@@ -143,3 +143,61 @@ def test_groups_touching_a_grouped_convolution_are_left_out_with_the_reason():
     assert count_flops_params(pruned, x[:1])[0] < count_flops_params(model, x[:1])[0]
     headless = nn.Sequential(model.a, model.ba, model.g, model.bg, model.c)
     assert [name for name, _ in group_exclusions(headless, x[:1])[1]] == ["0", "2", "4"]  # c reaches the output
+
+
+def test_a_per_channel_parameter_of_a_custom_layer_is_pruned_with_its_channels():
+    """ConvNeXt's layer scale is a bare (C, 1, 1) parameter of its block: it scales channels, so it goes with them
+    along the one dimension longer than 1."""
+
+    class Scale(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.gain = nn.Parameter(torch.linspace(0.5, 2.0, c).view(1, c, 1, 1))  # channels on dimension 1
+
+        def forward(self, x):
+            return x * self.gain
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert [g.name for g in channel_groups(model, x[:1])] == ["0", "3"]
+    keep = {"0": [0, 2, 3, 7], "3": [0, 1, 2, 3]}
+    pruned = pruned_copy(model, x[:1], keep)
+    assert torch.equal(pruned[1].gain.detach().flatten(), model[1].gain.detach().flatten()[[0, 2, 3, 7]])
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), mask_channels(copy.deepcopy(model), x[:1], keep)(x), atol=1e-5)
+
+
+def test_channels_torch_pruning_cannot_follow_are_a_clear_error():
+    """ShuffleNetV2 (its channel shuffle between split branches) once crashed inside Torch-Pruning's graph build
+    with a bare ZeroDivisionError; it is now named as what it is."""
+    from torchvision.models import shufflenet_v2_x0_5
+
+    from pruning.channels import UnsupportedLayerError
+
+    with pytest.raises(UnsupportedLayerError, match=r"cannot follow the channels of ShuffleNetV2 \(ZeroDivisionError: .*channel shuffle"):
+        channel_groups(shufflenet_v2_x0_5(num_classes=2).eval(), torch.randn(1, 3, 32, 32))
+
+
+def test_the_output_layer_is_found_by_what_the_model_outputs():
+    """Class scores are never pruned, whatever layer makes them (SqueezeNet's last convolution); a module with a
+    4-D output (a sub-network) keeps no layer whole, a Linear inside it included (ConvNeXt's block MLP)."""
+    from pruning.channels import output_layers
+
+    x = torch.randn(1, 3, 8, 8)
+    conv_head = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    assert output_layers(conv_head, x) == [conv_head[2]]
+    assert [g.name for g in channel_groups(conv_head, x)] == ["0"]
+    linear_head = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    assert [g.name for g in channel_groups(linear_head, x)] == ["0", "3"]
+
+    class Headless(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mlp = nn.Conv2d(3, 8, 3), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.mlp(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    assert output_layers(Headless().eval(), x) == []
+    assert [g.name for g in channel_groups(Headless().eval(), x)] == ["conv", "mlp"]

@@ -158,10 +158,63 @@ def test_bad_k_raises_naming_k(resnet20: nn.Module, x: torch.Tensor, k: int) -> 
 
 def test_unsupported_model_raises_naming_class(x: torch.Tensor) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="Sequential.*ResNetCifar"):
+    with pytest.raises(ValueError, match="Sequential.*without an example input"):
         blocks(model)
-    with pytest.raises(ValueError, match="Sequential"):
+    with pytest.raises(ValueError, match=r"Sequential into blocks: its traced graph has 0 place\(s\)"):
         divide(model, x, 1)
+
+
+class _Shuffle(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.size()
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class _AnyNet(nn.Module):
+    """No family rule knows it: a residual block, a block run in (N, H, W, C) as ConvNeXt does, two branches
+    concatenated and shuffled as in ShuffleNet, and a convolution as the output layer as in SqueezeNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.res = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Linear(8, 8)
+        self.left = nn.Conv2d(8, 8, 1)
+        self.right = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.shuffle = _Shuffle()
+        self.pool = nn.MaxPool2d(2)
+        self.out = nn.Conv2d(16, 5, 1)  # the output layer: a convolution, then ReLU and global pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.res(x))
+        x = self.mlp(self.norm(self.dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = self.shuffle(torch.cat([self.pool(self.left(x)), self.right(x)], 1))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.out(x)), 1), 1)
+
+
+def test_any_network_is_cut_from_its_traced_graph(x: torch.Tensor) -> None:
+    model = _AnyNet().eval()
+    bl, head = blocks(model, x)
+    # A cut after each residual join and after the concatenation; none between a convolution and its norm,
+    # none inside the (N, H, W, C) part, none after the output layer. The stem's pooling goes with the next
+    # block, the shuffle with the block after the concatenation. Blocks name the modules they call.
+    assert [n for n, _ in bl] == [
+        "fx|stem.0|stem.1|stem.2",
+        "fx|stem.3|res.0|res.1|res.2|res.3|res.4",
+        "fx|dw|norm|mlp",
+        "fx|left|pool|right",
+    ]
+    assert [str(n.target) for n in head.graph.nodes if n.op == "call_module"] == ["out"]
+    subs, head = divide(model, x, 3)
+    assert [s.block_names for s in subs] == [[n for n, _ in bl[:2]], [bl[2][0]], [bl[3][0]]]  # the stem stays with the next block
+    assert torch.allclose(assemble(subs, head)(x), model(x), atol=1e-6)
+    assert subs[2].module[0].get_submodule("left") is model.left  # the model's own modules: pruning it prunes them
+    assert source_name(subs[0], "1.res.3") == "res.3"
+    assert "permute" in subs[1].module[0].code and subs[2].module[0].code.count(".view(") == 2  # what the blocks hold
+    assert sum(s.flops for s in subs) + count_flops_params(head, boundary_features(subs, x)[0][-1])[0] == count_flops_params(model, x)[0]
 
 
 def test_boundary_features_from_tensor(resnet20: nn.Module) -> None:

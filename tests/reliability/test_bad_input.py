@@ -42,6 +42,31 @@ def _weights(root, name="resnet20"):
     return "weights.pt"
 
 
+MIXING_MODEL = """
+import torch
+from torch import nn
+
+
+class Mix(nn.Module):  # a custom layer mixing channels through its own matrix: channel pruning cannot follow it
+    def __init__(self, c):
+        super().__init__()
+        self.matrix = nn.Parameter(torch.eye(c))
+
+    def forward(self, x):
+        return torch.einsum("oc,nchw->nohw", self.matrix, x)
+
+
+def build(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(Mix(8), nn.ReLU()), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))
+"""
+
+
+def _mixing_model(root):
+    (root / "mixing.py").write_text(MIXING_MODEL)
+    return "python:mixing:build"
+
+
 def _garbage(root):
     (root / "weights.pt").write_bytes(b"PK\x03\x04 this is no torch file" * 20)
     return "weights.pt"
@@ -66,8 +91,8 @@ CASES = [
     ("damaged-checkpoint", {"model.checkpoint": _garbage}, "stage pretrain", ["model.checkpoint = 'weights.pt'", "not a readable torch file"]),
     ("checkpoint-of-another-model", {"model.checkpoint": _weights, "model.name": "resnet32"}, "stage pretrain",
      ["model.checkpoint = 'weights.pt'", "does not fit model 'resnet32'", "missing"]),
-    ("unsupported-layer", {"model.name": "torchvision:convnext_tiny"}, "check",
-     ["model.name = 'torchvision:convnext_tiny'", "'features.1.0' (CNBlock)", "layer_scale", "supported layers"]),
+    ("unsupported-layer", {"model.name": _mixing_model}, "check",
+     ["model.name = 'python:mixing:build'", "'1.0' (Mix)", "'matrix' of shape (8, 8)", "per-channel parameters"]),
     ("image-too-small", {"model.name": "vgg16_bn", "data.image_size": 16}, "check", ["data.image_size = 16", "vgg16_bn"]),
     ("unreachable-mlflow-server", {"tracking.uri": "http://127.0.0.1:9"}, "run", ["tracking.uri = 'http://127.0.0.1:9'", "nothing answers"]),
     ("unwritable-mlflow-store", {"tracking.uri": "sqlite:///params.yaml/mlflow.db"}, "check",
@@ -94,16 +119,16 @@ def test_bad_input_fails_fast_naming_the_value(tmp_path, changes, command, named
 
 
 def test_unsupported_layer_in_a_users_model_is_named_with_its_path():
-    class Scale(nn.Module):  # a custom layer with its own parameter: the dependency graph cannot follow it
+    class Mix(nn.Module):  # a custom layer mixing channels through its own matrix: the dependency graph cannot follow it
         def __init__(self, c):
             super().__init__()
-            self.gain = nn.Parameter(torch.ones(1, c, 1, 1))
+            self.matrix = nn.Parameter(torch.eye(c))
 
         def forward(self, x):
-            return x * self.gain
+            return torch.einsum("oc,nchw->nohw", self.matrix, x)
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(Scale(8), nn.ReLU()), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"layer '1\.0' \(Scale\) holds parameters \['gain'\].*supported layers"):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(Mix(8), nn.ReLU()), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"layer '1\.0' \(Mix\) holds parameter 'matrix' of shape \(8, 8\).*supported"):
         channel_groups(model, torch.zeros(1, 3, 8, 8))
 
 
