@@ -105,6 +105,8 @@ def plan_boundaries(
             frozen = f"no prunable channel group carries X_{j}{why}"
         elif len(crossing) > 1:
             frozen = f"X_{j} joins {len(crossing)} channel groups ({', '.join(g.name for g in crossing)}); each would need its own gene"
+        elif crossing[0].divisor > 1:
+            frozen = f"group {crossing[0].name} goes in {crossing[0].divisor} slices of a grouped convolution; boundary widths are whole channels"
         elif crossing[0].channels != channels:
             frozen = f"group {crossing[0].name} has {crossing[0].channels} channels, X_{j} has {channels}"
         if frozen is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +38,20 @@ KeepScheme = dict[str, list[int]]
 class ChannelGroup:
     """Layers whose output channels must be pruned together (residual additions and depthwise convs couple them).
 
-    `name` is the module path of the group's root layer, `channels` its number of output channels and
-    `layers` every module path the group touches.
+    `name` is the module path of the group's root layer, `channels` the number of units a scheme keeps or drops
+    and `layers` every module path the group touches. A group feeding or leaving a grouped convolution with G
+    groups (ResNeXt, RegNet) has `divisor` G: its C channels lie in G slices of C / G, every slice keeps the
+    same positions, and unit u is channel u of every slice, so `channels` is C / G. Otherwise a unit is a channel.
     """
 
     name: str
     channels: int
     layers: tuple[str, ...]
+    divisor: int = 1
+
+    def expand(self, units: Sequence[int]) -> list[int]:
+        """The channel indices of `units`: unit u is channel u + s * channels of every slice s."""
+        return sorted(u + s * self.channels for s in range(self.divisor) for u in units)
 
 
 class UnsupportedLayerError(ValueError):
@@ -120,7 +128,7 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depen
     # ending in one traces to no channel group at all; traced out of place, which computes the same.
     inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
     for m in inplace:
-        m.inplace = False
+        setattr(m, "inplace", False)  # noqa: B010 -- not every module declares it
     try:
         with torch.enable_grad():  # the graph is traced through autograd, even when a caller is in no_grad
             model(example_input)  # the model's own errors (a wrong input size) surface as they are
@@ -137,7 +145,7 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depen
     finally:
         model.train(was_training)
         for m in inplace:
-            m.inplace = True
+            setattr(m, "inplace", True)  # noqa: B010
 
 
 def _out_fn(module: nn.Module):
@@ -182,12 +190,18 @@ def _groups_and_left_out(model: nn.Module, example_input: torch.Tensor, ignored:
         # Named after its first producing layer in definition order, so names read like the model.
         first = min(producers, key=order.__getitem__)
         layers = tuple(sorted({names[d.target.module] for d, _ in group if d.target.module in names}, key=name_order.__getitem__))
-        grouped = [names[d.target.module] for d, _ in group if d.target.module in names and _is_grouped(d.target.module)]
-        if grouped:  # left out, and said so, rather than a shape-valid but wrong grouped convolution
-            conv = modules_by_name[grouped[0]]
-            left_out.append((names[first], f"feeds or leaves grouped convolution {grouped[0]} (groups={conv.groups}), not pruned yet"))
+        grouped = list(dict.fromkeys(names[d.target.module] for d, _ in group if d.target.module in names and _is_grouped(d.target.module)))
+        channels, divisor = len(group[0].idxs), math.lcm(*(modules_by_name[n].groups for n in grouped)) if grouped else 1
+        if channels % divisor or channels == divisor:  # left out, and said so, rather than a shape-valid but wrong grouped convolution
+            convs = ", ".join(f"{n} (groups={modules_by_name[n].groups})" for n in grouped)
+            left_out.append(
+                (
+                    names[first],
+                    f"its {channels} channels cannot go in equal slices of more than one channel to grouped convolution(s) {convs}",
+                )
+            )
             continue
-        out.append((ChannelGroup(names[first], len(group[0].idxs), layers), group))
+        out.append((ChannelGroup(names[first], channels // divisor, layers, divisor), group))
     out.sort(key=lambda item: name_order[item[0].name])
     left_out.sort(key=lambda item: name_order[item[0]])
     return dg, out, list(dict.fromkeys(left_out))
@@ -227,7 +241,8 @@ def group_importance(
 ) -> dict[str, torch.Tensor]:
     """Per-channel Lp group magnitude of every channel group (Torch-Pruning's GroupMagnitudeImportance)."""
     imp = tp.importance.GroupMagnitudeImportance(p=p)
-    return {g.name: imp(group).detach().cpu() for g, group in _groups(model, example_input, ignored)[1]}
+    # per unit: a grouped convolution's slices keep the same positions, so a unit scores the sum over its slices
+    return {g.name: imp(group).detach().cpu().view(g.divisor, g.channels).sum(0) for g, group in _groups(model, example_input, ignored)[1]}
 
 
 def keep_by_importance(importance: Mapping[str, torch.Tensor], keep_counts: Mapping[str, int]) -> KeepScheme:
@@ -266,8 +281,8 @@ def prune_channels(
     _check_scheme({n: g for n, (g, _) in by_name.items()}, scheme)
     modules = dict(model.named_modules())
     for name, kept in scheme.items():
-        n = by_name[name][0].channels
-        drop = sorted(set(range(n)) - set(kept))
+        g = by_name[name][0]
+        drop = g.expand(sorted(set(range(g.channels)) - set(kept)))
         if drop:
             root = modules[name]
             dg.get_pruning_group(root, _out_fn(root), drop).prune()
@@ -296,8 +311,8 @@ def mask_channels(
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, kept in scheme.items():
-            n = by_name[name][0].channels
-            drop = sorted(set(range(n)) - set(kept))
+            g = by_name[name][0]
+            drop = g.expand(sorted(set(range(g.channels)) - set(kept)))
             if not drop:
                 continue
             root = modules[name]

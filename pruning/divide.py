@@ -127,7 +127,7 @@ _RESHAPES = ("view", "reshape", "flatten", "unflatten")
 
 def _op_name(node: torch.fx.Node) -> str | None:
     target = node.target if node.op in ("call_method", "call_function") else None
-    return getattr(target, "__name__", target)
+    return target if isinstance(target, str) or target is None else getattr(target, "__name__", None)
 
 
 def _layouts(gm: nn.Module, nodes: Sequence[torch.fx.Node]) -> dict:
@@ -144,13 +144,14 @@ def _layouts(gm: nn.Module, nodes: Sequence[torch.fx.Node]) -> dict:
         first = order.get(ins[0]) if ins else None
         mod = _module_of(gm, n)
         name = _op_name(n)
+        got: tuple[int, ...] | None
         if n.op == "placeholder" or isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
             got = _IDENTITY
         elif name == "permute" and first is not None:
             dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
-            got = tuple(first[int(d)] for d in dims) if len(dims) == len(first) else None
+            got = tuple(first[int(d)] for d in dims) if len(dims) == len(first) else None  # type: ignore[arg-type]
         elif name == "transpose" and first is not None:
-            a, b = (int(d) % len(first) for d in n.args[1:3])
+            a, b = (int(d) % len(first) for d in n.args[1:3])  # type: ignore[arg-type]
             swapped = list(first)
             swapped[a], swapped[b] = swapped[b], swapped[a]
             got = tuple(swapped)

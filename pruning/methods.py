@@ -196,7 +196,8 @@ class GlobalMagnitude(PruningMethod):
                 if g.name in by_layer:
                     dropped[g.name] = by_layer[g.name]
             group.prune()
-        return {g.name: sorted(set(range(g.channels)) - set(dropped.get(g.name, []))) for g in groups}
+        # a grouped convolution's slices drop the same positions: unit u is channel u of every slice
+        return {g.name: sorted(set(range(g.channels)) - {i % g.channels for i in dropped.get(g.name, [])}) for g in groups}
 
     def __call__(self, model: nn.Module, example_input: torch.Tensor, target: Target) -> PruningResult:
         model = model.eval()

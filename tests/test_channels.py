@@ -117,32 +117,42 @@ def test_one_shot_baselines_round_channel_counts(name):
     assert all(len(kept) % 8 == 0 or len(kept) == groups[n] for n, kept in result.scheme.items())
 
 
-def test_groups_touching_a_grouped_convolution_are_left_out_with_the_reason():
-    """A grouped (not depthwise) convolution takes its channels a whole group at a time: removing single
-    channels around it once crashed (or built a shape-valid but wrong conv). Its groups are left out, and said so."""
+def test_grouped_convolutions_are_pruned_in_equal_slices():
+    """A grouped (not depthwise) convolution takes its channels in G slices: every slice keeps the same positions,
+    so the group count stays valid (removing single channels once built Conv2d(-64, 32, groups=-64) and crashed
+    in the FLOPs counter). A group is one unit per slice position; one that cannot be sliced is left out, and said so."""
     from pruning.channels import left_out_groups
-    from pruning.search import group_exclusions
 
     class Grouped(nn.Module):
-        def __init__(self):
+        def __init__(self, groups_c: int = 1):
             super().__init__()
             self.a, self.ba = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
             self.g, self.bg = nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32)
-            self.c, self.fc = nn.Conv2d(32, 16, 1), nn.Linear(16, 10)
+            width = 16 if groups_c == 1 else 2 * groups_c
+            self.c, self.fc = nn.Conv2d(32, width, 1, groups=groups_c), nn.Linear(width, 10)
 
         def forward(self, x):
             x = torch.relu(self.bg(self.g(torch.relu(self.ba(self.a(x))))))
             return self.fc(self.c(x).mean((2, 3)))
 
+    torch.manual_seed(0)
     model, x = Grouped().eval(), torch.randn(2, 3, 8, 8)
-    assert [g.name for g in channel_groups(model, x[:1])] == ["c"]
-    reason = "grouped convolution g (groups=4), not pruned yet"
-    assert [(name, why.endswith(reason)) for name, why in left_out_groups(model, x[:1])] == [("a", True), ("g", True)]
-    pruned = pruned_copy(model, x[:1], {"c": list(range(8))})
-    assert pruned.g.groups == 4 and pruned.c.out_channels == 8 and pruned(x).shape == (2, 10)
+    for m in (model.ba, model.bg):
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    groups = channel_groups(model, x[:1])
+    assert [(g.name, g.channels, g.divisor) for g in groups] == [("a", 4, 4), ("g", 8, 4), ("c", 16, 1)]
+    assert groups[0].expand([1, 3]) == [1, 3, 5, 7, 9, 11, 13, 15]
+    keep = {"a": [1, 3], "g": [0, 2, 5], "c": list(range(8))}
+    pruned = pruned_copy(model, x[:1], keep)
+    assert (pruned.g.in_channels, pruned.g.out_channels, pruned.g.groups) == (8, 12, 4)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), mask_channels(copy.deepcopy(model), x[:1], keep)(x), atol=1e-5)
     assert count_flops_params(pruned, x[:1])[0] < count_flops_params(model, x[:1])[0]
-    headless = nn.Sequential(model.a, model.ba, model.g, model.bg, model.c)
-    assert [name for name, _ in group_exclusions(headless, x[:1])[1]] == ["0", "2", "4"]  # c reaches the output
+    assert [len(v) for v in group_importance(model, x[:1]).values()] == [4, 8, 16]
+    odd = Grouped(groups_c=32).eval()  # c has one input channel per group: g's slices cannot shrink
+    assert [(g.name, g.divisor) for g in channel_groups(odd, x[:1])] == [("a", 4), ("c", 32)]
+    assert [(n, "cannot go in equal slices" in why) for n, why in left_out_groups(odd, x[:1])] == [("g", True)]
 
 
 def test_a_per_channel_parameter_of_a_custom_layer_is_pruned_with_its_channels():
