@@ -1,8 +1,11 @@
 """The Python API: `from pruning import prune` on a user's own model and loaders, no pipeline around it."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pruning import prune
@@ -121,3 +124,70 @@ def test_emo_dir_prunes_a_network_no_family_rule_knows():
     assert result.model(x[:4]).shape == (4, 10)
     kept = {name: len(channels) for name, channels in result.scheme.items()}  # groups named by their first conv
     assert kept["7"] < 32 and kept["4"] < 24  # the boundaries X_2 (written by conv 7) and X_1 (conv 4) were pruned too
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class _MobileSE(nn.Module):
+    """Depthwise convolutions and squeeze-and-excitation (MobileNetV3, EfficientNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.se = _SqueezeExcite(32)
+        self.project = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.last = nn.Sequential(nn.Conv2d(24, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(self.se(self.dw(self.expand(self.stem(x)))))
+        return self.fc(self.last(x).mean((2, 3)))
+
+
+class _Dense(nn.Module):
+    """Concatenation (DenseNet, GoogLeNet): each layer reads every earlier map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(24, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.transition = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(), nn.AvgPool2d(2))
+        self.c = nn.Sequential(nn.Conv2d(24, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.a(x)], 1)
+        x = self.transition(torch.cat([x, self.b(x)], 1))
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [_MobileSE, _Dense], ids=["depthwise-se", "concat"])
+def test_emo_dir_prunes_the_hard_layer_kinds(make):
+    """One small model per hard layer kind the zoo meets, divided from its graph and pruned by EMO-DIR to the target
+    (grouped convolutions, layer scale and the channel shuffle are in test_channels)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(96, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+    result = prune(model, x[:1], train, val, target=0.4, method="emo-dir", k=2, pop_size=8, generations=2, candidates=3,
+                   constrain_epochs=1, selector_epochs=1)
+    assert 0.4 <= result.flops_reduction <= 0.42, result.info
+    assert result.model(x[:4]).shape == (4, 10)
+    assert count_flops_params(result.model, x[:1])[0] == result.flops
+    # the scheme alone rebuilds the pruned shapes on a fresh copy of the model
+    prune_channels(copy.deepcopy(model), x[:1], result.scheme).load_state_dict(result.model.state_dict())
