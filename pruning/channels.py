@@ -131,10 +131,10 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depen
         setattr(m, "inplace", False)  # noqa: B010 -- not every module declares it
     try:
         with torch.enable_grad():  # the graph is traced through autograd, even when a caller is in no_grad
-            model(example_input)  # the model's own errors (a wrong input size) surface as they are
             try:
                 return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, unwrapped_parameters=unwrapped)
             except Exception as err:  # noqa: BLE001 -- whatever fails inside Torch-Pruning's tracing means the same to a user
+                model(example_input)  # the model's own errors (a wrong input size) surface as they are
                 where = traceback.extract_tb(err.__traceback__)[-1]
                 raise UnsupportedLayerError(
                     f"Torch-Pruning cannot follow the channels of {type(model).__name__} ({type(err).__name__}: {err} in "

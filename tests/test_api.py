@@ -100,6 +100,19 @@ def test_a_method_is_added_by_registering_it_once(data, monkeypatch):
     assert all(len(kept) % 4 == 0 for kept in result.scheme.values())
 
 
+def _emo_dir_on_own_labels(model, size: int, k: int):
+    """EMO-DIR at target 0.4 with a small search on 96 random images labelled by `model` itself (64 train, 32 val);
+    returns (images, result)."""
+    x = torch.randn(96, 3, size, size)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+    result = prune(model, x[:1], train, val, target=0.4, method="emo-dir", k=k, pop_size=8, generations=2, candidates=3,
+                   constrain_epochs=1, selector_epochs=1)
+    return x, result
+
+
 def test_emo_dir_prunes_a_network_no_family_rule_knows():
     """A plain conv chain with in-place ReLUs and a max-pool (AlexNet's shape): divided from its traced graph into
     sub-networks of one or two convolutions whose only genes are the boundaries they read and write."""
@@ -112,13 +125,7 @@ def test_emo_dir_prunes_a_network_no_family_rule_knows():
 
     model = nn.Sequential(*unit(3, 16), nn.MaxPool2d(2), *unit(16, 24), *unit(24, 32), nn.MaxPool2d(2), *unit(32, 32),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
-    x = torch.randn(96, 3, 32, 32)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
-    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
-    result = prune(model, x[:1], train, val, target=0.4, method="emo-dir", k=3, pop_size=8, generations=2, candidates=3,
-                   constrain_epochs=1, selector_epochs=1)
+    x, result = _emo_dir_on_own_labels(model, 32, k=3)
     # one channel here is 1.5 to 2 points of the FLOPs, too coarse for TOLERANCE: the landing is the nearest above
     assert 0.4 <= result.flops_reduction <= 0.42, result.info
     assert result.model(x[:4]).shape == (4, 10)
@@ -179,13 +186,7 @@ def test_emo_dir_prunes_the_hard_layer_kinds(make):
     (grouped convolutions, layer scale and the channel shuffle are in test_channels)."""
     torch.manual_seed(0)
     model = make().eval()
-    x = torch.randn(96, 3, 16, 16)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
-    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
-    result = prune(model, x[:1], train, val, target=0.4, method="emo-dir", k=2, pop_size=8, generations=2, candidates=3,
-                   constrain_epochs=1, selector_epochs=1)
+    x, result = _emo_dir_on_own_labels(model, 16, k=2)
     assert 0.4 <= result.flops_reduction <= 0.42, result.info
     assert result.model(x[:4]).shape == (4, 10)
     assert count_flops_params(result.model, x[:1])[0] == result.flops
