@@ -25,6 +25,7 @@ from pruning.emodir import (
     constrain_subnetwork,
     finetune,
     reestimate_bn,
+    require_searchable,
     search_network,
     searched_module,
     train_selectors,
@@ -137,19 +138,22 @@ def prune(
         va, yva = boundary_features(subs, val_loader, device=dev, max_samples=cache_val)
         num_classes = int(base(x1).shape[1])
         if spec.search == "network":
-            front = search_network(
+            front = require_searchable(
+                search_network(
+                    base,
+                    x1,
+                    nn.Identity(),
+                    tr[0],
+                    va[0],
+                    yva,
+                    search,
+                    generations=generations * k,
+                    round_to=round_to,
+                    metric=metric,
+                    seed=seed,
+                    device=dev,
+                ),
                 base,
-                x1,
-                nn.Identity(),
-                tr[0],
-                va[0],
-                yva,
-                search,
-                generations=generations * k,
-                round_to=round_to,
-                metric=metric,
-                seed=seed,
-                device=dev,
             )
             index, fallback = choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)
             best = front.members[index]
@@ -191,6 +195,9 @@ def prune(
                     writes=writes,
                 )
                 evaluations += front.evaluations
+                if front.kept_whole is not None:
+                    info.setdefault("kept_whole", {})[f"s{sub.index}"] = front.kept_whole
+                    logger.warning("emo-dir s%d: kept whole: %s", sub.index, front.kept_whole)
                 importance = group_importance(searched_module(sub.module, ex, reads), ex)
                 picked, notes = choose_candidates(front.archive, candidates, target, {io.outputs for io in previous_ios})
                 for note in notes:

@@ -135,11 +135,18 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depen
                 return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, unwrapped_parameters=unwrapped)
             except Exception as err:  # noqa: BLE001 -- whatever fails inside Torch-Pruning's tracing means the same to a user
                 model(example_input)  # the model's own errors (a wrong input size) surface as they are
+                from pruning.divide import channel_reshapes  # here: divide imports this module
+
                 where = traceback.extract_tb(err.__traceback__)[-1]
+                moves = channel_reshapes(model, example_input)
+                cause = (
+                    f"it reshapes channels into another axis at {'; '.join(moves[:3])}{' and more' if len(moves) > 3 else ''}"
+                    if moves
+                    else "a view or reshape that moves channels between axes, such as ShuffleNet's channel shuffle, is the usual cause"
+                )
                 raise UnsupportedLayerError(
                     f"Torch-Pruning cannot follow the channels of {type(model).__name__} ({type(err).__name__}: {err} in "
-                    f"{where.name}); a view or reshape that moves channels between axes, such as ShuffleNet's channel "
-                    f"shuffle, is the usual cause; models whose channels it follows: convolutions, normalisations, "
+                    f"{where.name}); {cause}; models whose channels it follows: convolutions, normalisations, "
                     f"residual additions, concatenations, squeeze-and-excitation, flatten before a linear layer"
                 ) from err
     finally:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 from torch import nn
 
 from .channels import count_flops_params
@@ -180,6 +181,44 @@ def _spatial(node: torch.fx.Node) -> int:
     return int(shape[2]) * int(shape[3])
 
 
+def _traced(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
+    """`model`'s torch.fx graph, traced in eval mode, every node's output shape in its meta (ShapeProp)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    flags = _training_flags(model)
+    model.eval()
+    try:
+        gm = torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input[:1])
+    finally:
+        _restore_flags(flags)
+    return gm
+
+
+def channel_reshapes(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Where `model` reshapes a (N, C, H, W) feature map so that its channels move to or mix with another axis
+    (ShuffleNet's channel shuffle), as 'module (Type): view (1, 48, 16, 16) -> (1, 2, 24, 16, 16)'. Flattening
+    (N, C, H, W) to (N, C*H*W) or (N, C) is not such a reshape. Empty when the model cannot be traced."""
+    try:
+        gm = _traced(model, example_input)
+    except Exception:  # noqa: BLE001 -- only a better error message depends on it
+        return []
+    found = []
+    for n in gm.graph.nodes:
+        shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+        src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        before = getattr(src.meta.get("tensor_meta"), "shape", None) if src is not None else None
+        if _op_name(n) not in _RESHAPES or shape is None or before is None or len(before) != 4:
+            continue
+        if len(shape) <= 2 or (len(shape) == 4 and shape[1] == before[1]):
+            continue  # a flatten for a linear layer, or the channels left where they are
+        stack = list((n.meta.get("nn_module_stack") or {}).values())
+        where = f"{stack[-1][0]} ({stack[-1][1].__name__})" if stack else f"{type(model).__name__}.forward"
+        found.append(f"{where}: {_op_name(n)} {tuple(before)} -> {tuple(shape)}")
+    return found
+
+
 def graph_blocks(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Block], nn.Module]:
     """The model's blocks and head cut from its torch.fx graph, for networks no family rule knows.
 
@@ -196,23 +235,13 @@ def graph_blocks(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Bl
     >>> len(bl), bl[1][0]
     (10, 'fx|layer1.0.conv1|layer1.0.bn1|layer1.0.relu|layer1.0.conv2|layer1.0.bn2|layer1.0.shortcut')
     """
-    import torch.fx
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    flags = _training_flags(model)
-    model.eval()
     try:
-        try:
-            gm = torch.fx.symbolic_trace(model)
-        except Exception as err:  # noqa: BLE001 -- any tracing failure means the same thing to the user
-            raise ValueError(
-                f"cannot divide a {type(model).__name__} into blocks: torch.fx cannot trace it "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); supported models: {', '.join(SUPPORTED_MODELS)}"
-            ) from err
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input[:1])
-    finally:
-        _restore_flags(flags)
+        gm = _traced(model, example_input)
+    except Exception as err:  # noqa: BLE001 -- any tracing failure means the same thing to the user
+        raise ValueError(
+            f"cannot divide a {type(model).__name__} into blocks: torch.fx cannot trace it "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); supported models: {', '.join(SUPPORTED_MODELS)}"
+        ) from err
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((pos[u] for u in n.users), default=pos[n]) for n in nodes}

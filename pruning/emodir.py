@@ -47,6 +47,7 @@ __all__ = [
     "distiller",
     "finetune",
     "reestimate_bn",
+    "require_searchable",
     "search_network",
     "searched_module",
     "train_selectors",
@@ -176,13 +177,16 @@ def search_network(
     by `selector` on the module's cached val inputs; BatchNorm re-estimated on `calib_samples` train inputs.
 
     `reads` and `writes` (from `plan_boundaries`) make the width options of the boundary features X_{k-1} and
-    X_k genes too, where they are searchable; the front's members then say which options they read and write."""
+    X_k genes too, where they are searchable; the front's members then say which options they read and write.
+    A module with nothing to search (every group left out, both boundaries kept) is kept whole: the front has
+    no member and `kept_whole` says why. Whole-network callers refuse such a model (`require_searchable`)."""
     searched = searched_module(module, example_input, reads)
     groups, genes, excluded = boundary_search_groups(searched, example_input, reads, writes)
     space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded), tuple(genes))
-    if not space.groups and not space.boundary:
+    if not space.groups and not space.boundary:  # nothing to search: kept whole, and the front says why
         why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
-        raise ValueError(f"{type(module).__name__} has no prunable channel group ({why})")
+        flops, params = count_flops_params(searched, example_input)
+        return ParetoFront(space, flops, params, [], kept_whole=f"no prunable channel group ({why})")
     scorer = Scorer(
         selector,
         train_inputs[: settings.calib_samples],
@@ -204,6 +208,13 @@ def search_network(
         state=state,
         on_generation=on_generation,
     )
+
+
+def require_searchable(front: ParetoFront, model: nn.Module) -> ParetoFront:
+    """`front`, unless its search found nothing to prune in the whole `model`: then a ValueError saying why."""
+    if front.kept_whole is not None:
+        raise ValueError(f"{type(model).__name__} has {front.kept_whole}: there is nothing to prune")
+    return front
 
 
 def searched_module(module: nn.Module, example_input: torch.Tensor, reads: Boundary | None) -> nn.Module:

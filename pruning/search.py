@@ -398,6 +398,7 @@ class ParetoFront:
     fronts: list[list[tuple[float, float]]] = field(default_factory=list)  # (cost, error) of the front after each generation
 
     archive: list[Evaluation] = field(default_factory=list)  # non-dominated within each (inputs, outputs) boundary state
+    kept_whole: str | None = None  # why nothing was searched (no prunable group, no searchable boundary): no member
 
     def spread(self, m: int, target: float | None = None) -> list[Evaluation]:
         """Up to `m` pruned members spread by cost, denser near `target` (0 = all); see `spread_indices`."""

@@ -66,6 +66,8 @@ def run(params: Params) -> dict:
             archive = front.get("archive", front["members"])
             members = [Evaluation(tuple(m["genes"]), m["cost"], m["error"], 0, 0, m.get("inputs", 0), m.get("outputs", 0)) for m in archive]
             picked, notes = choose_candidates(members, c.candidates, params.prune.target, {io.outputs for io in previous_ios})
+            if front.get("kept_whole"):
+                notes = [f"nothing to train, kept whole: {front['kept_whole']}"]
             for note in notes:
                 print(f"constrain s{k}: {note}", flush=True)
             chosen = [archive[i] for i in picked]
@@ -129,7 +131,16 @@ def run(params: Params) -> dict:
                 ios=ios,
                 previous_ios=previous_ios,
             )
-            index["subnetworks"].append({"k": k, "base_flops": sub.flops, "base_params": sub.params, "candidates": rows, "notes": notes})
+            index["subnetworks"].append(
+                {
+                    "k": k,
+                    "base_flops": sub.flops,
+                    "base_params": sub.params,
+                    "candidates": rows,
+                    "notes": notes,
+                    "kept_whole": front.get("kept_whole"),
+                }
+            )
             previous, previous_ios = trained, ios
         index["seconds"] = time.perf_counter() - start
         index["trained"] = sum(len(s["candidates"]) for s in index["subnetworks"])

@@ -3,6 +3,7 @@ whole cache fits `resources.memory_budget_mb`, memory-mapped otherwise), and the
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from dataclasses import dataclass
@@ -40,12 +41,28 @@ class Division:
         return torch.zeros(1, *self.subnetworks[k - 1].in_shape)
 
 
+# The last division made in this process, by (base file, its size and time, divide.k). A model that no family
+# rule knows is divided from its torch.fx trace, and tracing patches torch.nn.Module.__call__ for every thread:
+# a model run in another thread meanwhile (the search's sub-network tasks) would be traced instead of run.
+# So the base model is divided once, under this lock, and each caller gets a deep copy.
+_DIVIDED: dict[tuple, Division] = {}
+_DIVIDING = threading.Lock()
+
+
 def load_division(params: Params) -> Division:
-    """Divide a fresh copy of models/base.pt into `divide.k` sub-networks (deterministic: same cut every time)."""
-    model, meta = load_model(paths.BASE)
-    s = meta["image_size"]
-    subs, head = divide(model, torch.zeros(1, 3, s, s), params.divide.k)
-    return Division(model, meta, subs, head)
+    """A private copy of models/base.pt divided into `divide.k` sub-networks (deterministic: same cut every
+    time): tasks may run in parallel threads."""
+    path = paths.BASE.resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, params.divide.k)
+    with _DIVIDING:
+        if key not in _DIVIDED:
+            model, meta = load_model(paths.BASE)
+            s = meta["image_size"]
+            subs, head = divide(model, torch.zeros(1, 3, s, s), params.divide.k)
+            _DIVIDED.clear()
+            _DIVIDED[key] = Division(model, meta, subs, head)
+        return copy.deepcopy(_DIVIDED[key])
 
 
 @dataclass(frozen=True)

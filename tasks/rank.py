@@ -66,6 +66,9 @@ def rank_emo_dir(
         device=device,
     )
     table, front = info.pop("table"), info.pop("joint_front")
+    kept = {f"s{e['k']}": e["kept_whole"] for e in index["subnetworks"] if e.get("kept_whole")}
+    if kept:
+        info["kept_whole"] = kept
     if write_tables:
         base_acc = info["val_cache_acc_base"]
         atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "table": table}, paths.GPIR_TABLE)

@@ -15,9 +15,9 @@ from torch import nn
 
 from pruning.boundary import Boundary, plan_boundaries
 from pruning.channels import group_importance
-from pruning.emodir import SearchSettings, search_network, searched_module
+from pruning.emodir import SearchSettings, require_searchable, search_network, searched_module
 from pruning.methods import method_spec
-from pruning.search import Evaluation, ParetoFront, boundary_search_groups
+from pruning.search import Evaluation, ParetoFront
 from pruning.selectors import FeatureSelector
 from pruning.train import resolve_device
 from tasks import paths
@@ -71,6 +71,7 @@ def _search(
     device: torch.device,
     reads: Boundary | None = None,
     writes: Boundary | None = None,
+    whole: bool = False,
 ) -> dict:
     s = params.search
     ckpt = paths.CHECKPOINTS / f"search_{tag}_{_fingerprint(params, tag)}.pkl"
@@ -118,6 +119,8 @@ def _search(
         reads=reads,
         writes=writes,
     )
+    if whole:
+        require_searchable(front, module)
     seconds = time.perf_counter() - start
     importance = group_importance(searched_module(module, example, reads), example)
     with torch.no_grad():
@@ -131,18 +134,22 @@ def _search(
         f"at {'/'.join(str(len(o)) for o in b.options)} channels"
         for b in front.space.boundary
     )
-    print(
-        f"search {tag}: {len(front.space.groups)} channel groups searched; boundaries: {widths or 'kept whole'}; "
-        f"left out: {left_out or 'none'}",
-        flush=True,
-    )
+    if front.kept_whole is not None:
+        print(f"search {tag}: nothing to search, the sub-network is kept whole: {front.kept_whole}", flush=True)
+    else:
+        print(
+            f"search {tag}: {len(front.space.groups)} channel groups searched; boundaries: {widths or 'kept whole'}; "
+            f"left out: {left_out or 'none'}",
+            flush=True,
+        )
     ckpt.unlink(missing_ok=True)  # the front is written: a later (forced) run searches afresh, as training does
     return {
         "tag": tag,
         "evaluations": front.evaluations,
         "front_size": len(front.members),
         "seconds": seconds,
-        "hypervolume": front.history[-1]["hypervolume"],
+        "hypervolume": front.history[-1]["hypervolume"] if front.history else None,
+        "kept_whole": front.kept_whole,
         "resumed": state is not None,
     }
 
@@ -178,6 +185,7 @@ def front_document(tag: str, front: ParetoFront, importance: dict, seconds: floa
         "base_params": front.base_params,
         "evaluations": front.evaluations,
         "seconds": seconds,
+        "kept_whole": front.kept_whole,
         "members": [member(m) for m in front.members],
         # the front of each (inputs, outputs) boundary state: what constrain chooses from, so candidates chain
         "archive": [member(m) for m in front.archive],
@@ -196,14 +204,6 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     example = division.example(k)
     plan = boundary_plan(params, division)
     reads, writes = (plan[k - 2] if k > 1 else None), plan[k - 1]
-    searched = searched_module(sub.module, example, reads)
-    groups, genes, excluded = boundary_search_groups(searched, example, reads, writes)
-    if not groups and not genes:
-        why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
-        raise ValueError(
-            f"sub-network {k} ({', '.join(sub.block_names)}) has no prunable channel group ({why}); "
-            "a smaller divide.k gives each sub-network more blocks"
-        )
     return _search(
         params,
         f"s{k}",
@@ -244,7 +244,18 @@ def search_whole(params: Params, run_id: str | None = None) -> dict:
     xtr = load_feature("train", 0)
     xva, yva = load_feature("val", 0), load_labels("val")
     return _search(
-        params, "whole", model, division.example(1), nn.Identity(), xtr, xva, yva, params.search.generations * division.k, run_id, device
+        params,
+        "whole",
+        model,
+        division.example(1),
+        nn.Identity(),
+        xtr,
+        xva,
+        yva,
+        params.search.generations * division.k,
+        run_id,
+        device,
+        whole=True,
     )
 
 

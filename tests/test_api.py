@@ -100,22 +100,21 @@ def test_a_method_is_added_by_registering_it_once(data, monkeypatch):
     assert all(len(kept) % 4 == 0 for kept in result.scheme.values())
 
 
-def _emo_dir_on_own_labels(model, size: int, k: int):
-    """EMO-DIR at target 0.4 with a small search on 96 random images labelled by `model` itself (64 train, 32 val);
+def _emo_dir_on_own_labels(model, size: int, k: int, target: float = 0.4, **options):
+    """EMO-DIR at `target` with a small search on 96 random images labelled by `model` itself (64 train, 32 val);
     returns (images, result)."""
     x = torch.randn(96, 3, size, size)
     with torch.no_grad():
         y = model(x).argmax(1)
     train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
     val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
-    result = prune(model, x[:1], train, val, target=0.4, method="emo-dir", k=k, pop_size=8, generations=2, candidates=3,
-                   constrain_epochs=1, selector_epochs=1)
+    result = prune(model, x[:1], train, val, target=target, method="emo-dir", k=k, pop_size=8, generations=2, candidates=3,
+                   constrain_epochs=1, selector_epochs=1, **options)
     return x, result
 
 
-def test_emo_dir_prunes_a_network_no_family_rule_knows():
-    """A plain conv chain with in-place ReLUs and a max-pool (AlexNet's shape): divided from its traced graph into
-    sub-networks of one or two convolutions whose only genes are the boundaries they read and write."""
+def _conv_chain():
+    """A plain conv chain with in-place ReLUs and max-pools (AlexNet's shape), seeded."""
     from torch import nn
 
     torch.manual_seed(0)
@@ -123,14 +122,29 @@ def test_emo_dir_prunes_a_network_no_family_rule_knows():
     def unit(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-    model = nn.Sequential(*unit(3, 16), nn.MaxPool2d(2), *unit(16, 24), *unit(24, 32), nn.MaxPool2d(2), *unit(32, 32),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    return nn.Sequential(*unit(3, 16), nn.MaxPool2d(2), *unit(16, 24), *unit(24, 32), nn.MaxPool2d(2), *unit(32, 32),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_emo_dir_prunes_a_network_no_family_rule_knows():
+    """A conv chain divided from its traced graph into sub-networks of one or two convolutions whose only genes
+    are the boundaries they read and write."""
+    model = _conv_chain()
     x, result = _emo_dir_on_own_labels(model, 32, k=3)
     # one channel here is 1.5 to 2 points of the FLOPs, too coarse for TOLERANCE: the landing is the nearest above
     assert 0.4 <= result.flops_reduction <= 0.42, result.info
     assert result.model(x[:4]).shape == (4, 10)
     kept = {name: len(channels) for name, channels in result.scheme.items()}  # groups named by their first conv
     assert kept["7"] < 32 and kept["4"] < 24  # the boundaries X_2 (written by conv 7) and X_1 (conv 4) were pruned too
+
+
+def test_emo_dir_keeps_a_sub_network_with_nothing_to_search_whole():
+    """With every boundary kept, the conv chain's one-convolution sub-networks have no gene: they stay whole and
+    the result says why, and the first sub-network alone reaches the target."""
+    x, result = _emo_dir_on_own_labels(_conv_chain(), 32, k=3, target=0.2, boundary_widths=(1.0,))
+    assert sorted(result.info["kept_whole"]) == ["s2", "s3"], result.info
+    assert "no prunable channel group" in result.info["kept_whole"]["s2"]
+    assert set(result.scheme) == {"0"} and 0.2 <= result.flops_reduction <= 0.22
 
 
 class _SqueezeExcite(nn.Module):

@@ -180,13 +180,26 @@ def test_a_per_channel_parameter_of_a_custom_layer_is_pruned_with_its_channels()
 
 def test_channels_torch_pruning_cannot_follow_are_a_clear_error():
     """ShuffleNetV2 (its channel shuffle between split branches) once crashed inside Torch-Pruning's graph build
-    with a bare ZeroDivisionError; it is now named as what it is."""
+    with a bare ZeroDivisionError; it is now named as what it is, with the first layers that shuffle channels.
+    Flattening for a linear layer is not named."""
     from torchvision.models import shufflenet_v2_x0_5
 
     from pruning.channels import UnsupportedLayerError
+    from pruning.divide import channel_reshapes
 
-    with pytest.raises(UnsupportedLayerError, match=r"cannot follow the channels of ShuffleNetV2 \(ZeroDivisionError: .*channel shuffle"):
+    with pytest.raises(UnsupportedLayerError, match=r"cannot follow the channels of ShuffleNetV2 \(ZeroDivisionError: .*") as err:
         channel_groups(shufflenet_v2_x0_5(num_classes=2).eval(), torch.randn(1, 3, 32, 32))
+    assert "channels into another axis at stage2.0 (InvertedResidual): view (1, 48, 4, 4) -> (1, 2, 24, 4, 4); stage2.1" in str(err.value)
+
+    class Flattens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(x.shape[0], -1))
+
+    assert channel_reshapes(Flattens(), torch.randn(1, 3, 8, 8)) == []
 
 
 def test_the_output_layer_is_found_by_what_the_model_outputs():
