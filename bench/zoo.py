@@ -109,7 +109,7 @@ def render(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        what = r["status"] if r["status"] == "pruned" else f"{r['status']}: {r['error'][:220]} ({r['where']})"
+        what = r["status"] if r["status"] == "pruned" else f"{r['status']}: {r['error'][:330]} ({r['where']})"
         onnx = f"{r['onnx']} ({r['onnx_max_diff']:.1e})" if "onnx_max_diff" in r else r.get("onnx", "-")
         lines.append(f"| {r['model']} | {r['image_size']} | {r['method']} | {what.replace('|', '/')} | {r.get('flops_reduction', '-')} | "
                      f"{r.get('params_reduction', '-')} | {onnx} | {r['seconds']} |")
@@ -142,6 +142,7 @@ def main() -> None:
             results["units"][key] = row
             OUT.write_text(json.dumps(results, indent=1) + "\n")  # the unit is done: a rerun skips it
             NOTES.write_text(render(results))
+    NOTES.write_text(render(results))  # the table as this version renders it, when every unit was done before
 
 
 if __name__ == "__main__":
