@@ -20,7 +20,7 @@ from pruning.emodir import (
     RankSettings,
     SearchSettings,
     SelectorSettings,
-    candidate_cost,
+    candidate_cost_of,
     choose_candidates,
     constrain_subnetwork,
     finetune,
@@ -32,7 +32,8 @@ from pruning.emodir import (
 )
 from pruning.exact import fill_trained, land_on_target
 from pruning.gpir import rank
-from pruning.methods import PruningResult, Target, cost_of, method_spec
+from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
+from pruning.methods import PruningResult, Target, method_spec, model_cost
 from pruning.search import choose_for_target
 from pruning.train import resolve_device, seed_everything
 
@@ -59,7 +60,8 @@ def prune(
     target: float,
     *,
     method: Literal["emo-dir", "whole-emo", "uniform", "global-magnitude", "random"] = "emo-dir",
-    metric: Literal["flops", "params"] = "flops",
+    metric: Literal["flops", "params", "latency"] | LatencyCost = "flops",
+    latency: LatencyTable | None = None,
     k: int = 3,
     cache_train: int = 2000,
     cache_val: int = 1000,
@@ -90,7 +92,7 @@ def prune(
     seed: int = 0,
     device: str = "auto",
 ) -> PruneResult:
-    """Prune `model` (left untouched) to remove `target` of its FLOPs (or parameters).
+    """Prune `model` (left untouched) to remove `target` of its FLOPs (or parameters, or predicted latency).
 
     The loaders yield (images, labels) batches: train feeds the feature caches, selectors, constrained
     training and finetuning; val scores candidates and ranks schemes. Keep your test split out of both.
@@ -99,6 +101,11 @@ def prune(
     pruned network's BatchNorm statistics are re-estimated on the first `bn_samples` images of `train_loader`
     (shuffle it: a class-sorted loader gives class-biased statistics) before finetuning.
 
+    `metric="latency"` prunes for onnxruntime time on this machine: every cost is predicted from a per-layer
+    table (`latency`, a `LatencyTable`: its batch size and threads; default .emoprune/latency.json at batch
+    64 on every core), measured the first time a layer shape is needed and reused after, and calibrated on
+    the whole model; `info["latency"]` holds the predicted times. A `LatencyCost` may be passed as the metric.
+
     Example (illustrative, not run)::
 
         result = prune(model, torch.zeros(1, 3, 32, 32), train_loader, val_loader, target=0.5)
@@ -106,12 +113,15 @@ def prune(
         result.scheme["layer1.0.conv1"] # the channels kept in that layer's group
         result.model                    # the physically smaller network
     """
-    target_ = Target(target, metric)
-    spec = method_spec(method)  # an unknown method fails here, before any work
+    Target(target, "flops" if metric == "latency" else metric)  # a bad target or metric fails here, before any work
+    spec = method_spec(method)  # and so does an unknown method
     dev = resolve_device(device)
     seed_everything(seed)
     base = copy.deepcopy(model).cpu().eval()
     x1 = example_input[:1].cpu()
+    if metric == "latency":  # onnxruntime's time for one batch, predicted from the measured table (pruning/latency.py)
+        metric = LatencyCost(latency if latency is not None else LatencyTable(DEFAULT_TABLE)).calibrate(base, x1)
+    target_ = Target(target, metric)
     base_flops, base_params = count_flops_params(base, x1)
     info: dict = {"method": method}
     search = SearchSettings(
@@ -221,9 +231,7 @@ def prune(
                     previous_ios=previous_ios,
                 )
                 last = head if sub.index == len(subs) else None
-                cands.append(
-                    [(m, sch, cost_of(candidate_cost(sub, m, sch, io, last), metric), io) for m, sch, io in zip(trained, local, ios)]
-                )
+                cands.append([(m, sch, candidate_cost_of(sub, m, sch, io, last, metric), io) for m, sch, io in zip(trained, local, ios)])
                 previous, previous_ios = trained, ios
             pruned, scheme, decided = rank(
                 base,
@@ -231,8 +239,8 @@ def prune(
                 subs,
                 head,
                 cands,
-                [cost_of((s.flops, s.params), metric) for s in subs],
-                cost_of((base_flops, base_params), metric),
+                [model_cost(s.module, torch.zeros(1, *s.in_shape), metric, (s.flops, s.params)) for s in subs],
+                model_cost(base, x1, metric, (base_flops, base_params)),
                 target,
                 top_t=top_t,
                 max_overshoot=max_overshoot,
@@ -254,4 +262,14 @@ def prune(
         finetune(pruned, base, train_loader, dev, settings, val_loader=val_loader, progress=False)
     pruned = pruned.cpu().eval()
     flops, params = count_flops_params(pruned, x1)
+    if isinstance(metric, LatencyCost):
+        before, after = metric.predict_ms(base, x1), metric.predict_ms(pruned, x1)
+        info["latency"] = {
+            "table": metric.table.key,
+            "predicted_ms_base": before,
+            "predicted_ms": after,
+            "reduction": 1.0 - after / before,
+            "layers_measured": metric.table.measured,
+            "calibration": {"scale": metric.scale, "offset_ms": metric.offset_ms},
+        }
     return PruneResult(scheme=scheme, base_flops=base_flops, base_params=base_params, flops=flops, params=params, info=info, model=pruned)

@@ -231,10 +231,15 @@ def build_candidate(module: nn.Module, example_input: torch.Tensor, scheme: Mapp
     return BoundaryIO(pruned, None if full_in else in_keep, None if full_out else out_keep, io.out_channels)
 
 
+def pruned_head(head: nn.Module, example_input: torch.Tensor, keep: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
+    """A copy of `head` reading only the `keep` channels of its input (the last boundary pruned), and its input."""
+    adapted = with_input_adapter(nn.Sequential(OrderedDict([("head", copy.deepcopy(head))])), int(example_input.shape[1]))
+    pruned = pruned_copy(adapted, example_input, {ADAPTER: list(keep)}, ignored=[])
+    return pruned.get_submodule("head"), example_input[:, list(keep)]
+
+
 def pruned_head_cost(head: nn.Module, example_input: torch.Tensor, keep: Sequence[int]) -> tuple[int, int]:
     """(FLOPs, params) of `head` reading only the `keep` channels of its input (the last boundary pruned)."""
     from pruning.channels import count_flops_params
 
-    adapted = with_input_adapter(nn.Sequential(OrderedDict([("head", copy.deepcopy(head))])), int(example_input.shape[1]))
-    pruned = pruned_copy(adapted, example_input, {ADAPTER: list(keep)}, ignored=[])
-    return count_flops_params(pruned.get_submodule("head"), example_input[:, list(keep)])
+    return count_flops_params(*pruned_head(head, example_input, keep))

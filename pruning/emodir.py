@@ -15,11 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pruning.boundary import ADAPTER, Boundary, CandidateIO, build_candidate, pruned_head_cost, with_input_adapter
+from pruning.boundary import ADAPTER, Boundary, CandidateIO, build_candidate, pruned_head, pruned_head_cost, with_input_adapter
 from pruning.channels import count_flops_params
 from pruning.constrain import FeatureStream, train_front
 from pruning.distill import Distiller, DynamicKDLoss, KDLoss
 from pruning.divide import SubNetwork
+from pruning.latency import LatencyCost
+from pruning.methods import Metric, cost_of
 from pruning.search import (
     Evaluation,
     ParetoFront,
@@ -41,6 +43,7 @@ __all__ = [
     "SearchSettings",
     "SelectorSettings",
     "candidate_cost",
+    "candidate_cost_of",
     "candidate_module",
     "choose_candidates",
     "constrain_subnetwork",
@@ -165,7 +168,7 @@ def search_network(
     *,
     generations: int | None = None,
     round_to: int = 1,
-    metric: Literal["flops", "params"] = "flops",
+    metric: Metric = "flops",
     seed: int = 0,
     device: torch.device | str = "cpu",
     state: bytes | None = None,
@@ -244,6 +247,19 @@ def candidate_cost(
         cut = pruned_head_cost(head, torch.zeros(1, *sub.out_shape), keep)
         flops, params = flops - (full[0] - cut[0]), params - (full[1] - cut[1])
     return flops, params
+
+
+def candidate_cost_of(
+    sub: SubNetwork, module: nn.Module, scheme: dict[str, list[int]], io: CandidateIO, head: nn.Module | None, metric: Metric
+) -> int:
+    """`candidate_cost` in `metric`: FLOPs, params, or predicted latency (the head's change included alike)."""
+    if not isinstance(metric, LatencyCost):
+        return cost_of(candidate_cost(sub, module, scheme, io, head), metric)
+    cost = metric(module, torch.zeros(1, *sub.in_shape))
+    if head is not None and io.out_group is not None and io.outputs != 0:
+        x = torch.zeros(1, *sub.out_shape)
+        cost -= metric(head, x) - metric(*pruned_head(head, x, scheme[io.out_group]))
+    return cost
 
 
 CANDIDATE_WINDOW = 0.3  # candidates are trained within this distance (in cost fraction) of the target's cost, when enough lie there

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.channels import KeepScheme, count_flops_params, pruned_copy
+from pruning.channels import KeepScheme, pruned_copy
+from pruning.methods import Metric, model_cost
 
 __all__ = ["TOLERANCE", "Landing", "fill_trained", "land_on_target", "transplant"]
 
@@ -63,7 +64,7 @@ def land_on_target(
     scheme: KeepScheme,
     target: float,
     importance: Mapping[str, torch.Tensor],
-    metric: str = "flops",
+    metric: Metric = "flops",
     round_to: int = 1,
     tries: int = 32,
 ) -> Landing:
@@ -81,11 +82,10 @@ def land_on_target(
     True
     """
     x = example_input[:1]
-    which = 0 if metric == "flops" else 1
-    base = count_flops_params(model, x)[which]
+    base = model_cost(model, x, metric)
 
     def reduction(s: KeepScheme) -> float:
-        return 1.0 - count_flops_params(pruned_copy(model, x, s), x)[which] / base
+        return 1.0 - model_cost(pruned_copy(model, x, s), x, metric) / base
 
     units = _units(scheme, importance, round_to)
 
@@ -167,7 +167,7 @@ def fill_trained(
     scheme: KeepScheme,
     target: float,
     importance: Mapping[str, torch.Tensor],
-    metric: str = "flops",
+    metric: Metric = "flops",
     round_to: int = 1,
 ) -> tuple[nn.Module, Landing]:
     """`land_on_target` for a model whose kept weights were trained (EMO-DIR's merged candidates): the channels

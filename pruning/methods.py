@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from pruning.channels import (
     output_layers,
     pruned_copy,
 )
+from pruning.latency import LatencyCost
 
 __all__ = [
     "METHODS",
@@ -35,26 +36,40 @@ __all__ = [
     "PruningMethod",
     "PruningResult",
     "RandomRatios",
+    "Metric",
     "Target",
     "Uniform",
+    "check_metric",
     "cost_of",
     "method_spec",
+    "model_cost",
     "reduction_of",
 ]
 
 
+Metric = Union[Literal["flops", "params"], LatencyCost]  # what a reduction target counts
+
+
 @dataclass(frozen=True)
 class Target:
-    """Remove `reduction` (a fraction in (0, 1)) of the model's FLOPs or parameters."""
+    """Remove `reduction` (a fraction in (0, 1)) of the model's FLOPs, parameters or predicted latency (a
+    `LatencyCost`: the measured table behind it)."""
 
     reduction: float
-    metric: Literal["flops", "params"] = "flops"
+    metric: Metric = "flops"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.reduction < 1.0:
             raise ValueError(f"target reduction must be in (0, 1), got {self.reduction}")
-        if self.metric not in ("flops", "params"):
-            raise ValueError(f"target metric must be 'flops' or 'params', got {self.metric!r}")
+        check_metric(self.metric)
+
+
+def check_metric(metric: object) -> None:
+    """A ValueError naming `metric` unless it is 'flops', 'params' or a LatencyCost."""
+    if isinstance(metric, LatencyCost) or metric in ("flops", "params"):
+        return
+    hint = " (the latency metric is a LatencyCost over a measured table: pruning.latency)" if metric == "latency" else ""
+    raise ValueError(f"target metric must be 'flops', 'params' or a LatencyCost, got {metric!r}{hint}")
 
 
 @dataclass
@@ -76,16 +91,27 @@ class PruningResult:
 
 
 def cost_of(flops_params: tuple[int, int], metric: str) -> int:
-    """The FLOPs or the parameters of a (FLOPs, params) pair, as `metric` asks."""
+    """The FLOPs or the parameters of a (FLOPs, params) pair, as `metric` ('flops' or 'params') asks."""
+    if metric not in ("flops", "params"):
+        raise ValueError(f"cost_of counts 'flops' or 'params', not {metric!r}: a latency cost is model_cost's")
     return flops_params[0] if metric == "flops" else flops_params[1]
 
 
+def model_cost(module: nn.Module, example_input: torch.Tensor, metric: Metric, counted: tuple[int, int] | None = None) -> int:
+    """What `module` costs in `metric`: its FLOPs or parameters (`counted`, when the caller has them), or its
+    predicted latency in nanoseconds."""
+    if isinstance(metric, LatencyCost):
+        return metric(module, example_input)
+    return cost_of(counted if counted is not None else count_flops_params(module, example_input), metric)
+
+
 def reduction_of(
-    model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, base: tuple[int, int], metric: str
+    model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, base_cost: int, metric: Metric
 ) -> tuple[float, int, int]:
-    flops, params = count_flops_params(pruned_copy(model, example_input, scheme), example_input)
-    achieved = 1 - (flops / base[0] if metric == "flops" else params / base[1])
-    return achieved, flops, params
+    """(reduction of `metric` against `base_cost`, FLOPs, params) of `model` pruned to `scheme`."""
+    pruned = pruned_copy(model, example_input, scheme)
+    flops, params = count_flops_params(pruned, example_input)
+    return 1 - model_cost(pruned, example_input, metric, (flops, params)) / base_cost, flops, params
 
 
 class PruningMethod:
@@ -109,7 +135,7 @@ def _largest_feasible(
     model: nn.Module, example_input: torch.Tensor, target: Target, scheme_at, hi: float = 1.0, tolerance: float = 1e-3
 ) -> tuple[float, KeepScheme, int, int]:
     """Bisection for the largest knob in [0, hi] whose scheme still reaches the target (reduction falls as the knob grows)."""
-    base = count_flops_params(model, example_input)
+    base = model_cost(model, example_input, target.metric)
     smallest = scheme_at(0.0)
     achieved, flops, params = reduction_of(model, example_input, smallest, base, target.metric)
     if achieved < target.reduction:

@@ -41,6 +41,7 @@ from pruning.channels import (
     keep_by_importance,
     pruned_copy,
 )
+from pruning.methods import Metric, model_cost
 from pruning.train import autocast
 
 __all__ = [
@@ -476,15 +477,18 @@ class _Search:
         example_input: torch.Tensor,
         space: SearchSpace,
         scorer: Callable[[nn.Module], float],
-        metric: Literal["flops", "params"],
+        metric: Metric,
     ) -> None:
         self.module, self.example, self.space, self.scorer, self.metric = module, example_input, space, scorer, metric
         self.importance = group_importance(module, example_input)
         self.importance = {g.name: self.importance[g.name] for g in space.groups}
-        self.base = count_flops_params(module, example_input)
+        self.counts = count_flops_params(module, example_input)  # (FLOPs, params)
+        self.base = model_cost(module, example_input, metric, self.counts)  # in the metric
         if isinstance(module, nn.Sequential) and ADAPTER in module._modules:  # not part of the sub-network: candidates drop it
-            adapter = count_flops_params(module.get_submodule(ADAPTER), example_input)
-            self.base = (self.base[0] - adapter[0], self.base[1] - adapter[1])
+            adapter = module.get_submodule(ADAPTER)
+            counts = count_flops_params(adapter, example_input)
+            self.counts = (self.counts[0] - counts[0], self.counts[1] - counts[1])
+            self.base -= model_cost(adapter, example_input, metric, counts)
         with torch.no_grad():
             self.out_channels = int(module.eval()(example_input).shape[1])
         self.cache: dict[tuple[int, ...], Evaluation] = {}  # by decoded network (`SearchSpace.network_key`)
@@ -503,7 +507,7 @@ class _Search:
         if key not in self.cache:
             pruned, io = self.candidate(first)
             flops, params = count_flops_params(pruned, self.example)
-            cost = flops / self.base[0] if self.metric == "flops" else params / self.base[1]
+            cost = model_cost(pruned, self.example, self.metric, (flops, params)) / self.base
             self.cache[key] = Evaluation(first, cost, float(self.scorer(pruned)), flops, params, io.inputs, io.outputs)
             self.evaluations += 1
         e = self.cache[key]
@@ -568,7 +572,7 @@ def run_search(
     pop_size: int,
     generations: int,
     seed: int,
-    metric: Literal["flops", "params"] = "flops",
+    metric: Metric = "flops",
     state: bytes | None = None,
     on_generation: Callable[[int, dict[str, float], bytes], None] | None = None,
 ) -> ParetoFront:
@@ -647,4 +651,6 @@ def run_search(
             finally:
                 algorithm.problem = problem
             on_generation(gen, metrics, blob)
-    return ParetoFront(space, search.base[0], search.base[1], search.front(), history, search.evaluations, fronts, archive=search.archive())
+    return ParetoFront(
+        space, search.counts[0], search.counts[1], search.front(), history, search.evaluations, fronts, archive=search.archive()
+    )

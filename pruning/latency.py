@@ -1,0 +1,302 @@
+"""ONNX Runtime latency as a pruning cost: a per-layer table measured on this machine, and the cost built on it.
+
+FLOPs are not time: ONNX Runtime's CPU convolutions compute channels in blocks of 16 (AVX-512) or 8 (AVX2)
+and fall back to a slower kernel for other counts (bench/notes/latency_widths.md). So the cost of a
+network is predicted from what its layers take when run:
+
+- `LatencyTable` holds, per machine (CPU model, onnxruntime version, threads, batch size), the time of
+  every convolution and linear layer shape asked for so far: the layer alone in an ONNX model (the
+  convolution with the ReLU ONNX Runtime fuses into it; its BatchNorm is folded at export), timed in
+  onnxruntime. A shape is measured once, the first time a cost needs it, and the table is saved at once;
+  later runs on the same machine read it and measure nothing.
+- `LatencyCost` is the metric: a module costs the sum of its layers' table times (in nanoseconds, an int,
+  as the exact knapsack and GPIR's sums need). A whole network also runs work pruning does not shrink
+  (residual additions and pooling on full-width tensors, layout reorders, the call itself), so
+  `LatencyCost.calibrate` fits measured = a * (sum of the table) + b on the whole network at a few widths,
+  and the cost of a module that outputs class scores (the whole network, or the head that ends it) adds
+  b / a. Sub-network costs add along the chain; the constant cancels in every difference.
+
+Example (illustrative, not run)::
+
+    table = LatencyTable("latency.json", batch_size=64)
+    cost = LatencyCost(table).calibrate(model, torch.zeros(1, 3, 32, 32))
+    cost(model, torch.zeros(1, 3, 32, 32))   # predicted nanoseconds of one batch of 64
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+__all__ = ["DEFAULT_TABLE", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
+
+TABLE_SCHEMA = 1
+DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folder it runs in
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A convolution or linear layer as it runs: its input size and every attribute its time depends on."""
+
+    kind: str  # "conv" | "linear"
+    c_in: int
+    c_out: int
+    h: int = 1
+    w: int = 1
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def key(self) -> str:
+        if self.kind == "linear":
+            return f"linear {self.c_in}>{self.c_out}"
+        k, s, p, d = ("x".join(map(str, t)) for t in (self.kernel, self.stride, self.padding, self.dilation))
+        return f"conv {self.c_in}>{self.c_out} {self.h}x{self.w} k{k} s{s} p{p} d{d} g{self.groups}"
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def layer_shapes(module: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerShape], bool]:
+    """The convolution and linear layers `module` runs on `example_input`, in order, and whether its output
+    is class scores (2-D): then it ends a network."""
+    shapes: list[LayerShape] = []
+
+    def hook(m: nn.Module, inputs, _out) -> None:
+        x = inputs[0]
+        if isinstance(m, nn.Linear):
+            shapes.append(LayerShape("linear", m.in_features, m.out_features))
+        elif isinstance(m, nn.Conv2d):
+            if not isinstance(m.padding, (tuple, list)):
+                raise ValueError(f"latency: {type(m).__name__} padding {m.padding!r} is not supported; allowed: explicit padding sizes")
+            shapes.append(
+                LayerShape(
+                    "conv", m.in_channels, m.out_channels, int(x.shape[2]), int(x.shape[3]), _pair(m.kernel_size),
+                    _pair(m.stride), _pair(m.padding), _pair(m.dilation), int(m.groups),
+                )
+            )  # fmt: skip
+
+    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(example_input[:1])
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes, isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def machine() -> dict[str, str]:
+    """What a latency table is only valid on: the CPU model and the onnxruntime version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "onnxruntime": ort.__version__}
+
+
+def _layer_model(shape: LayerShape, batch: int) -> bytes:
+    """One layer as an ONNX model (random weights: time does not depend on values)."""
+    rng = np.random.default_rng(0)
+    if shape.kind == "linear":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.c_in])
+        w = numpy_helper.from_array(rng.standard_normal((shape.c_out, shape.c_in), dtype=np.float32), "w")
+        b = numpy_helper.from_array(np.zeros(shape.c_out, np.float32), "b")
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, shape.c_out])
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.c_in, shape.h, shape.w])
+        weight = rng.standard_normal((shape.c_out, shape.c_in // shape.groups, *shape.kernel), dtype=np.float32)
+        w, b = numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(shape.c_out, np.float32), "b")
+        conv = helper.make_node(
+            "Conv", ["x", "w", "b"], ["c"], kernel_shape=list(shape.kernel), strides=list(shape.stride),
+            pads=[shape.padding[0], shape.padding[1], shape.padding[0], shape.padding[1]], dilations=list(shape.dilation),
+            group=shape.groups,
+        )  # fmt: skip
+        nodes = [conv, helper.make_node("Relu", ["c"], ["y"])]
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "layer", [x], [y], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(sess: ort.InferenceSession, feed: dict, repeats: int, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        if i >= warmup:
+            times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+class LatencyTable:
+    """Per-layer onnxruntime times (ms) on this machine at one batch size and thread count, saved to `path`
+    (None: kept in memory). The file holds one table per (CPU, onnxruntime, threads, batch); `measured` counts
+    the shapes this object had to time."""
+
+    def __init__(self, path: str | Path | None, batch_size: int = 64, threads: int = 0, repeats: int = 10) -> None:
+        if batch_size < 1 or threads < 0 or repeats < 1:
+            raise ValueError(
+                f"latency table: batch_size {batch_size}, threads {threads}, repeats {repeats}; allowed: batch_size >= 1, "
+                "threads >= 0 (0: onnxruntime's default, every core), repeats >= 1"
+            )
+        self.path = Path(path) if path is not None else None
+        self.batch_size, self.threads, self.repeats = batch_size, threads, repeats
+        m = machine()
+        self.key = f"{m['cpu']} | onnxruntime {m['onnxruntime']} | threads {threads or 'default'} | batch {batch_size}"
+        self.measured = 0
+        self._lock = threading.Lock()
+        doc = self._read()
+        entry = doc["tables"].get(self.key, {})
+        self.layers: dict[str, float] = dict(entry.get("layers", {}))
+        self.calibrations: dict[str, dict] = dict(entry.get("calibrations", {}))
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {"schema": TABLE_SCHEMA, "tables": {}}
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"latency table {str(self.path)!r} is not readable JSON ({err}); delete it to measure again") from None
+        if not isinstance(doc, dict) or doc.get("schema") != TABLE_SCHEMA or not isinstance(doc.get("tables"), dict):
+            raise ValueError(f"latency table {str(self.path)!r} is not a schema-{TABLE_SCHEMA} latency table; delete it to measure again")
+        return doc
+
+    def save(self) -> None:
+        """Write this machine's table into the file, beside the other machines' (read again: another process may
+        have added to it), atomically."""
+        if self.path is None:
+            return
+        doc = self._read()
+        entry = doc["tables"].setdefault(self.key, {})
+        entry["layers"] = {**entry.get("layers", {}), **self.layers}
+        entry["calibrations"] = {**entry.get("calibrations", {}), **self.calibrations}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+    def ms(self, shapes: Sequence[LayerShape]) -> list[float]:
+        """The time of each layer shape, measuring (and saving) the ones not in the table yet."""
+        with self._lock:  # one measurement at a time, whoever asks
+            missing = list(dict.fromkeys(s for s in shapes if s.key not in self.layers))
+            for s in missing:
+                sess = _session(_layer_model(s, self.batch_size), self.threads)
+                dims = [self.batch_size, s.c_in] if s.kind == "linear" else [self.batch_size, s.c_in, s.h, s.w]
+                feed = {"x": np.random.default_rng(0).standard_normal(dims, dtype=np.float32)}
+                self.layers[s.key] = _median_ms(sess, feed, self.repeats)
+                self.measured += 1
+            if missing:
+                self.save()
+            return [self.layers[s.key] for s in shapes]
+
+
+class LatencyCost:
+    """The `latency` metric: predicted onnxruntime time of a module, in integer nanoseconds (see the module doc).
+
+    Without `calibrate` the constant is 0 and the cost is the sum of the layer times."""
+
+    name = "latency"
+
+    def __init__(self, table: LatencyTable) -> None:
+        self.table = table
+        self.scale, self.offset_ms = 1.0, 0.0  # measured = scale * sum of the table + offset (ms)
+        self.calibration: dict | None = None
+
+    def __str__(self) -> str:
+        return "latency"
+
+    def __repr__(self) -> str:
+        return f"LatencyCost({self.table.key!r})"
+
+    def layers_ms(self, module: nn.Module, example_input: torch.Tensor) -> tuple[float, bool]:
+        shapes, ends = layer_shapes(module, example_input)
+        return float(sum(self.table.ms(shapes))), ends
+
+    def __call__(self, module: nn.Module, example_input: torch.Tensor) -> int:
+        total, ends = self.layers_ms(module, example_input)
+        constant = self.offset_ms / self.scale if ends else 0.0
+        return int(round((total + constant) * 1e6))
+
+    def predict_ms(self, model: nn.Module, example_input: torch.Tensor) -> float:
+        """The predicted time of one batch of the whole `model` (it must end a network), in ms."""
+        total, ends = self.layers_ms(model, example_input)
+        if not ends:
+            raise ValueError(f"predict_ms takes a whole network (class scores out); a {type(model).__name__} outputs feature maps")
+        return self.scale * total + self.offset_ms
+
+    def calibrate(self, model: nn.Module, example_input: torch.Tensor, widths: Sequence[float] = (1.0, 0.75, 0.5)) -> LatencyCost:
+        """Fit measured = scale * (sum of the table) + offset on `model` and copies of it with every prunable
+        channel group kept at `widths` of its channels: each exported to
+        ONNX and timed whole. Saved in the table under the model's layer shapes, so a rerun times nothing."""
+        from pruning.channels import channel_groups, pruned_copy
+
+        shapes, ends = layer_shapes(model, example_input)
+        if not ends:
+            raise ValueError(f"calibrate takes a whole network (class scores out); a {type(model).__name__} outputs feature maps")
+        ident = f"{type(model).__name__} " + ";".join(s.key for s in shapes)
+        if ident not in self.table.calibrations:
+            groups = channel_groups(model, example_input)
+            points = []
+            for width in widths:
+                keep = {g.name: list(range(max(1, round(width * g.channels)))) for g in groups}
+                variant = model if width == 1.0 else pruned_copy(model, example_input, keep)
+                total, _ = self.layers_ms(variant, example_input)
+                points.append((total, self._measure_whole(variant, example_input)))
+            xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+            if len(set(xs.tolist())) < 2:
+                scale, offset = float(ys.mean() / xs.mean()), 0.0
+            else:
+                scale, offset = (float(v) for v in np.polyfit(xs, ys, 1))
+            if scale <= 0:  # noise beat the fit: keep the table's proportions
+                scale, offset = float(ys.mean() / xs.mean()), 0.0
+            with self.table._lock:
+                self.table.calibrations[ident] = {"scale": scale, "offset_ms": offset, "points": [list(p) for p in points]}
+                self.table.save()
+        self.calibration = self.table.calibrations[ident]
+        self.scale, self.offset_ms = self.calibration["scale"], self.calibration["offset_ms"]
+        return self
+
+    def _measure_whole(self, model: nn.Module, example_input: torch.Tensor) -> float:
+        from pruning.onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, example_input, path)
+            sess = _session(str(path), self.table.threads)
+        x = np.random.default_rng(0).standard_normal((self.table.batch_size, *example_input.shape[1:]), dtype=np.float32)
+        return _median_ms(sess, {sess.get_inputs()[0].name: x}, self.table.repeats)

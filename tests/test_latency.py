@@ -1,0 +1,91 @@
+"""Latency as the pruning cost: a per-layer onnxruntime table measured once per machine, and the cost on it.
+
+No test here asserts a time: times belong to bench/. These check what the table and the cost promise."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pruning.api import prune
+from pruning.latency import LatencyCost, LatencyTable, layer_shapes
+
+
+def _chain() -> nn.Module:
+    torch.manual_seed(0)
+
+    def unit(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(*unit(3, 16), nn.MaxPool2d(2), *unit(16, 24), *unit(24, 32), nn.MaxPool2d(2), *unit(32, 32),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def _loaders(model):
+    x = torch.randn(96, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return x, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32), DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+
+
+def test_a_latency_target_is_met_in_the_predicted_time_and_a_rerun_measures_nothing(tmp_path):
+    model = _chain()
+    x, train, val = _loaders(model)
+    path = tmp_path / "latency.json"
+
+    def run(method):
+        table = LatencyTable(path, batch_size=4, threads=1, repeats=3)
+        return prune(model, x[:1], train, val, target=0.3, method=method, metric="latency", latency=table, k=2, pop_size=6,
+                     generations=2, candidates=2, constrain_epochs=1, selector_epochs=1)
+
+    first = {m: run(m) for m in ("global-magnitude", "emo-dir")}
+    for method, result in first.items():
+        lat = result.info["latency"]
+        assert 0.3 <= lat["reduction"] <= 0.3 + 0.05, (method, lat)
+        assert lat["predicted_ms"] < lat["predicted_ms_base"]
+    assert first["global-magnitude"].info["latency"]["layers_measured"] > 0
+    doc = json.loads(path.read_text())
+    [(key, table)] = doc["tables"].items()
+    assert "threads 1 | batch 4" in key and len(table["calibrations"]) == 1
+    # the table and the calibration are read back: nothing is timed again, and the same table gives the same model
+    again = run("global-magnitude")
+    assert again.info["latency"]["layers_measured"] == 0
+    assert again.scheme == first["global-magnitude"].scheme
+    assert json.loads(path.read_text()) == doc
+
+
+def test_sub_network_latencies_add_up_along_the_chain(tmp_path):
+    """GPIR sums sub-network costs: the blocks and the head cost what the whole network costs, the work outside
+    the measured layers (the calibrated constant) counted once, with the module that outputs class scores."""
+    from pruning.divide import divide
+
+    model = _chain()
+    x = torch.zeros(1, 3, 16, 16)
+    cost = LatencyCost(LatencyTable(None, batch_size=2, threads=1, repeats=1))
+    cost.scale, cost.offset_ms = 0.5, 0.25  # as a calibration may leave them
+    subs, head = divide(model, x, 3)
+    parts = [cost(s.module, torch.zeros(1, *s.in_shape)) for s in subs] + [cost(head, torch.zeros(1, *subs[-1].out_shape))]
+    assert sum(parts) == pytest.approx(cost(model, x), abs=len(parts))  # ns, each part rounded
+    shapes, ends = layer_shapes(model, x)
+    assert ends and [s.key for s in shapes][-1] == "linear 32>10"
+    assert cost(model, x) == round((sum(cost.table.layers[s.key] for s in shapes) + 0.25 / 0.5) * 1e6)
+
+
+def test_bad_latency_settings_are_refused_by_name(tmp_path):
+    from pruning.methods import Target
+
+    with pytest.raises(ValueError, match="got 'latency' .*LatencyCost over a measured table"):
+        Target(0.5, "latency")
+    with pytest.raises(ValueError, match="batch_size 0.*allowed: batch_size >= 1"):
+        LatencyTable(None, batch_size=0)
+    bad = tmp_path / "latency.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="latency.json' is not readable JSON.*delete it"):
+        LatencyTable(bad)
+    model = _chain()
+    x, train, val = _loaders(model)
+    with pytest.raises(ValueError, match="target metric must be 'flops', 'params' or a LatencyCost, got 'time'"):
+        prune(model, x[:1], train, val, target=0.4, method="uniform", metric="time")  # type: ignore[arg-type]
