@@ -263,13 +263,5 @@ def prune(
     pruned = pruned.cpu().eval()
     flops, params = count_flops_params(pruned, x1)
     if isinstance(metric, LatencyCost):
-        before, after = metric.predict_ms(base, x1), metric.predict_ms(pruned, x1)
-        info["latency"] = {
-            "table": metric.table.key,
-            "predicted_ms_base": before,
-            "predicted_ms": after,
-            "reduction": 1.0 - after / before,
-            "layers_measured": metric.table.measured,
-            "calibration": {"scale": metric.scale, "offset_ms": metric.offset_ms},
-        }
+        info["latency"] = metric.record(base, pruned, x1)
     return PruneResult(scheme=scheme, base_flops=base_flops, base_params=base_params, flops=flops, params=params, info=info, model=pruned)

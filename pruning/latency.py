@@ -259,6 +259,19 @@ class LatencyCost:
             raise ValueError(f"predict_ms takes a whole network (class scores out); a {type(model).__name__} outputs feature maps")
         return self.scale * total + self.offset_ms
 
+    def record(self, base: nn.Module, pruned: nn.Module, example_input: torch.Tensor) -> dict:
+        """What a run reports of its latency: both models' predicted times (ms), the reduction, the table."""
+        before, after = self.predict_ms(base, example_input), self.predict_ms(pruned, example_input)
+        return {
+            "base": before,
+            "pruned": after,
+            "reduction": 1.0 - after / before,
+            "unit": f"predicted ms for a batch of {self.table.batch_size}",
+            "table": self.table.key,
+            "layers_measured": self.table.measured,
+            "calibration": {"scale": self.scale, "offset_ms": self.offset_ms},
+        }
+
     def calibrate(self, model: nn.Module, example_input: torch.Tensor, widths: Sequence[float] = (1.0, 0.75, 0.5)) -> LatencyCost:
         """Fit measured = scale * (sum of the table) + offset on `model` and copies of it with every prunable
         channel group kept at `widths` of its channels: each exported to

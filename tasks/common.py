@@ -11,6 +11,8 @@ from typing import Any
 import mlflow
 import torch
 
+from pruning.latency import LatencyCost, LatencyTable
+from pruning.methods import Metric
 from pruning.train import ResumeError, evaluate
 from tasks import paths
 from tasks.checkpoints import CheckpointError, load_resume, resume_path, save_resume
@@ -91,3 +93,15 @@ def log_metrics_flat(metrics: dict[str, Any], prefix: str = "") -> None:
             flat[f"{prefix}{k}"] = float(v)
     if flat:
         mlflow.log_metrics(flat)
+
+
+def cost_metric(params: Params, model: torch.nn.Module, example: torch.Tensor) -> Metric:
+    """prune.metric as the costs take it: 'flops' or 'params', or for 'latency' a LatencyCost over the table
+    in params.latency, calibrated on `model` (the base; a rerun on this machine measures nothing)."""
+    if params.prune.metric != "latency":
+        return params.prune.metric
+    lp = params.latency
+    table = LatencyTable(lp.table, batch_size=lp.batch_size, threads=lp.threads, repeats=lp.repeats)
+    cost = LatencyCost(table).calibrate(model, example)
+    print(f"latency: {table.key}; {table.measured} layer shapes measured for the calibration", flush=True)
+    return cost

@@ -147,8 +147,8 @@ class RankParams(_Section):
 
 class PruneParams(_Section):
     method: str = "emo-dir"
-    target: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of FLOPs (or params) removed")
-    metric: Literal["flops", "params"] = "flops"
+    target: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of FLOPs (or params, or predicted latency) removed")
+    metric: Literal["flops", "params", "latency"] = "flops"
     round_to: int = Field(1, ge=1, le=64)
 
     @field_validator("method")
@@ -182,6 +182,15 @@ class ExportParams(_Section):
         if any(b < 1 for b in v):
             raise ValueError(f"batch sizes must be >= 1, got {v}")
         return v
+
+
+class LatencyParams(_Section):
+    """prune.metric latency: onnxruntime's time for one batch, predicted from a per-layer table (pruning/latency.py)."""
+
+    table: str = Field("latency/table.json", description="the measured per-layer table: one per CPU, onnxruntime, threads, batch")
+    batch_size: int = Field(64, ge=1, description="the batch whose time is the cost")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = its default (every core)")
+    repeats: int = Field(10, ge=1, description="timed calls per layer shape (their median)")
 
 
 class OrchestrationParams(_Section):
@@ -222,6 +231,7 @@ class Params(_Section):
     rank: RankParams = RankParams()
     finetune: FinetuneParams = FinetuneParams()
     export: ExportParams = ExportParams()
+    latency: LatencyParams = LatencyParams()
     resources: ResourcesParams = ResourcesParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 

@@ -7,11 +7,12 @@ import shutil
 import mlflow
 import onnxruntime as ort
 
+from pruning.latency import LatencyCost
 from pruning.onnx_export import compare_with_torch, export_onnx, latency_pair_ms, session
 from pruning.quantize import calibration_batches, check_int8_drop, evaluate_onnx, quantize_int8
 from tasks import paths
 from tasks.checkpoints import load_model
-from tasks.common import Data, log_metrics_flat
+from tasks.common import Data, cost_metric, log_metrics_flat
 from tasks.config import Params
 from tasks.io import atomic_json, atomic_path
 from tasks.tracking import stage_run
@@ -42,6 +43,8 @@ def run(params: Params) -> dict:
             print(
                 f"export: batch {b}: {pruned_ms:.2f} ms pruned, {base_ms:.2f} ms base ({pruned_ms / base_ms:.2f} of the time)", flush=True
             )
+        if params.prune.metric == "latency":
+            out.update(predicted_against_measured(params, data, base, pruned))
         out.update(quantized(params, data, s_pruned))
         first = p.latency_batch_sizes[0]
         out["latency_batch"] = first
@@ -51,6 +54,34 @@ def run(params: Params) -> dict:
         mlflow.log_artifact(str(paths.PRUNED_ONNX), "models")
         atomic_json(out, paths.metrics_file("export"))
         return out
+
+
+def predicted_against_measured(params: Params, data: Data, base, pruned) -> dict:
+    """prune.metric latency: both ONNX models timed at the latency section's batch size and threads (alternating
+    blocks), beside the times the table predicts; `latency_prediction_error` is predicted / measured - 1."""
+    lp = params.latency
+    cost = cost_metric(params, base, data.example)
+    assert isinstance(cost, LatencyCost)  # prune.metric is latency
+    s_base, s_pruned = session(paths.BASE_ONNX, lp.threads), session(paths.PRUNED_ONNX, lp.threads)
+    base_ms, pruned_ms = latency_pair_ms(s_base, s_pruned, data.example, lp.batch_size, params.export.latency_repeats)
+    assert pruned_ms is not None  # two sessions timed, two times
+    predicted_base, predicted = cost.predict_ms(base, data.example), cost.predict_ms(pruned, data.example)
+    out = {
+        "latency_predicted_ms_base": predicted_base,
+        "latency_predicted_ms_pruned": predicted,
+        "latency_measured_ms_base": base_ms,
+        "latency_measured_ms_pruned": pruned_ms,
+        "latency_predicted_ratio": predicted / predicted_base,
+        "latency_measured_ratio": pruned_ms / base_ms,
+        "latency_prediction_error": predicted / pruned_ms - 1.0,
+    }
+    print(
+        f"export: latency at batch {lp.batch_size}: predicted {predicted:.2f} ms, measured {pruned_ms:.2f} ms "
+        f"({100 * out['latency_prediction_error']:+.1f}%); {out['latency_measured_ratio']:.3f} of the base's measured time "
+        f"(predicted {out['latency_predicted_ratio']:.3f})",
+        flush=True,
+    )
+    return out
 
 
 def quantized(params: Params, data: Data, fp32: ort.InferenceSession) -> dict:

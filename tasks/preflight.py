@@ -366,6 +366,7 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
                 s.levels,
                 s.encoding,
                 s.boundary_widths,
+                params.latency.model_dump() if p.metric == "latency" else None,
             ]
         ).encode()
     )
@@ -384,11 +385,12 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
 
 def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head) -> tuple[float, str]:
     from pruning.boundary import plan_boundaries
-    from pruning.channels import channel_groups, count_flops_params, pruned_copy
+    from pruning.channels import channel_groups, pruned_copy
     from pruning.divide import source_name
     from pruning.emodir import searched_module
-    from pruning.methods import cost_of
+    from pruning.methods import model_cost
     from pruning.search import SearchSpace, boundary_search_groups, prunable_groups
+    from tasks.common import cost_metric
 
     p, s = params.prune, params.search
 
@@ -435,5 +437,5 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
 
         small = pruned_copy(model, x, {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)})
         what = f"{p.method} (every channel group at its smallest width)"
-    base, got = count_flops_params(model, x), count_flops_params(small, x)
-    return 1.0 - cost_of(got, p.metric) / cost_of(base, p.metric), what
+    metric = cost_metric(params, model, x)  # latency: the measured table, calibrated on the model (once per machine)
+    return 1.0 - model_cost(small, x, metric) / model_cost(model, x, metric), what

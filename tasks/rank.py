@@ -16,12 +16,13 @@ from pruning.channels import KeepScheme, channel_groups, count_flops_params, gro
 from pruning.emodir import reestimate_bn
 from pruning.exact import TOLERANCE, fill_trained, land_on_target
 from pruning.gpir import rank as gpir_rank
-from pruning.methods import METHOD_NAMES, Target, cost_of, method_spec
+from pruning.latency import LatencyCost
+from pruning.methods import METHOD_NAMES, Metric, Target, method_spec, model_cost
 from pruning.search import choose_for_target
 from pruning.train import resolve_device
 from tasks import paths
 from tasks.checkpoints import load_model, save_model
-from tasks.common import Data, accuracy, log_metrics_flat
+from tasks.common import Data, accuracy, cost_metric, log_metrics_flat
 from tasks.config import Params
 from tasks.constrain import load_candidate
 from tasks.division import Division, load_division, load_features
@@ -32,10 +33,9 @@ SCHEME_SCHEMA = 2
 
 
 def rank_emo_dir(
-    params: Params, division: Division, example: torch.Tensor, write_tables: bool = True
+    params: Params, division: Division, example: torch.Tensor, metric: Metric, write_tables: bool = True
 ) -> tuple[torch.nn.Module, dict, dict]:
     device = resolve_device(params.device)
-    metric = params.prune.metric
     index = read_json(paths.CANDIDATES / "index.json")
     if "subnetworks" not in index:
         raise ValueError(
@@ -46,10 +46,10 @@ def rank_emo_dir(
     cands = []
     for entry in index["subnetworks"]:
         loaded = [load_candidate(division, entry["k"], row["candidate"]) for row in entry["candidates"]]
-        cands.append([(m, meta["scheme"], meta[metric], meta["io"]) for m, meta in loaded])
+        cands.append([(m, meta["scheme"], meta[params.prune.metric], meta["io"]) for m, meta in loaded])
     feats, labels = load_features("val", division.k)
-    base_costs = [getattr(s, metric) for s in division.subnetworks]
-    total = cost_of(count_flops_params(division.model, example), metric)
+    base_costs = [model_cost(s.module, torch.zeros(1, *s.in_shape), metric, (s.flops, s.params)) for s in division.subnetworks]
+    total = model_cost(division.model, example, metric)
     pruned, full_scheme, info = gpir_rank(
         division.model,
         example,
@@ -71,9 +71,9 @@ def rank_emo_dir(
         info["kept_whole"] = kept
     if write_tables:
         base_acc = info["val_cache_acc_base"]
-        atomic_json({"metric": metric, "base_cost": total, "base_acc": base_acc, "table": table}, paths.GPIR_TABLE)
+        atomic_json({"metric": str(metric), "base_cost": total, "base_acc": base_acc, "table": table}, paths.GPIR_TABLE)
         atomic_json(
-            {"metric": metric, "base_cost": total, "base_acc": base_acc, "chosen": [c["row"] for c in info["choice"]], "front": front},
+            {"metric": str(metric), "base_cost": total, "base_acc": base_acc, "chosen": [c["row"] for c in info["choice"]], "front": front},
             paths.JOINT_FRONT,
         )
     return pruned, full_scheme, info
@@ -99,30 +99,40 @@ def choose(
     spec = method_spec(p.method)
     if spec.one_shot is not None:
         base, base_meta = load_model(paths.BASE)
-        result = spec.one_shot(round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, p.metric))
-        scheme, info = _landed(params, base, example, result.scheme, result.info)
-        return base, base_meta, pruned_copy(base, example, scheme), scheme, info
+        metric = cost_metric(params, base, example)
+        result = spec.one_shot(round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, metric))
+        scheme, info = _landed(params, base, example, result.scheme, result.info, metric)
+        return base, base_meta, pruned_copy(base, example, scheme), scheme, _with_latency(info, metric, base, scheme, example)
     division = load_division(params)
+    metric = cost_metric(params, division.model, example)
     if spec.gpir:
-        pruned, scheme, info = rank_emo_dir(params, division, example, write_tables=write_tables)
+        pruned, scheme, info = rank_emo_dir(params, division, example, metric, write_tables=write_tables)
         if params.rank.fill_back:  # the trained channels keep their weights, the ones given back come from the base
-            p = params.prune
             importance = group_importance(division.model, example)
-            pruned, landing = fill_trained(pruned, division.model, example, scheme, p.target, importance, p.metric, p.round_to)
+            pruned, landing = fill_trained(pruned, division.model, example, scheme, p.target, importance, metric, p.round_to)
             scheme, info = landing.scheme, {**info, **landing.info()}
     else:
         _, scheme, info = rank_whole_emo(params, division, example)
-        scheme, info = _landed(params, division.model, example, scheme, info)
+        scheme, info = _landed(params, division.model, example, scheme, info, metric)
         pruned = pruned_copy(division.model, example, scheme)
-    return division.model, division.meta, pruned, scheme, info
+    return division.model, division.meta, pruned, scheme, _with_latency(info, metric, division.model, scheme, example)
 
 
-def _landed(params: Params, base: torch.nn.Module, example: torch.Tensor, scheme: KeepScheme, info: dict) -> tuple[KeepScheme, dict]:
+def _with_latency(info: dict, metric: Metric, base: torch.nn.Module, scheme: KeepScheme, example: torch.Tensor) -> dict:
+    """prune.metric latency: the predicted times go into the scheme document (its `latency` entry)."""
+    if not isinstance(metric, LatencyCost):
+        return info
+    return {**info, "latency": metric.record(base, pruned_copy(base, example, scheme), example)}
+
+
+def _landed(
+    params: Params, base: torch.nn.Module, example: torch.Tensor, scheme: KeepScheme, info: dict, metric: Metric
+) -> tuple[KeepScheme, dict]:
     """`rank.fill_back`: a scheme built from the base weights given channels back down to the target."""
     if not params.rank.fill_back:
         return scheme, info
     p = params.prune
-    landing = land_on_target(base, example, scheme, p.target, group_importance(base, example), p.metric, p.round_to)
+    landing = land_on_target(base, example, scheme, p.target, group_importance(base, example), metric, p.round_to)
     return landing.scheme, {**info, **landing.info()}
 
 
@@ -137,12 +147,13 @@ def scheme_document(params: Params, base, base_meta: dict, pruned, scheme: KeepS
         "target": {"reduction": params.prune.target, "metric": params.prune.metric},
         "flops": {"base": base_flops, "pruned": flops, "reduction": 1 - flops / base_flops},
         "params": {"base": base_params, "pruned": n_params, "reduction": 1 - n_params / base_params},
+        **({"latency": info["latency"]} if "latency" in info else {}),
         "groups": [
             {"name": g.name, "channels": g.channels, "kept": kept.get(g.name, g.channels), "layers": list(g.layers)}
             for g in channel_groups(base, example)
         ],
         "keep": scheme,
-        "info": info,
+        "info": {k: v for k, v in info.items() if k != "latency"},
     }
 
 

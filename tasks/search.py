@@ -16,12 +16,12 @@ from torch import nn
 from pruning.boundary import Boundary, plan_boundaries
 from pruning.channels import group_importance
 from pruning.emodir import SearchSettings, require_searchable, search_network, searched_module
-from pruning.methods import method_spec
+from pruning.methods import Metric, method_spec
 from pruning.search import Evaluation, ParetoFront
 from pruning.selectors import FeatureSelector
 from pruning.train import resolve_device
 from tasks import paths
-from tasks.common import log_metrics_flat
+from tasks.common import cost_metric, log_metrics_flat
 from tasks.config import Params
 from tasks.division import Division, load_division, load_feature, load_labels
 from tasks.io import atomic_json, atomic_path
@@ -50,7 +50,15 @@ def _fingerprint(params: Params, tag: str) -> str:
         h.update(f.read_bytes() if f.is_file() else b"")
     h.update(
         json.dumps(
-            [tag, params.seed, params.divide.model_dump(), params.search.model_dump(), params.prune.metric, params.prune.round_to],
+            [
+                tag,
+                params.seed,
+                params.divide.model_dump(),
+                params.search.model_dump(),
+                params.prune.metric,
+                params.prune.round_to,
+                params.latency.model_dump() if params.prune.metric == "latency" else None,
+            ],
             sort_keys=True,
         ).encode()
     )
@@ -72,6 +80,7 @@ def _search(
     reads: Boundary | None = None,
     writes: Boundary | None = None,
     whole: bool = False,
+    metric: Metric = "flops",
 ) -> dict:
     s = params.search
     ckpt = paths.CHECKPOINTS / f"search_{tag}_{_fingerprint(params, tag)}.pkl"
@@ -111,7 +120,7 @@ def _search(
         SearchSettings(**s.model_dump()),
         generations=generations,
         round_to=params.prune.round_to,
-        metric=params.prune.metric,
+        metric=metric,
         seed=params.seed,
         device=device,
         state=state,
@@ -204,6 +213,7 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
     example = division.example(k)
     plan = boundary_plan(params, division)
     reads, writes = (plan[k - 2] if k > 1 else None), plan[k - 1]
+    metric = cost_metric(params, division.model, division.example(1))
     return _search(
         params,
         f"s{k}",
@@ -218,6 +228,7 @@ def search_subnetwork(params: Params, k: int, run_id: str | None = None) -> dict
         device,
         reads=reads,
         writes=writes,
+        metric=metric,
     )
 
 
@@ -256,6 +267,7 @@ def search_whole(params: Params, run_id: str | None = None) -> dict:
         run_id,
         device,
         whole=True,
+        metric=cost_metric(params, model, division.example(1)),
     )
 
 
@@ -278,6 +290,11 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
         search = method_spec(method).search
         if search == "subnetworks":
             k = params.divide.k
+            if params.prune.metric == "latency" and mapper is not None:
+                # layer shapes are timed the first time a search needs them: on an otherwise idle machine, so
+                # the sub-networks are searched one after another, in this process
+                print("search: prune.metric latency: the sub-networks are searched one at a time (layers are timed as needed)", flush=True)
+                mapper = None
             results = (mapper or sequential(params))(list(range(1, k + 1)), run_id)
         elif search == "network":
             results = [search_whole(params, run_id)]
