@@ -96,10 +96,13 @@ def plot_fronts(path) -> bool:
         for g, front in enumerate(doc["fronts"]):
             xs, ys = zip(*front)
             ax.plot(xs, ys, "o-", ms=3, lw=0.8, color=plt.cm.viridis(g / max(1, n - 1)), label=f"gen {g + 1}" if g in (0, n - 1) else None)
+        if doc.get("kept_whole"):  # nothing was searched: say why instead of an empty axis
+            ax.text(0.5, 0.5, "kept whole:\nnothing to search", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{doc['tag']}: {doc['evaluations']} evaluations")
         ax.set_xlabel("cost fraction kept")
         ax.set_ylabel("selector error")
-        ax.legend(fontsize=7)
+        if n:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path, dpi=110)
     return True
