@@ -32,6 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from pruning.latency import CALIBRATION_WIDTHS  # noqa: E402
 OUT = REPO / "bench" / "results" / "latency_targets.json"
 BASE = REPO / "bench" / "bases" / "resnet20.pt"
 PREPARED = REPO / "bench" / "work" / "cifar10-prepared"
@@ -40,7 +41,8 @@ TABLE = REPO / "latency" / "table.json"
 METHODS = [("uniform", "uniform", 1), ("global-magnitude", "global-magnitude", 1), ("global-magnitude-r16", "global-magnitude", 16),
            ("random", "random", 1), ("emo-dir", "emo-dir", 1), ("whole-emo", "whole-emo", 1)]
 SETTINGS = {"batch_size": 64, "threads": 0, "table_repeats": 10, "timing_repeats": 50, "k": 3, "pop_size": 16, "generations": 8,
-            "candidates": 4, "constrain_epochs": 2, "cache_train": 4000, "cache_val": 2000, "bn_samples": 2048, "seed": 0}
+            "candidates": 4, "constrain_epochs": 2, "cache_train": 4000, "cache_val": 2000, "bn_samples": 2048, "seed": 0,
+            "calibration_widths": list(CALIBRATION_WIDTHS)}
 
 
 def _commit() -> str:
@@ -66,10 +68,14 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
     val, test = split_batches(PREPARED, "val", 256), split_batches(PREPARED, "test", 256)
     table = LatencyTable(TABLE, batch_size=s["batch_size"], threads=s["threads"], repeats=s["table_repeats"])
     start = time.perf_counter()
-    result = prune(base, x, train, val, target, method=method, metric="latency", latency=table, round_to=round_to, k=s["k"],
-                   pop_size=s["pop_size"], generations=s["generations"], candidates=s["candidates"],
-                   constrain_epochs=s["constrain_epochs"], cache_train=s["cache_train"], cache_val=s["cache_val"],
-                   bn_samples=s["bn_samples"], seed=s["seed"])
+    try:
+        result = prune(base, x, train, val, target, method=method, metric="latency", latency=table, round_to=round_to, k=s["k"],
+                       pop_size=s["pop_size"], generations=s["generations"], candidates=s["candidates"],
+                       constrain_epochs=s["constrain_epochs"], cache_train=s["cache_train"], cache_val=s["cache_val"],
+                       bn_samples=s["bn_samples"], seed=s["seed"])
+    except ValueError as err:  # a target the method cannot reach: recorded, and the next unit runs
+        return {"name": name, "method": method, "round_to": round_to, "target": target, "status": "refused",
+                "error": str(err)[:500], "seconds": round(time.perf_counter() - start, 1)}
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / "base.onnx", Path(tmp) / "pruned.onnx"]
@@ -81,7 +87,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
     lat = result.info["latency"]
     device = torch.device("cpu")
     return {
-        "name": name, "method": method, "round_to": round_to, "target": target,
+        "name": name, "method": method, "round_to": round_to, "target": target, "status": "pruned",
         "predicted_ratio": round(lat["pruned"] / lat["base"], 4), "measured_ratio": round(pruned_ms / base_ms, 4),
         "prediction_error": round(lat["pruned"] / pruned_ms - 1.0, 4), "predicted_ms": round(lat["pruned"], 2),
         "measured_ms": round(pruned_ms, 2), "predicted_ms_base": round(lat["base"], 2), "measured_ms_base": round(base_ms, 2),

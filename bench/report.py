@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
-EXTRA = {"latency_widths", "int8"}
+EXTRA = {"latency_widths", "int8", "latency_targets", "latency_table"}
 ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch-pruning"]
 
 
@@ -162,6 +162,32 @@ def _widths() -> list[str]:
     return out + ["", notes.read_text().strip(), ""] if notes.is_file() else out + [""]
 
 
+def _latency_targets() -> list[str]:
+    """Methods pruned for latency (bench/latency_targets.py), predicted against measured, if it has run."""
+    path = RESULTS / "latency_targets.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    s = r["settings"]
+    rows = sorted(r["units"].values(), key=lambda u: (u["target"], u["name"]))
+    out = ["## Pruning for latency (`metric: latency`, ResNet-20, converged base)", "",
+           f"- command: `python bench/latency_targets.py`; commits: `{', '.join(sorted({u['commit'][:8] for u in rows}))}`; "
+           f"{r['machine']['platform']}; the table at batch {s['batch_size']} on onnxruntime's default threads "
+           f"(median of {s['table_repeats']} calls per layer shape); base and pruned ONNX models timed in alternating blocks, "
+           f"median of {s['timing_repeats']} calls at batch {s['batch_size']}; no finetuning (accuracy before finetuning)", "",
+           "\"asked\" is 1 - target, the time ratio asked for; \"measured / asked\" within 0.90-1.10 meets the latency "
+           "issue's ±10%. Prediction error: predicted / measured pruned time - 1.", "",
+           "| method | target | predicted ratio | measured ratio | measured / asked | prediction error | FLOPs removed "
+           "| val acc | test acc | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for u in rows:
+        asked = 1 - u["target"]
+        out.append(f"| {u['name']} | {u['target']} | {u['predicted_ratio']:.3f} | {u['measured_ratio']:.3f} | "
+                   f"{u['measured_ratio'] / asked:.2f} | {100 * u['prediction_error']:+.1f}% | {u['flops_reduction']:.3f} | "
+                   f"{100 * u['val_acc_before_finetune']:.2f}% | {100 * u['test_acc_before_finetune']:.2f}% | {u['seconds']:.0f} |")
+    notes = REPO / "bench" / "notes" / "latency_targets.md"
+    return out + ["", notes.read_text().strip(), ""] if notes.is_file() else out + [""]
+
+
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     out = ["# Benchmarks", "",
@@ -203,6 +229,7 @@ def main() -> None:
         notes = REPO / "bench" / "notes" / f"{name}.md"
         if notes.is_file():
             out += [notes.read_text().strip(), ""]
+    out += _latency_targets()
     out += _int8()
     out += _widths()
     (DOCS / "benchmarks.md").write_text("\n".join(out) + "\n")

@@ -46,6 +46,9 @@ __all__ = ["DEFAULT_TABLE", "LatencyCost", "LatencyTable", "LayerShape", "layer_
 
 TABLE_SCHEMA = 1
 DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folder it runs in
+# The whole network is timed at these widths of every prunable group to fit measured = a * sum + b: the fit
+# must span the widths pruning reaches (0.25: a 0.7 latency target), or it extrapolates.
+CALIBRATION_WIDTHS = (1.0, 0.7, 0.5, 0.3)
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,7 @@ class LatencyCost:
             "calibration": {"scale": self.scale, "offset_ms": self.offset_ms},
         }
 
-    def calibrate(self, model: nn.Module, example_input: torch.Tensor, widths: Sequence[float] = (1.0, 0.75, 0.5)) -> LatencyCost:
+    def calibrate(self, model: nn.Module, example_input: torch.Tensor, widths: Sequence[float] = CALIBRATION_WIDTHS) -> LatencyCost:
         """Fit measured = scale * (sum of the table) + offset on `model` and copies of it with every prunable
         channel group kept at `widths` of its channels: each exported to
         ONNX and timed whole. Saved in the table under the model's layer shapes, so a rerun times nothing."""
@@ -281,7 +284,7 @@ class LatencyCost:
         shapes, ends = layer_shapes(model, example_input)
         if not ends:
             raise ValueError(f"calibrate takes a whole network (class scores out); a {type(model).__name__} outputs feature maps")
-        ident = f"{type(model).__name__} " + ";".join(s.key for s in shapes)
+        ident = f"{type(model).__name__} at widths {'/'.join(map(str, widths))}: " + ";".join(s.key for s in shapes)
         if ident not in self.table.calibrations:
             groups = channel_groups(model, example_input)
             points = []
