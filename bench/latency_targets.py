@@ -15,6 +15,7 @@ measures the other work. bench/notes/latency_targets.md discusses the results.
 
     python bench/latency_targets.py                       # every method, targets 0.5 and 0.7
     python bench/latency_targets.py --methods uniform --targets 0.5
+    python bench/latency_targets.py --batch-size 1 --threads 1   # batch 1 on one thread: its own table and units
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def _digest(name: str, target: float) -> str:
     return hashlib.sha256(json.dumps({"settings": SETTINGS, "unit": [name, target]}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _key(name: str, target: float) -> str:
+    """Units at the default batch 64 on every core keep their plain keys; others say their batch and threads."""
+    b, t = SETTINGS["batch_size"], SETTINGS["threads"]
+    return f"{name}@{target}" + ("" if (b, t) == (64, 0) else f" b{b} t{t or 'default'}")
+
+
 def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
     from pruning.api import prune
     from pruning.latency import LatencyTable
@@ -75,6 +82,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
                        bn_samples=s["bn_samples"], seed=s["seed"])
     except ValueError as err:  # a target the method cannot reach: recorded, and the next unit runs
         return {"name": name, "method": method, "round_to": round_to, "target": target, "status": "refused",
+                "batch_size": s["batch_size"], "threads": s["threads"],
                 "error": str(err)[:500], "seconds": round(time.perf_counter() - start, 1)}
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +96,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
     device = torch.device("cpu")
     return {
         "name": name, "method": method, "round_to": round_to, "target": target, "status": "pruned",
+        "batch_size": s["batch_size"], "threads": s["threads"],
         "predicted_ratio": round(lat["pruned"] / lat["base"], 4), "measured_ratio": round(pruned_ms / base_ms, 4),
         "prediction_error": round(lat["pruned"] / pruned_ms - 1.0, 4), "predicted_ms": round(lat["pruned"], 2),
         "measured_ms": round(pruned_ms, 2), "predicted_ms_base": round(lat["base"], 2), "measured_ms_base": round(base_ms, 2),
@@ -103,7 +112,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
+    ap.add_argument("--batch-size", type=int, default=64, help="the batch whose time is the cost and is measured")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default, every core)")
     args = ap.parse_args()
+    SETTINGS.update(batch_size=args.batch_size, threads=args.threads)
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"units": {}}
     results.update(settings=SETTINGS, machine={"platform": platform.platform(), "python": platform.python_version(),
                                                "torch": torch.__version__})
@@ -111,7 +123,7 @@ def main() -> None:
         if name not in args.methods:
             continue
         for target in args.targets:
-            key, digest = f"{name}@{target}", _digest(name, target)
+            key, digest = _key(name, target), _digest(name, target)
             if results["units"].get(key, {}).get("digest") == digest:
                 print(f"{key}: done before", flush=True)
                 continue

@@ -169,7 +169,7 @@ def _latency_targets() -> list[str]:
         return []
     r = json.loads(path.read_text())
     s = r["settings"]
-    rows = sorted(r["units"].values(), key=lambda u: (u["target"], u["name"]))
+    rows = sorted(r["units"].values(), key=lambda u: (u.get("batch_size", 64), u["target"], u["name"]))
     out = ["## Pruning for latency (`metric: latency`, ResNet-20, converged base)", "",
            f"- command: `python bench/latency_targets.py`; commits: `{', '.join(sorted({u['commit'][:8] for u in rows}))}`; "
            f"{r['machine']['platform']}; the table at batch {s['batch_size']} on onnxruntime's default threads "
@@ -177,11 +177,15 @@ def _latency_targets() -> list[str]:
            f"median of {s['timing_repeats']} calls at batch {s['batch_size']}; no finetuning (accuracy before finetuning)", "",
            "\"asked\" is 1 - target, the time ratio asked for; \"measured / asked\" within 0.90-1.10 meets the latency "
            "issue's ±10%. Prediction error: predicted / measured pruned time - 1.", "",
-           "| method | target | predicted ratio | measured ratio | measured / asked | prediction error | FLOPs removed "
-           "| val acc | test acc | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| batch, threads | method | target | predicted ratio | measured ratio | measured / asked | prediction error "
+           "| FLOPs removed | val acc | test acc | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in rows:
+        where = f"{u.get('batch_size', 64)}, {u.get('threads') or 'all'}"
+        if u.get("status") == "refused":
+            out.append(f"| {where} | {u['name']} | {u['target']} | refused: {u['error'][:160]} | | | | | | | {u['seconds']:.0f} |")
+            continue
         asked = 1 - u["target"]
-        out.append(f"| {u['name']} | {u['target']} | {u['predicted_ratio']:.3f} | {u['measured_ratio']:.3f} | "
+        out.append(f"| {where} | {u['name']} | {u['target']} | {u['predicted_ratio']:.3f} | {u['measured_ratio']:.3f} | "
                    f"{u['measured_ratio'] / asked:.2f} | {100 * u['prediction_error']:+.1f}% | {u['flops_reduction']:.3f} | "
                    f"{100 * u['val_acc_before_finetune']:.2f}% | {100 * u['test_acc_before_finetune']:.2f}% | {u['seconds']:.0f} |")
     notes = REPO / "bench" / "notes" / "latency_targets.md"

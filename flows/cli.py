@@ -205,7 +205,7 @@ def serve(
 
 @app.command()
 def scheme(
-    target: float = typer.Option(..., help="fraction of FLOPs (or params) to remove, in (0, 1)"),
+    target: float = typer.Option(..., help="fraction of prune.metric (FLOPs, params or predicted latency) to remove, in (0, 1)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
 ) -> None:
     """Take another target from the finished search: rank again, no new search or constrained training."""

@@ -114,6 +114,8 @@ def prune(
         result.model                    # the physically smaller network
     """
     Target(target, "flops" if metric == "latency" else metric)  # a bad target or metric fails here, before any work
+    if latency is not None and metric != "latency":
+        raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
     dev = resolve_device(device)
     seed_everything(seed)

@@ -188,18 +188,26 @@ def _traced(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModu
     flags = _training_flags(model)
     model.eval()
     try:
-        gm = torch.fx.symbolic_trace(model)
-        with torch.no_grad():
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as err:  # noqa: BLE001 -- any tracing failure means the same thing to the user
+            raise _TraceError(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from err
+        with torch.no_grad():  # the model's own errors (a wrong input size) surface as they are
             ShapeProp(gm).propagate(example_input[:1])
     finally:
         _restore_flags(flags)
     return gm
 
 
+class _TraceError(Exception):
+    """torch.fx cannot trace a model (data-dependent control flow, ...)."""
+
+
 def channel_reshapes(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     """Where `model` reshapes a (N, C, H, W) feature map so that its channels move to or mix with another axis
     (ShuffleNet's channel shuffle), as 'module (Type): view (1, 48, 16, 16) -> (1, 2, 24, 16, 16)'. Flattening
-    (N, C, H, W) to (N, C*H*W) or (N, C) is not such a reshape. Empty when the model cannot be traced."""
+    (N, C, H, W) to (N, C*H*W) or (N, C), or to (N, C, H*W), is not such a reshape. Empty when the model
+    cannot be traced."""
     try:
         gm = _traced(model, example_input)
     except Exception:  # noqa: BLE001 -- only a better error message depends on it
@@ -211,8 +219,8 @@ def channel_reshapes(model: nn.Module, example_input: torch.Tensor) -> list[str]
         before = getattr(src.meta.get("tensor_meta"), "shape", None) if src is not None else None
         if _op_name(n) not in _RESHAPES or shape is None or before is None or len(before) != 4:
             continue
-        if len(shape) <= 2 or (len(shape) == 4 and shape[1] == before[1]):
-            continue  # a flatten for a linear layer, or the channels left where they are
+        if len(shape) <= 2 or shape[1] == before[1]:
+            continue  # a flatten for a linear layer, or the channels left on their axis ((N, C, H*W): attention)
         stack = list((n.meta.get("nn_module_stack") or {}).values())
         where = f"{stack[-1][0]} ({stack[-1][1].__name__})" if stack else f"{type(model).__name__}.forward"
         found.append(f"{where}: {_op_name(n)} {tuple(before)} -> {tuple(shape)}")
@@ -237,10 +245,10 @@ def graph_blocks(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Bl
     """
     try:
         gm = _traced(model, example_input)
-    except Exception as err:  # noqa: BLE001 -- any tracing failure means the same thing to the user
+    except _TraceError as err:
         raise ValueError(
-            f"cannot divide a {type(model).__name__} into blocks: torch.fx cannot trace it "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); supported models: {', '.join(SUPPORTED_MODELS)}"
+            f"cannot divide a {type(model).__name__} into blocks: torch.fx cannot trace it ({err}); "
+            f"supported models: {', '.join(SUPPORTED_MODELS)}"
         ) from err
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}

@@ -255,6 +255,7 @@ def candidate_cost_of(
     """`candidate_cost` in `metric`: FLOPs, params, or predicted latency (the head's change included alike)."""
     if not isinstance(metric, LatencyCost):
         return cost_of(candidate_cost(sub, module, scheme, io, head), metric)
+    # latency only: a cost priced afresh from the table, so candidates and base costs come from the same one
     cost = metric(module, torch.zeros(1, *sub.in_shape))
     if head is not None and io.out_group is not None and io.outputs != 0:
         x = torch.zeros(1, *sub.out_shape)

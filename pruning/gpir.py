@@ -67,7 +67,7 @@ def impairment_table(
     options: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> tuple[float, list[list[dict]]]:
     """acc(N) and, per sub-network, one row per candidate (module, cost): its accuracy with only that
-    sub-network replaced, impairment = acc(N) - that, and the cost (FLOPs or params) it saves against
+    sub-network replaced, impairment = acc(N) - that, and the cost (FLOPs, params or predicted ns) it saves against
     `base_costs[k]`. Row 0 of every sub-network is 'keep it unpruned' (impairment 0, saving 0).
     `options[k][j]` = (inputs, outputs): the boundary width options candidate j reads and writes (default 0, 0);
     a candidate pruning a boundary is a BoundaryIO, so it fits between the original neighbours.

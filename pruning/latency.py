@@ -65,11 +65,12 @@ class LayerShape:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    rows: int = 1  # linear: rows per sample (a Linear on (N, H, W, C) runs on N * H * W rows: ConvNeXt's MLPs)
 
     @property
     def key(self) -> str:
         if self.kind == "linear":
-            return f"linear {self.c_in}>{self.c_out}"
+            return f"linear {self.c_in}>{self.c_out}" + (f" x{self.rows}" if self.rows > 1 else "")
         k, s, p, d = ("x".join(map(str, t)) for t in (self.kernel, self.stride, self.padding, self.dilation))
         return f"conv {self.c_in}>{self.c_out} {self.h}x{self.w} k{k} s{s} p{p} d{d} g{self.groups}"
 
@@ -86,25 +87,32 @@ def layer_shapes(module: nn.Module, example_input: torch.Tensor) -> tuple[list[L
     def hook(m: nn.Module, inputs, _out) -> None:
         x = inputs[0]
         if isinstance(m, nn.Linear):
-            shapes.append(LayerShape("linear", m.in_features, m.out_features))
+            shapes.append(LayerShape("linear", m.in_features, m.out_features, rows=int(x[0].numel()) // m.in_features))
         elif isinstance(m, nn.Conv2d):
-            if not isinstance(m.padding, (tuple, list)):
-                raise ValueError(f"latency: {type(m).__name__} padding {m.padding!r} is not supported; allowed: explicit padding sizes")
+            k, d = _pair(m.kernel_size), _pair(m.dilation)
+            # 'valid' pads nothing; 'same' pads about half the receptive field (onnxruntime's SAME_UPPER adds the odd one)
+            pad = (
+                (0, 0)
+                if m.padding == "valid"
+                else (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+                if m.padding == "same"
+                else _pair(m.padding)
+            )
             shapes.append(
                 LayerShape(
-                    "conv", m.in_channels, m.out_channels, int(x.shape[2]), int(x.shape[3]), _pair(m.kernel_size),
-                    _pair(m.stride), _pair(m.padding), _pair(m.dilation), int(m.groups),
+                    "conv", m.in_channels, m.out_channels, int(x.shape[2]), int(x.shape[3]), k, _pair(m.stride), pad, d, int(m.groups)
                 )
-            )  # fmt: skip
+            )
 
     hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = module.training
+    flags = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad():
             out = module(example_input[:1])
     finally:
-        module.train(was_training)
+        for m, flag in flags.items():
+            m.training = flag
         for h in hooks:
             h.remove()
     return shapes, isinstance(out, torch.Tensor) and out.dim() == 2
@@ -125,11 +133,11 @@ def _layer_model(shape: LayerShape, batch: int) -> bytes:
     """One layer as an ONNX model (random weights: time does not depend on values)."""
     rng = np.random.default_rng(0)
     if shape.kind == "linear":
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.c_in])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch * shape.rows, shape.c_in])
         w = numpy_helper.from_array(rng.standard_normal((shape.c_out, shape.c_in), dtype=np.float32), "w")
         b = numpy_helper.from_array(np.zeros(shape.c_out, np.float32), "b")
         nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, shape.c_out])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch * shape.rows, shape.c_out])
     else:
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.c_in, shape.h, shape.w])
         weight = rng.standard_normal((shape.c_out, shape.c_in // shape.groups, *shape.kernel), dtype=np.float32)
@@ -219,7 +227,7 @@ class LatencyTable:
             missing = list(dict.fromkeys(s for s in shapes if s.key not in self.layers))
             for s in missing:
                 sess = _session(_layer_model(s, self.batch_size), self.threads)
-                dims = [self.batch_size, s.c_in] if s.kind == "linear" else [self.batch_size, s.c_in, s.h, s.w]
+                dims = [self.batch_size * s.rows, s.c_in] if s.kind == "linear" else [self.batch_size, s.c_in, s.h, s.w]
                 feed = {"x": np.random.default_rng(0).standard_normal(dims, dtype=np.float32)}
                 self.layers[s.key] = _median_ms(sess, feed, self.repeats)
                 self.measured += 1
@@ -251,9 +259,11 @@ class LatencyCost:
         return float(sum(self.table.ms(shapes))), ends
 
     def __call__(self, module: nn.Module, example_input: torch.Tensor) -> int:
-        total, ends = self.layers_ms(module, example_input)
-        constant = self.offset_ms / self.scale if ends else 0.0
-        return int(round((total + constant) * 1e6))
+        # every layer and the constant rounded to whole ns before they are added: the parts of a network
+        # (sub-networks, head) then add up to the whole exactly, as FLOPs do
+        shapes, ends = layer_shapes(module, example_input)
+        layers = sum(round(ms * 1e6) for ms in self.table.ms(shapes))
+        return layers + (round(self.offset_ms / self.scale * 1e6) if ends else 0)
 
     def predict_ms(self, model: nn.Module, example_input: torch.Tensor) -> float:
         """The predicted time of one batch of the whole `model` (it must end a network), in ms."""
@@ -294,12 +304,11 @@ class LatencyCost:
                 total, _ = self.layers_ms(variant, example_input)
                 points.append((total, self._measure_whole(variant, example_input)))
             xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
-            if len(set(xs.tolist())) < 2:
-                scale, offset = float(ys.mean() / xs.mean()), 0.0
-            else:
-                scale, offset = (float(v) for v in np.polyfit(xs, ys, 1))
-            if scale <= 0:  # noise beat the fit: keep the table's proportions
-                scale, offset = float(ys.mean() / xs.mean()), 0.0
+            if xs.min() <= 0:
+                raise ValueError(f"latency: {type(model).__name__} runs no convolution or linear layer to time")
+            scale, offset = (float(v) for v in np.polyfit(xs, ys, 1)) if len(set(xs.tolist())) > 1 else (0.0, 0.0)
+            if scale <= 0 or offset < 0:  # noise beat the fit, or a pruned model could cost nothing: proportions only
+                scale, offset = float(ys.sum() / xs.sum()), 0.0
             with self.table._lock:
                 self.table.calibrations[ident] = {"scale": scale, "offset_ms": offset, "points": [list(p) for p in points]}
                 self.table.save()

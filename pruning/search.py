@@ -3,8 +3,8 @@
 Genes are keep-ratio levels, one per prunable channel group (residual-coupled channels share a gene);
 a candidate keeps the most important channels of each group by L1 group magnitude, inherits the
 original weights, has its BatchNorm statistics re-estimated on a few cached batches, and is scored by
-a frozen selector on cached inputs. Objectives, both minimised: cost fraction (FLOPs or params of the
-pruned module over the original's) and selector error. Nothing of pymoo leaves this module.
+a frozen selector on cached inputs. Objectives, both minimised: cost fraction (FLOPs, params or predicted
+latency of the pruned module over the original's) and selector error. Nothing of pymoo leaves this module.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def loader_images(loader: Iterable, samples: int) -> torch.Tensor:
 @dataclass
 class Evaluation:
     genes: tuple[int, ...]
-    cost: float  # pruned / original FLOPs (or params) of the searched module
+    cost: float  # pruned / original FLOPs (or params, or predicted latency) of the searched module
     error: float  # selector error
     flops: int
     params: int

@@ -95,13 +95,16 @@ def log_metrics_flat(metrics: dict[str, Any], prefix: str = "") -> None:
         mlflow.log_metrics(flat)
 
 
-def cost_metric(params: Params, model: torch.nn.Module, example: torch.Tensor) -> Metric:
+def cost_metric(params: Params, model: torch.nn.Module, example: torch.Tensor, root: Path | None = None) -> Metric:
     """prune.metric as the costs take it: 'flops' or 'params', or for 'latency' a LatencyCost over the table
-    in params.latency, calibrated on `model` (the base; a rerun on this machine measures nothing)."""
+    in params.latency (a relative path is under `root`, default the current folder: the project's), calibrated
+    on `model` (the base; a rerun on this machine measures nothing)."""
     if params.prune.metric != "latency":
         return params.prune.metric
     lp = params.latency
-    table = LatencyTable(lp.table, batch_size=lp.batch_size, threads=lp.threads, repeats=lp.repeats)
+    path = Path(lp.table).expanduser()
+    path = path if path.is_absolute() or root is None else root / path
+    table = LatencyTable(path, batch_size=lp.batch_size, threads=lp.threads, repeats=lp.repeats)
     cost = LatencyCost(table).calibrate(model, example)
     print(f"latency: {table.key}; {table.measured} layer shapes measured for the calibration", flush=True)
     return cost

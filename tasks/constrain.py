@@ -10,19 +10,12 @@ import torch
 from torch import nn
 
 from pruning.boundary import CandidateIO
-from pruning.emodir import (
-    ConstrainSettings,
-    candidate_cost,
-    candidate_cost_of,
-    candidate_module,
-    choose_candidates,
-    constrain_subnetwork,
-)
-from pruning.methods import Metric, method_spec
+from pruning.emodir import ConstrainSettings, candidate_cost, candidate_module, choose_candidates, constrain_subnetwork
+from pruning.methods import method_spec
 from pruning.search import Evaluation
 from pruning.train import resolve_device
 from tasks import paths
-from tasks.common import Data, cost_metric, log_metrics_flat
+from tasks.common import Data, log_metrics_flat
 from tasks.config import Params
 from tasks.division import Division, load_division, load_feature, load_labels
 from tasks.io import atomic_json, atomic_torch_save, read_json
@@ -55,8 +48,6 @@ def run(params: Params) -> dict:
             return out
         device = resolve_device(params.device)
         division = load_division(params)
-        # prune.metric latency: each candidate's predicted time too, which rank adds up (nanoseconds)
-        metric: Metric = cost_metric(params, division.model, division.example(1)) if params.prune.metric == "latency" else "flops"
         c = params.constrain
         start = time.perf_counter()
         ytr = load_labels("train")
@@ -89,9 +80,7 @@ def run(params: Params) -> dict:
             ) -> None:
                 member = chosen[j]
                 sub = division.subnetworks[k - 1]
-                head = division.head if k == division.k else None
-                flops, n_params = candidate_cost(sub, module, member["scheme"], ios[j], head)
-                latency = {"latency": candidate_cost_of(sub, module, member["scheme"], ios[j], head, metric)} if metric != "flops" else {}
+                flops, n_params = candidate_cost(sub, module, member["scheme"], ios[j], division.head if k == division.k else None)
                 atomic_torch_save(
                     {
                         "scheme": member["scheme"],
@@ -99,7 +88,6 @@ def run(params: Params) -> dict:
                         "genes": member["genes"],
                         "flops": flops,
                         "params": n_params,
-                        **latency,
                         "search_error": member["error"],
                         "losses": losses,
                         "state_dict": {n: t.detach().cpu() for n, t in module.state_dict().items()},

@@ -53,6 +53,8 @@ def load_division(params: Params) -> Division:
     """A private copy of models/base.pt divided into `divide.k` sub-networks (deterministic: same cut every
     time): tasks may run in parallel threads."""
     path = paths.BASE.resolve()
+    if not path.is_file():
+        load_model(paths.BASE)  # raises the CheckpointError that says so
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns, params.divide.k)
     with _DIVIDING:

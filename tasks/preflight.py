@@ -322,7 +322,11 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
     except ValueError as err:
         r.fail("divide.k", k, str(err))
         return
-    reach, what = _reach(params, nc, model, x, subs, head, root)
+    try:
+        reach, what = _reach(params, nc, model, x, subs, head, root)
+    except ValueError as err:  # prune.metric latency: an unreadable table, a layer it cannot time
+        r.fail("latency.table" if params.prune.metric == "latency" else "prune.method", params.latency.table, str(err))
+        return
     if params.prune.target > reach:
         r.fail(
             "prune.target",
@@ -348,9 +352,10 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
 
 
 def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, head, root: Path) -> tuple[float, str]:
-    """The largest fraction of FLOPs (or params) the method's search space can remove: every gene at its lowest
-    level. Cached under .emoprune/preflight/ by architecture, search space and the pruning code it depends on."""
+    """The largest fraction of FLOPs (or params, or predicted latency) the method's search space can remove:
+    every gene at its lowest level. Cached under .emoprune/preflight/ by architecture, search space and the pruning code it depends on."""
     import pruning
+    from pruning.latency import machine
 
     p, s = params.prune, params.search
     key = hashlib.sha256(
@@ -366,7 +371,7 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
                 s.levels,
                 s.encoding,
                 s.boundary_widths,
-                params.latency.model_dump() if p.metric == "latency" else None,
+                [params.latency.model_dump(), machine()] if p.metric == "latency" else None,
             ]
         ).encode()
     )
@@ -378,12 +383,12 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
         return float(doc["reach"]), str(doc["what"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    reach, what = _compute_reach(params, model, x, subs, head)
+    reach, what = _compute_reach(params, model, x, subs, head, root)
     atomic_json({"reach": reach, "what": what}, cache)
     return reach, what
 
 
-def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head) -> tuple[float, str]:
+def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head, root: Path) -> tuple[float, str]:
     from pruning.boundary import plan_boundaries
     from pruning.channels import channel_groups, pruned_copy
     from pruning.divide import source_name
@@ -437,5 +442,5 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
 
         small = pruned_copy(model, x, {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)})
         what = f"{p.method} (every channel group at its smallest width)"
-    metric = cost_metric(params, model, x)  # latency: the measured table, calibrated on the model (once per machine)
+    metric = cost_metric(params, model, x, root)  # latency: the measured table, calibrated on the model (once per machine)
     return 1.0 - model_cost(small, x, metric) / model_cost(model, x, metric), what

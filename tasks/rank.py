@@ -13,7 +13,7 @@ import mlflow
 import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, pruned_copy
-from pruning.emodir import reestimate_bn
+from pruning.emodir import candidate_cost_of, reestimate_bn
 from pruning.exact import TOLERANCE, fill_trained, land_on_target
 from pruning.gpir import rank as gpir_rank
 from pruning.latency import LatencyCost
@@ -46,7 +46,13 @@ def rank_emo_dir(
     cands = []
     for entry in index["subnetworks"]:
         loaded = [load_candidate(division, entry["k"], row["candidate"]) for row in entry["candidates"]]
-        cands.append([(m, meta["scheme"], meta[params.prune.metric], meta["io"]) for m, meta in loaded])
+        # FLOPs and params as constrain counted them; a latency priced now, from the table the base costs come from
+        sub, head = division.subnetworks[entry["k"] - 1], division.head if entry["k"] == division.k else None
+        costs = [
+            meta[metric] if isinstance(metric, str) else candidate_cost_of(sub, m, meta["scheme"], meta["io"], head, metric)
+            for m, meta in loaded
+        ]
+        cands.append([(m, meta["scheme"], c, meta["io"]) for (m, meta), c in zip(loaded, costs)])
     feats, labels = load_features("val", division.k)
     base_costs = [model_cost(s.module, torch.zeros(1, *s.in_shape), metric, (s.flops, s.params)) for s in division.subnetworks]
     total = model_cost(division.model, example, metric)
@@ -184,6 +190,7 @@ def run(params: Params) -> dict:
             "test_acc_before_finetune": accuracy(pruned, data.loader("test"), device),  # reported only, never used to choose
             "rank_seconds": seconds,
             "bn_samples": bn_samples,
+            "reduction": doc[p.metric]["reduction"],  # of the target's metric (latency: predicted)
             "target_gap": doc[p.metric]["reduction"] - p.target,
             # what was done instead of what was asked, in words ("" when nothing was), with where it ended
             "fallback": "; ".join(info.get("fallbacks", []))
