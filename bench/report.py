@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
-EXTRA = {"latency_widths", "int8", "latency_targets", "latency_table"}
+EXTRA = {"latency_widths", "int8", "latency_targets", "zoo"}  # studies with their own sections or pages
 ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch-pruning"]
 
 
@@ -172,9 +172,9 @@ def _latency_targets() -> list[str]:
     rows = sorted(r["units"].values(), key=lambda u: (u.get("batch_size", 64), u["target"], u["name"]))
     out = ["## Pruning for latency (`metric: latency`, ResNet-20, converged base)", "",
            f"- command: `python bench/latency_targets.py`; commits: `{', '.join(sorted({u['commit'][:8] for u in rows}))}`; "
-           f"{r['machine']['platform']}; the table at batch {s['batch_size']} on onnxruntime's default threads "
-           f"(median of {s['table_repeats']} calls per layer shape); base and pruned ONNX models timed in alternating blocks, "
-           f"median of {s['timing_repeats']} calls at batch {s['batch_size']}; no finetuning (accuracy before finetuning)", "",
+           f"{r['machine']['platform']}; a table per batch size and thread count (median of {s['table_repeats']} calls per "
+           f"layer shape); base and pruned ONNX models timed in alternating blocks at the row's batch and threads, median of "
+           f"{s['timing_repeats']} calls; no finetuning (accuracy before finetuning)", "",
            "\"asked\" is 1 - target, the time ratio asked for; \"measured / asked\" within 0.90-1.10 meets the latency "
            "issue's ±10%. Prediction error: predicted / measured pruned time - 1.", "",
            "| batch, threads | method | target | predicted ratio | measured ratio | measured / asked | prediction error "
