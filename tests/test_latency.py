@@ -31,29 +31,36 @@ def _loaders(model):
     return x, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32), DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
 
 
+def blocked_macs_ms(shape, batch: int) -> float:
+    """A deterministic stand-in for onnxruntime's time of a layer: multiply-accumulates with the channels rounded
+    up to 16-wide blocks (AVX-512's), plus a fixed cost per call. onnxruntime's own timings vary with the load of
+    the machine running the tests; these tests are about what is done with the times (bench/ measures them)."""
+    import math
+
+    blocks = math.ceil(shape.c_in / 16) * 16 * math.ceil(shape.c_out / 16) * 16 // shape.groups
+    return 0.01 + batch * shape.h * shape.w * shape.rows * blocks * shape.kernel[0] * shape.kernel[1] / 1e8
+
+
 def test_a_latency_target_is_met_in_the_predicted_time_and_a_rerun_measures_nothing(tmp_path):
-    """Targets here sit well inside what a tiny search reaches: the table is timed on whatever machine runs the
-    test, busy or not, so the reach and the landing move from run to run."""
     model = _chain()
     x, train, val = _loaders(model)
     path = tmp_path / "latency.json"
 
     def run(method):
-        table = LatencyTable(path, batch_size=4, threads=1, repeats=3)
-        return prune(model, x[:1], train, val, target=0.15, method=method, metric="latency", latency=table, k=2, pop_size=6,
+        cost = LatencyCost(LatencyTable(path, batch_size=4, timer=blocked_macs_ms))  # uncalibrated: the sum of the layers
+        return prune(model, x[:1], train, val, target=0.12, method=method, metric=cost, k=2, pop_size=6,
                      generations=2, candidates=2, constrain_epochs=1, selector_epochs=1)
 
     first = {m: run(m) for m in ("global-magnitude", "emo-dir")}
     for method, result in first.items():
         lat = result.info["latency"]
-        # the promise is the target; how close above it lands depends on the timings (bench/ measures that)
-        assert lat["reduction"] >= 0.15, (method, lat)
+        assert 0.12 <= lat["reduction"] <= 0.12 + 0.05, (method, lat)
         assert lat["pruned"] < lat["base"] and lat["unit"] == "predicted ms for a batch of 4"
     assert first["global-magnitude"].info["latency"]["layers_measured"] > 0
     doc = json.loads(path.read_text())
     [(key, table)] = doc["tables"].items()
-    assert "threads 1 | batch 4" in key and len(table["calibrations"]) == 1
-    # the table and the calibration are read back: nothing is timed again, and the same table gives the same model
+    assert key == "timer blocked_macs_ms | onnxruntime - | threads default | batch 4" and table["layers"]
+    # the table is read back: nothing is timed again, and the same table gives the same model
     again = run("global-magnitude")
     assert again.info["latency"]["layers_measured"] == 0
     assert again.scheme == first["global-magnitude"].scheme
@@ -115,7 +122,7 @@ def latency_project(tmp_path_factory, prefect_server):
 
     root = tmp_path_factory.mktemp("latency")
     params = tiny_params(root)
-    params["prune"].update(metric="latency", target=0.2)
+    params["prune"].update(metric="latency", target=0.1)
     params["latency"].update(batch_size=4, threads=1, repeats=3)
     params["export"].update(latency_repeats=4)
     params_path = write_params(root / "params.yaml", params)
@@ -133,8 +140,9 @@ def test_the_pipeline_prunes_for_latency_and_reports_it_against_the_measured_tim
 
     root, results, params_path = latency_project
     scheme = read_json(root / paths.SCHEME)
-    assert scheme["target"] == {"reduction": 0.2, "metric": "latency"}
-    assert scheme["latency"]["reduction"] >= 0.2, scheme["latency"]
+    assert scheme["target"] == {"reduction": 0.1, "metric": "latency"}
+    # onnxruntime timed on a machine as busy as the test suite makes it: the promise is the target, not the landing
+    assert scheme["latency"]["reduction"] >= 0.1, scheme["latency"]
     assert read_json(root / paths.GPIR_TABLE)["metric"] == "latency"
     # the export stage's prediction is the rank stage's; the prediction error is against the measured time
     export = results["export"]
