@@ -28,10 +28,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+
+from pruning.onnx_export import export_onnx, latency_ms, session
 
 __all__ = ["DEFAULT_TABLE", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
 
@@ -155,24 +155,6 @@ def _layer_model(shape: LayerShape, batch: int) -> bytes:
     return model.SerializeToString()
 
 
-def _session(model: bytes | str, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
-def _median_ms(sess: ort.InferenceSession, feed: dict, repeats: int, warmup: int = 2) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        if i >= warmup:
-            times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
 class LatencyTable:
     """Per-layer onnxruntime times (ms) on this machine at one batch size and thread count, saved to `path`
     (None: kept in memory). The file holds one table per (CPU, onnxruntime, threads, batch); `measured` counts
@@ -240,10 +222,10 @@ class LatencyTable:
                     self.layers[s.key] = float(self.timer(s, self.batch_size))
                     self.measured += 1
                     continue
-                sess = _session(_layer_model(s, self.batch_size), self.threads)
-                dims = [self.batch_size * s.rows, s.c_in] if s.kind == "linear" else [self.batch_size, s.c_in, s.h, s.w]
-                feed = {"x": np.random.default_rng(0).standard_normal(dims, dtype=np.float32)}
-                self.layers[s.key] = _median_ms(sess, feed, self.repeats)
+                sess = session(_layer_model(s, self.batch_size), self.threads)
+                one = torch.zeros(1, s.c_in) if s.kind == "linear" else torch.zeros(1, s.c_in, s.h, s.w)
+                rows = self.batch_size * s.rows if s.kind == "linear" else self.batch_size
+                self.layers[s.key] = latency_ms(sess, one, rows, self.repeats, warmup=2)
                 self.measured += 1
             if missing:
                 self.save()
@@ -339,11 +321,8 @@ class LatencyCost:
         return self
 
     def _measure_whole(self, model: nn.Module, example_input: torch.Tensor) -> float:
-        from pruning.onnx_export import export_onnx
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             export_onnx(model, example_input, path)
-            sess = _session(str(path), self.table.threads)
-        x = np.random.default_rng(0).standard_normal((self.table.batch_size, *example_input.shape[1:]), dtype=np.float32)
-        return _median_ms(sess, {sess.get_inputs()[0].name: x}, self.table.repeats)
+            sess = session(path, self.table.threads)
+        return latency_ms(sess, example_input, self.table.batch_size, self.table.repeats, warmup=2)

@@ -42,12 +42,13 @@ def _forward_arg_names(model: nn.Module) -> list[str]:
     return [n for n in inspect.signature(model.forward).parameters if n != "self"]
 
 
-def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+def session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a model file (or a serialized model), on `threads` threads (None, 0: its default)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
 
 
 def compare_with_torch(model: nn.Module, sess: ort.InferenceSession, loader: Iterable) -> dict[str, float]:

@@ -108,7 +108,8 @@ def choose(
         metric = cost_metric(params, base, example)
         result = spec.one_shot(round_to=p.round_to, seed=params.seed)(base, example, Target(p.target, metric))
         scheme, info = _landed(params, base, example, result.scheme, result.info, metric)
-        return base, base_meta, pruned_copy(base, example, scheme), scheme, _with_latency(info, metric, base, scheme, example)
+        pruned = pruned_copy(base, example, scheme)
+        return base, base_meta, pruned, scheme, _with_latency(info, metric, base, pruned, example)
     division = load_division(params)
     metric = cost_metric(params, division.model, example)
     if spec.gpir:
@@ -121,14 +122,14 @@ def choose(
         _, scheme, info = rank_whole_emo(params, division, example)
         scheme, info = _landed(params, division.model, example, scheme, info, metric)
         pruned = pruned_copy(division.model, example, scheme)
-    return division.model, division.meta, pruned, scheme, _with_latency(info, metric, division.model, scheme, example)
+    return division.model, division.meta, pruned, scheme, _with_latency(info, metric, division.model, pruned, example)
 
 
-def _with_latency(info: dict, metric: Metric, base: torch.nn.Module, scheme: KeepScheme, example: torch.Tensor) -> dict:
+def _with_latency(info: dict, metric: Metric, base: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> dict:
     """prune.metric latency: the predicted times go into the scheme document (its `latency` entry)."""
     if not isinstance(metric, LatencyCost):
         return info
-    return {**info, "latency": metric.record(base, pruned_copy(base, example, scheme), example)}
+    return {**info, "latency": metric.record(base, pruned, example)}
 
 
 def _landed(
