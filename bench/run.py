@@ -447,8 +447,11 @@ def unit_params(params: dict, method: str) -> dict:
     baseline's unit does not go stale when a search setting changes)."""
     stages = ["sources", "prepare", "pretrain", *method_stages(method), "finetune", "export"]
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    keys = {k for s in stages for k in spec[s].get("params", [])}
+    if (params.get("prune") or {}).get("metric", "flops") != "latency":
+        keys.discard("latency")  # the latency table's settings are read only when the cost is latency
     out = {}
-    for key in sorted({k for s in stages for k in spec[s].get("params", [])}):
+    for key in sorted(keys):
         value = params
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
