@@ -75,8 +75,9 @@ def _seeded_table(result: dict) -> list[str]:
     each method's paired difference to EMO-DIR with its bootstrap interval over test images and seeds."""
     lines = [
         "| method | target | seeds | FLOPs removed (gap) | test acc before FT | test acc after FT (sd) | vs emo-dir, points "
-        "[95% interval] | method cost s (selectors/search/constrain/rank) | finetune images | ONNX latency b64 kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "[95% interval] | method cost s (selectors/search/constrain/rank) | method images passed (inference + training) "
+        "| finetune images | ONNX latency b64 kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         before = r.get("test_acc_before_finetune")
@@ -87,11 +88,13 @@ def _seeded_table(result: dict) -> list[str]:
             delta = f"finetuning alone: {r['finetune_gain_points']:+.2f} over the base"
         cost = r.get("method_seconds") or {}
         costs = "/".join(f"{cost[s]:.0f}" if s in cost else "-" for s in ("selectors", "search", "constrain", "rank"))
+        passed = r.get("method_images")
+        passed_s = f"{passed['forwarded'] / 1e6:.2f}M + {passed['trained'] / 1e6:.2f}M" if passed else ""
         gap = f" ({100 * r['target_gap']:+.1f})" if r.get("target_gap") is not None else ""
         latency = r.get("onnx", {}).get("latency_ratio_b64")
         lines.append(
             f"| {r['method']} | {r['target']:g} | {len(r['seeds'])} | {r['flops_reduction']:.1%}{gap} "
-            f"| {'' if before is None else f'{before:.2%}'} | {r['test_acc']:.2%}{sd} | {delta} | {costs} "
+            f"| {'' if before is None else f'{before:.2%}'} | {r['test_acc']:.2%}{sd} | {delta} | {costs} | {passed_s} "
             f"| {r.get('finetune_images') or ''} | {'' if latency is None else f'{latency:.2f}'} |"
         )
     return lines

@@ -149,14 +149,16 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
-def sync_code(work: Path) -> None:
-    """The work folder runs this checkout's code: copied in (and committed there) on every invocation, so a
-    benchmark carried on in a later session runs the code of that session; DVC reruns what the change touches."""
+def sync_code(work: Path, profile: str) -> None:
+    """The work folder runs this checkout's code and params.yaml (with the profile's overrides): copied in (and
+    committed there) on every invocation, so a benchmark carried on in a later session runs the code of that
+    session, with every section its dvc.yaml reads; DVC reruns what the change touches."""
     for d in ("pruning", "tasks", "flows"):
         shutil.rmtree(work / d, ignore_errors=True)
         shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     (work / "CODE_COMMIT").write_text(_commit() + "\n")  # the commit whose code this folder runs
+    (work / "params.yaml").write_text(yaml.safe_dump(profile_params(profile), sort_keys=False))
     _sh(["git", "add", "-A"], work)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=work).returncode != 0:
         _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "code " + _commit()[:12]], work)
@@ -164,7 +166,7 @@ def sync_code(work: Path) -> None:
 
 def setup(profile: str, work: Path) -> None:
     if (work / ".dvc").is_dir():
-        sync_code(work)
+        sync_code(work, profile)
         return
     work.mkdir(parents=True, exist_ok=True)
     for d in ("pruning", "tasks", "flows"):
@@ -227,6 +229,9 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
         # what the method costs before finetuning: every stage it needs (the one-shot methods: rank alone)
         "method_seconds": {s: m[s].get("seconds", 0.0) if s != "rank" else m["rank"]["rank_seconds"]
                            for s in method_stages(method) if s in m},
+        # and in images passed (pruning/counting.py): the same on every machine
+        "method_images": {s: {k: m[s].get(k) for k in ("images_forwarded", "images_trained")}
+                          for s in method_stages(method) if s in m},
         "finetune_images": m["finetune"].get("epochs", 0) * m["prepare"]["counts"]["train"] if "prepare" in m else None,
         "onnx": summary["onnx"],
         "run_seconds": float(wall),
@@ -358,6 +363,7 @@ def run_torch_pruning(work: Path, env: dict, sets: tuple[str, ...], seed: int, t
         "bn_samples": bn,
         "flops": int(base_macs * (1 - reduction)),
         "method_seconds": {"rank": prune_seconds},
+        "method_images": {"rank": {"images_forwarded": bn, "images_trained": 0}},  # its bisection forwards no image
         "finetune_seconds": time.perf_counter() - ft_start,
         "finetune_images": f.epochs * meta["counts"]["train"],
         "test_correct": right,
@@ -497,6 +503,10 @@ def aggregate(units: list[dict]) -> list[dict]:
         costs = [u["method_seconds"] for u in mine if "method_seconds" in u]
         if costs:  # mean over seeds, of the stages the method needs (a workspace keeps other methods' metrics files)
             row["method_seconds"] = {s: statistics.fmean(c[s] for c in costs if s in c) for s in stages if any(s in c for c in costs)}
+        images = [u["method_images"] for u in mine if "method_images" in u]
+        if images:  # totals over the method's stages, mean over seeds
+            row["method_images"] = {kind: statistics.fmean(sum((c[s].get(f"images_{kind}") or 0) for s in c) for c in images)
+                                    for kind in ("forwarded", "trained")}
         if method == NONE:
             row["finetune_gain_points"] = 100 * (row["test_acc"] - row["test_acc_base"])
         ref = {u["seed"]: u for u in ok if u["method"] == "emo-dir" and u["target"] == target}
@@ -563,7 +573,8 @@ def main() -> None:
     for i, (method, target, seed) in enumerate(todo):
         digest = _digest(params, args.sets, method, target, seed)
         path = unit_file(units_dir, method, target, seed)
-        if path.is_file() and json.loads(path.read_text()).get("params_digest") == digest:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        if done.get("params_digest") == digest and "error" not in done:  # a failed unit runs again
             print(f"{method} @ {target} seed {seed}: done before ({path.name})", flush=True)
             continue
         print(f"[{time.perf_counter() - start:7.0f}s] unit {i + 1}/{len(todo)}: {method} @ {target} seed {seed}", flush=True)

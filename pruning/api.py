@@ -13,6 +13,7 @@ from torch import nn
 
 from pruning.boundary import CandidateIO, plan_boundaries
 from pruning.channels import count_flops_params, group_importance, pruned_copy
+from pruning.counting import counting
 from pruning.divide import boundary_features, divide
 from pruning.emodir import (
     ConstrainSettings,
@@ -99,7 +100,8 @@ def prune(
     Every step is the pipeline's own (pruning/emodir.py), with the same defaults as params.yaml;
     `finetune_epochs` is 0 here (params.yaml's finetune.epochs is the pipeline's). Whatever the method, the
     pruned network's BatchNorm statistics are re-estimated on the first `bn_samples` images of `train_loader`
-    (shuffle it: a class-sorted loader gives class-biased statistics) before finetuning.
+    (shuffle it: a class-sorted loader gives class-biased statistics) before finetuning. `info["images"]` is
+    what the method cost in images passed, finetuning aside (`images_forwarded`, `images_trained`).
 
     `metric="latency"` prunes for onnxruntime time on this machine: every cost is predicted from a per-layer
     table (`latency`, a `LatencyTable`: its batch size and threads; default .emoprune/latency.json at batch
@@ -135,130 +137,136 @@ def prune(
         precision=search_precision,
         boundary_widths=tuple(boundary_widths),
     )
-    if spec.one_shot is not None:
-        result = spec.one_shot(round_to=round_to, seed=seed)(base, x1, target_)
-        scheme = result.scheme
-        info.update(result.info)
-        if fill_back:
-            landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
-            scheme = landing.scheme
-            info.update(landing.info())
-        pruned = pruned_copy(base, x1, scheme)
-    else:  # a search: over the whole network, or per sub-network then GPIR
-        subs, head = divide(base, x1, k)
-        tr, ytr = boundary_features(subs, train_loader, device=dev, max_samples=cache_train)
-        va, yva = boundary_features(subs, val_loader, device=dev, max_samples=cache_val)
-        num_classes = int(base(x1).shape[1])
-        if spec.search == "network":
-            front = require_searchable(
-                search_network(
-                    base,
-                    x1,
-                    nn.Identity(),
-                    tr[0],
-                    va[0],
-                    yva,
-                    search,
-                    generations=generations * k,
-                    round_to=round_to,
-                    metric=metric,
-                    seed=seed,
-                    device=dev,
-                ),
-                base,
-            )
-            index, fallback = choose_for_target([m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot)
-            best = front.members[index]
-            if fallback:
-                info.setdefault("fallbacks", []).append(fallback)
-                logger.warning("whole-emo: %s", fallback)
-            scheme = front.space.decode(best.genes, group_importance(base, x1))
+    with counting() as images:  # the method's work, finetuning aside (pruning/counting.py)
+        if spec.one_shot is not None:
+            result = spec.one_shot(round_to=round_to, seed=seed)(base, x1, target_)
+            scheme = result.scheme
+            info.update(result.info)
             if fill_back:
                 landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
                 scheme = landing.scheme
                 info.update(landing.info())
             pruned = pruned_copy(base, x1, scheme)
-            info.update(evaluations=front.evaluations, search_error=best.error)
-        else:
-            selectors = train_selectors(
-                subs, head, tr, ytr, num_classes, SelectorSettings(epochs=selector_epochs, lr=selector_lr), seed=seed, device=dev
-            )
-            constrain = ConstrainSettings(candidates=candidates, epochs=constrain_epochs, lr=constrain_lr, lam=lam, data=constrain_data)
-            cands, evaluations = [], 0
-            previous: list[nn.Module] = []
-            previous_ios: list[CandidateIO] = []
-            plan = plan_boundaries(base, subs, x1, boundary_widths, round_to)
-            for sub, selector in zip(subs, selectors):
-                ex = torch.zeros(1, *sub.in_shape)
-                reads, writes = (plan[sub.index - 2] if sub.index > 1 else None), plan[sub.index - 1]
-                front = search_network(
-                    sub.module,
-                    ex,
-                    selector,
-                    tr[sub.index - 1],
-                    va[sub.index - 1],
-                    yva,
-                    search,
-                    round_to=round_to,
-                    metric=metric,
-                    seed=seed,
-                    device=dev,
-                    reads=reads,
-                    writes=writes,
+        else:  # a search: over the whole network, or per sub-network then GPIR
+            subs, head = divide(base, x1, k)
+            tr, ytr = boundary_features(subs, train_loader, device=dev, max_samples=cache_train)
+            va, yva = boundary_features(subs, val_loader, device=dev, max_samples=cache_val)
+            num_classes = int(base(x1).shape[1])
+            if spec.search == "network":
+                front = require_searchable(
+                    search_network(
+                        base,
+                        x1,
+                        nn.Identity(),
+                        tr[0],
+                        va[0],
+                        yva,
+                        search,
+                        generations=generations * k,
+                        round_to=round_to,
+                        metric=metric,
+                        seed=seed,
+                        device=dev,
+                    ),
+                    base,
                 )
-                evaluations += front.evaluations
-                if front.kept_whole is not None:
-                    info.setdefault("kept_whole", {})[f"s{sub.index}"] = front.kept_whole
-                    logger.warning("emo-dir s%d: kept whole: %s", sub.index, front.kept_whole)
-                importance = group_importance(searched_module(sub.module, ex, reads), ex)
-                picked, notes = choose_candidates(front.archive, candidates, target, {io.outputs for io in previous_ios})
-                for note in notes:
-                    logger.warning("emo-dir s%d: %s", sub.index, note)
-                chosen = [front.archive[i] for i in picked]
-                local = [front.space.decode(m.genes, importance) for m in chosen]
-                ios = [front.space.io(m.genes, sub.out_shape[0]) for m in chosen]
-                trained = constrain_subnetwork(
-                    sub,
+                index, fallback = choose_for_target(
+                    [m.cost for m in front.members], [m.error for m in front.members], target, max_overshoot
+                )
+                best = front.members[index]
+                if fallback:
+                    info.setdefault("fallbacks", []).append(fallback)
+                    logger.warning("whole-emo: %s", fallback)
+                scheme = front.space.decode(best.genes, group_importance(base, x1))
+                if fill_back:
+                    landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
+                    scheme = landing.scheme
+                    info.update(landing.info())
+                pruned = pruned_copy(base, x1, scheme)
+                info.update(evaluations=front.evaluations, search_error=best.error)
+            else:
+                selectors = train_selectors(
+                    subs, head, tr, ytr, num_classes, SelectorSettings(epochs=selector_epochs, lr=selector_lr), seed=seed, device=dev
+                )
+                constrain = ConstrainSettings(candidates=candidates, epochs=constrain_epochs, lr=constrain_lr, lam=lam, data=constrain_data)
+                cands, evaluations = [], 0
+                previous: list[nn.Module] = []
+                previous_ios: list[CandidateIO] = []
+                plan = plan_boundaries(base, subs, x1, boundary_widths, round_to)
+                for sub, selector in zip(subs, selectors):
+                    ex = torch.zeros(1, *sub.in_shape)
+                    reads, writes = (plan[sub.index - 2] if sub.index > 1 else None), plan[sub.index - 1]
+                    front = search_network(
+                        sub.module,
+                        ex,
+                        selector,
+                        tr[sub.index - 1],
+                        va[sub.index - 1],
+                        yva,
+                        search,
+                        round_to=round_to,
+                        metric=metric,
+                        seed=seed,
+                        device=dev,
+                        reads=reads,
+                        writes=writes,
+                    )
+                    evaluations += front.evaluations
+                    if front.kept_whole is not None:
+                        info.setdefault("kept_whole", {})[f"s{sub.index}"] = front.kept_whole
+                        logger.warning("emo-dir s%d: kept whole: %s", sub.index, front.kept_whole)
+                    importance = group_importance(searched_module(sub.module, ex, reads), ex)
+                    picked, notes = choose_candidates(front.archive, candidates, target, {io.outputs for io in previous_ios})
+                    for note in notes:
+                        logger.warning("emo-dir s%d: %s", sub.index, note)
+                    chosen = [front.archive[i] for i in picked]
+                    local = [front.space.decode(m.genes, importance) for m in chosen]
+                    ios = [front.space.io(m.genes, sub.out_shape[0]) for m in chosen]
+                    trained = constrain_subnetwork(
+                        sub,
+                        subs,
+                        local,
+                        tr,
+                        ytr,
+                        selector,
+                        previous,
+                        constrain,
+                        seed=seed,
+                        device=dev,
+                        train_loader=train_loader,
+                        ios=ios,
+                        previous_ios=previous_ios,
+                    )
+                    last = head if sub.index == len(subs) else None
+                    cands.append(
+                        [(m, sch, candidate_cost_of(sub, m, sch, io, last, metric), io) for m, sch, io in zip(trained, local, ios)]
+                    )
+                    previous, previous_ios = trained, ios
+                pruned, scheme, decided = rank(
+                    base,
+                    x1,
                     subs,
-                    local,
-                    tr,
-                    ytr,
-                    selector,
-                    previous,
-                    constrain,
-                    seed=seed,
+                    head,
+                    cands,
+                    [model_cost(s.module, torch.zeros(1, *s.in_shape), metric, (s.flops, s.params)) for s in subs],
+                    model_cost(base, x1, metric, (base_flops, base_params)),
+                    target,
+                    top_t=top_t,
+                    max_overshoot=max_overshoot,
+                    features=va,
+                    labels=yva,
                     device=dev,
-                    train_loader=train_loader,
-                    ios=ios,
-                    previous_ios=previous_ios,
                 )
-                last = head if sub.index == len(subs) else None
-                cands.append([(m, sch, candidate_cost_of(sub, m, sch, io, last, metric), io) for m, sch, io in zip(trained, local, ios)])
-                previous, previous_ios = trained, ios
-            pruned, scheme, decided = rank(
-                base,
-                x1,
-                subs,
-                head,
-                cands,
-                [model_cost(s.module, torch.zeros(1, *s.in_shape), metric, (s.flops, s.params)) for s in subs],
-                model_cost(base, x1, metric, (base_flops, base_params)),
-                target,
-                top_t=top_t,
-                max_overshoot=max_overshoot,
-                features=va,
-                labels=yva,
-                device=dev,
-            )
-            decided.pop("table")
-            if fill_back:  # as the rank stage: channels given back come with the base's weights
-                pruned, landing = fill_trained(pruned, base, x1, scheme, target, group_importance(base, x1), metric, round_to)
-                scheme = landing.scheme
-                decided.update(landing.info())
-            for note in decided["fallbacks"]:
-                logger.warning("emo-dir: %s", note)
-            info.update(evaluations=evaluations, **decided)
-    info["bn_samples"] = reestimate_bn(pruned.to(dev), train_loader, bn_samples, dev)  # every method, as the rank stage
+                decided.pop("table")
+                if fill_back:  # as the rank stage: channels given back come with the base's weights
+                    pruned, landing = fill_trained(pruned, base, x1, scheme, target, group_importance(base, x1), metric, round_to)
+                    scheme = landing.scheme
+                    decided.update(landing.info())
+                for note in decided["fallbacks"]:
+                    logger.warning("emo-dir: %s", note)
+                info.update(evaluations=evaluations, **decided)
+        info["bn_samples"] = reestimate_bn(pruned.to(dev), train_loader, bn_samples, dev)  # every method, as the rank stage
+    info["images"] = images.as_metrics()
     if finetune_epochs > 0:
         settings = FinetuneSettings(epochs=finetune_epochs, lr=finetune_lr, kd=kd, kd_temperature=kd_temperature, kd_alpha=kd_alpha)
         finetune(pruned, base, train_loader, dev, settings, val_loader=val_loader, progress=False)

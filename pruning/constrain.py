@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning import stopping
+from pruning import counting, stopping
 from pruning.arrays import as_batch
 from pruning.boundary import BoundaryIO
 from pruning.search import recalibrate_bn
@@ -56,6 +56,7 @@ class FeatureStream:
                 for module in self.originals:
                     h = module(h)
                     feats.append(h)
+                counting.count(len(images))  # the original prefix S_1..S_k, one pass
             yield (feats[self.k - 2] if self.k >= 2 else None), feats[self.k - 1], feats[self.k], labels
 
     def head(self, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,12 +150,14 @@ def train_constrained(
                 with torch.no_grad():
                     prev = preds[int(rng.integers(len(preds)))]
                     x = prev(before.to(device))
+                counting.count(len(x))
             else:
                 x = inputs_b.to(device)
             out = candidate(x)
             mse = F.mse_loss(kept(out), kept(target.to(device))) / scale
             ce = F.cross_entropy(selector(out), y.to(device))
             loss = mse + lam * ce
+            counting.count(len(y), trained=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(candidate.parameters(), 5.0)

@@ -18,6 +18,7 @@ import torch.fx
 from torch import nn
 
 from .channels import count_flops_params
+from .counting import count
 from .models import MobileNetV2Cifar, ResNetCifar, VGGCifar
 
 __all__ = [
@@ -611,6 +612,7 @@ def boundary_features(
                     h = m(h)
                     store.add(h)
                 seen += len(x)
+                count(len(x))
                 if max_samples is not None and seen >= max_samples:
                     break
     finally:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pruning.arrays import as_batch
+from pruning.counting import count
 from pruning.divide import SubNetwork
 from pruning.knapsack import Candidate, Combination, joint_front, top_combinations
 
@@ -53,6 +54,7 @@ def accuracy_with(
         for m in mods:
             x = m(x)
         correct += (head(x).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+        count(len(x))
     return correct / max(1, len(y))
 
 

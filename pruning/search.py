@@ -41,6 +41,7 @@ from pruning.channels import (
     keep_by_importance,
     pruned_copy,
 )
+from pruning.counting import ImageCount, count, counting
 from pruning.methods import Metric, model_cost
 from pruning.train import autocast
 
@@ -337,6 +338,7 @@ class Scorer:
                 stopping.check()
                 x = as_batch(self.val_x[i : i + self.batch_size]).to(self.device)
                 logits.append(self.selector(module(x)).float().cpu())
+                count(len(x))
         z, y = torch.cat(logits), as_batch(self.val_y)
         if self.error == "acc":
             return 1.0 - (z.argmax(1) == y).float().mean().item()
@@ -357,7 +359,9 @@ def recalibrate_bn(module: nn.Module, inputs: torch.Tensor, batch_size: int, dev
     module.train()
     try:
         for i in range(0, len(inputs), batch_size):
-            module(as_batch(inputs[i : i + batch_size]).to(device))
+            x = as_batch(inputs[i : i + batch_size]).to(device)
+            module(x)
+            count(len(x))
     finally:  # training afterwards (finetuning in the same process) must see the usual running average again
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -400,6 +404,7 @@ class ParetoFront:
 
     archive: list[Evaluation] = field(default_factory=list)  # non-dominated within each (inputs, outputs) boundary state
     kept_whole: str | None = None  # why nothing was searched (no prunable group, no searchable boundary): no member
+    images: ImageCount = field(default_factory=ImageCount)  # passed by the evaluations (BatchNorm and scoring)
 
     def spread(self, m: int, target: float | None = None) -> list[Evaluation]:
         """Up to `m` pruned members spread by cost, denser near `target` (0 = all); see `spread_indices`."""
@@ -594,8 +599,10 @@ def run_search(
     search = _Search(module.eval(), example_input, space, scorer, metric)
     history: list[dict[str, float]] = []
     fronts: list[list[tuple[float, float]]] = []
+    before = ImageCount()  # passed before a resumed checkpoint
     if state is not None:
         saved = pickle.loads(state)
+        before = saved.get("images", before)
         algorithm, search.cache, search.evaluations, history, fronts, ref = (
             saved["algorithm"],
             saved["cache"],
@@ -615,6 +622,31 @@ def run_search(
         )
         algorithm.setup(_PruningProblem(space, search), termination=("n_gen", generations), verbose=False)
         ref = None
+    with counting(before) as images:
+        _generations(algorithm, search, history, fronts, ref, images, on_generation)
+    return ParetoFront(
+        space,
+        search.counts[0],
+        search.counts[1],
+        search.front(),
+        history,
+        search.evaluations,
+        fronts,
+        archive=search.archive(),
+        images=images,
+    )
+
+
+def _generations(
+    algorithm: NSGA2,
+    search: _Search,
+    history: list[dict[str, float]],
+    fronts: list[list[tuple[float, float]]],
+    ref: np.ndarray | None,
+    images: ImageCount,
+    on_generation: Callable[[int, dict[str, float], bytes], None] | None,
+) -> None:
+    """NSGA-II's remaining generations; after each, the history, the front and a checkpoint."""
     while algorithm.has_next():
         algorithm.next()
         front = search.front()
@@ -646,11 +678,9 @@ def run_search(
                         "history": history,
                         "fronts": fronts,
                         "ref": ref,
+                        "images": images,
                     }
                 )
             finally:
                 algorithm.problem = problem
             on_generation(gen, metrics, blob)
-    return ParetoFront(
-        space, search.counts[0], search.counts[1], search.front(), history, search.evaluations, fronts, archive=search.archive()
-    )

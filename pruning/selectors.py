@@ -9,6 +9,7 @@ from torch import nn
 
 from pruning import stopping
 from pruning.arrays import as_batch
+from pruning.counting import count
 
 __all__ = ["FeatureSelector", "selector_accuracy", "train_selector"]
 
@@ -62,6 +63,7 @@ def train_selector(
             stopping.check()
             x = as_batch(features[idx]).to(device)
             loss = F.cross_entropy(g(x), y_all[idx].to(device))
+            count(len(x), trained=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -78,4 +80,5 @@ def selector_accuracy(selector: nn.Module, features, labels, batch_size: int = 2
     correct = 0
     for idx in _batches(len(y), batch_size, None):
         correct += (selector(as_batch(features[idx]).to(device)).argmax(1).cpu() == y[idx]).sum().item()
+        count(len(idx))
     return correct / max(1, len(y))

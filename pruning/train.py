@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pruning import stopping
+from pruning.counting import count
 from pruning.distill import Distiller
 
 __all__ = [
@@ -127,6 +128,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[t
         stopping.check()
         logits.append(model(x.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
+        count(len(x))
     return torch.cat(logits), torch.cat(labels)
 
 
@@ -211,6 +213,8 @@ def fit(
                     if teacher is not None:
                         with torch.no_grad():
                             t_out = teacher(x)
+                        count(len(x))
+                count(len(x), trained=True)
                 out = out.float()  # the loss (and DynamicKD's controller) in fp32
                 loss = loss_fn(out, None if t_out is None else t_out.float(), y)
                 opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pruning.boundary import CandidateIO
+from pruning.counting import counting
 from pruning.emodir import ConstrainSettings, candidate_cost, candidate_module, choose_candidates, constrain_subnetwork
 from pruning.methods import method_spec
 from pruning.search import Evaluation
@@ -39,7 +40,7 @@ def load_candidate(division: Division, k: int, j: int) -> tuple[nn.Module, dict]
 
 def run(params: Params) -> dict:
     method = params.prune.method
-    with stage_run(params, "constrain", ("constrain",)):
+    with stage_run(params, "constrain", ("constrain",)), counting() as images:
         paths.CANDIDATES.mkdir(parents=True, exist_ok=True)
         if not method_spec(method).candidates:
             out = {"method": method, "trained": 0, "note": f"{method} does not train sub-network candidates"}
@@ -144,9 +145,11 @@ def run(params: Params) -> dict:
             previous, previous_ios = trained, ios
         index["seconds"] = time.perf_counter() - start
         index["trained"] = sum(len(s["candidates"]) for s in index["subnetworks"])
+        index.update(images.as_metrics())
         atomic_json(index, paths.CANDIDATES / "index.json")
-        log_metrics_flat({"seconds": index["seconds"], "trained": index["trained"]}, "constrain.")
+        log_metrics_flat({"seconds": index["seconds"], "trained": index["trained"], **images.as_metrics()}, "constrain.")
         atomic_json(
-            {"method": method, "data": c.data, "trained": index["trained"], "seconds": index["seconds"]}, paths.metrics_file("constrain")
+            {"method": method, "data": c.data, "trained": index["trained"], "seconds": index["seconds"], **images.as_metrics()},
+            paths.metrics_file("constrain"),
         )
         return index

@@ -13,6 +13,7 @@ import mlflow
 import torch
 
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, pruned_copy
+from pruning.counting import counting
 from pruning.emodir import candidate_cost_of, reestimate_bn
 from pruning.exact import TOLERANCE, fill_trained, land_on_target
 from pruning.gpir import rank as gpir_rank
@@ -173,8 +174,9 @@ def run(params: Params) -> dict:
         if not method_spec(p.method).gpir:  # GPIR's tables exist for GPIR methods only; the stage's outputs always exist
             for path in (paths.GPIR_TABLE, paths.JOINT_FRONT):
                 atomic_json({"method": p.method, "note": f"{p.method} does not rank sub-network candidates by GPIR"}, path)
-        base, base_meta, pruned, scheme, info = choose(params, data.example)
-        bn_samples = reestimate_bn(pruned.to(device), data.loader("train", train=True), params.rank.bn_samples, device)
+        with counting() as images:  # the method's work; the accuracies below are only reported
+            base, base_meta, pruned, scheme, info = choose(params, data.example)
+            bn_samples = reestimate_bn(pruned.to(device), data.loader("train", train=True), params.rank.bn_samples, device)
         seconds = time.perf_counter() - start
         doc = scheme_document(params, base, base_meta, pruned, scheme, info, data.example)
         out = {
@@ -190,6 +192,7 @@ def run(params: Params) -> dict:
             "val_acc_before_finetune": accuracy(pruned.to(device), data.loader("val"), device),
             "test_acc_before_finetune": accuracy(pruned, data.loader("test"), device),  # reported only, never used to choose
             "rank_seconds": seconds,
+            **images.as_metrics(),
             "bn_samples": bn_samples,
             "reduction": doc[p.metric]["reduction"],  # of the target's metric (latency: predicted)
             "target_gap": doc[p.metric]["reduction"] - p.target,

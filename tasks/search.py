@@ -155,6 +155,7 @@ def _search(
     return {
         "tag": tag,
         "evaluations": front.evaluations,
+        **front.images.as_metrics(),
         "front_size": len(front.members),
         "seconds": seconds,
         "hypervolume": front.history[-1]["hypervolume"] if front.history else None,
@@ -305,13 +306,16 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
             "searched": bool(results),
             "seconds": time.perf_counter() - start,
             "evaluations": int(sum(r["evaluations"] for r in results)),
+            # what the method costs in work, on any machine (pruning/counting.py); each search counts its own
+            "images_forwarded": int(sum(r["images_forwarded"] for r in results)),
+            "images_trained": 0,
             "subnetworks": results,
         }
         fresh = {f"front_{r['tag']}.json" for r in results}
         for stale in paths.SEARCH.glob("front_*.json"):  # another method's fronts must not leak into this run's plots;
             if stale.name not in fresh:  # removed only now, so a failed search leaves the last good ones in place
                 stale.unlink()
-        log_metrics_flat({"seconds": out["seconds"], "evaluations": out["evaluations"]}, "search.")
+        log_metrics_flat({k: out[k] for k in ("seconds", "evaluations", "images_forwarded")}, "search.")
         atomic_json(out, paths.metrics_file("search"))
         atomic_json(out, paths.SEARCH / "summary.json")
         _PROGRESS = None

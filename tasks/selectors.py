@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 from torch.utils.data import Subset
 
+from pruning.counting import counting
 from pruning.divide import boundary_features
 from pruning.emodir import SelectorSettings, train_selectors
 from pruning.selectors import selector_accuracy
@@ -58,7 +59,7 @@ def run(params: Params) -> dict:
     data = Data(params)
     device = resolve_device(params.device)
     division = load_division(params)
-    with stage_run(params, "selectors", ("divide", "selectors")):
+    with stage_run(params, "selectors", ("divide", "selectors")), counting() as images:
         start = time.perf_counter()
         plan = memory_plan(params, division)
         where = "in memory" if plan.in_memory else "memory-mapped from disk"
@@ -119,7 +120,8 @@ def run(params: Params) -> dict:
             mlflow.log_metric(f"selector.s{k}.val_acc", acc)
         out["cached"] = {"train": int(len(load_labels("train"))), "val": int(len(load_labels("val")))}
         out["seconds"] = time.perf_counter() - start
+        out.update(images.as_metrics())  # caching the features, training the selectors and scoring them
         atomic_torch_save(states, paths.SELECTORS)
-        log_metrics_flat({"seconds": out["seconds"]}, "selectors.")
+        log_metrics_flat({"seconds": out["seconds"], **images.as_metrics()}, "selectors.")
         atomic_json(out, paths.metrics_file("selectors"))
         return out

@@ -37,6 +37,14 @@ def test_prune_returns_a_smaller_model_and_its_scheme(data, method):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model is untouched
     if method == "emo-dir":
         assert result.info["evaluations"] > 0 and result.info["merged_val_acc"] == result.info["measured_val_acc"]
+    images = result.info["images"]  # the method's work, finetuning aside
+    if method == "global-magnitude":  # one-shot: BatchNorm re-estimation is all it forwards
+        assert images == {"images_forwarded": result.info["bn_samples"], "images_trained": 0}
+    elif method == "whole-emo":  # features cached once (64 train + 32 val); each evaluation re-estimates BN on the
+        # 64 train images and scores the 32 val ones
+        assert images == {"images_forwarded": result.info["evaluations"] * 96 + 96 + result.info["bn_samples"], "images_trained": 0}
+    else:  # selectors g_1, g_2 one epoch each, and 2 candidates per sub-network, one epoch each, on the 64 cached images
+        assert images["images_trained"] == 2 * 64 + 3 * 2 * 64 and images["images_forwarded"] > result.info["evaluations"] * 32
 
 
 def test_finetuning_trains_every_layer_the_classifier_included(data):

@@ -92,6 +92,10 @@ def test_killed_search_resumes_to_the_same_front(setting):
     resumed = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=3, state=states[1])
     assert [(m.genes, m.cost, m.error) for m in resumed.members] == [(m.genes, m.cost, m.error) for m in full.members]
     assert resumed.history == full.history and resumed.evaluations == full.evaluations
+    # every evaluation re-estimates BatchNorm on the calibration inputs and scores the val inputs, and the
+    # checkpoint carries the count across the resume
+    assert full.images.forwarded == full.evaluations * (len(scorer.calib) + len(scorer.val_x)) > 0
+    assert resumed.images == full.images and full.images.trained == 0
     other = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=4)
     assert other.history != full.history  # the seed matters
 

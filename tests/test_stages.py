@@ -94,6 +94,12 @@ def test_search_writes_one_nondominated_front_per_subnetwork(project):
         expected = [("0.0", None, 1)] if k == 1 else [("boundary_in", k - 1, None), ("0.conv2", None, k)]
         assert [(b["group"], b["reads"], b["writes"]) for b in doc["boundary_genes"]] == expected
         assert {(m["inputs"], m["io"]["inputs"]) for m in doc["archive"]} <= {(o, o) for o in range(3)}
+    # the work done, in images: each evaluation re-estimates BatchNorm on search.calib_samples (64) cached train
+    # images and scores every cached val image
+    cached = results["selectors"]["cached"]
+    for r in out["subnetworks"]:
+        assert r["images_forwarded"] == r["evaluations"] * (min(64, cached["train"]) + cached["val"])
+    assert out["images_forwarded"] == sum(r["images_forwarded"] for r in out["subnetworks"]) > 0
 
 
 def test_constrain_trains_candidates_along_each_front(project):
@@ -102,6 +108,9 @@ def test_constrain_trains_candidates_along_each_front(project):
     assert [s["k"] for s in index["subnetworks"]] == [1, 2, 3]
     assert all(1 <= len(s["candidates"]) <= 2 for s in index["subnetworks"])  # fewer when a front holds fewer
     assert all(np.isfinite(c["feature_mse"]) for s in index["subnetworks"] for c in s["candidates"])
+    # one epoch (constrain.epochs) per candidate over the cached training features
+    trained = sum(len(s["candidates"]) for s in index["subnetworks"]) * results["selectors"]["cached"]["train"]
+    assert index["images_trained"] == results["constrain"]["images_trained"] == trained
 
 
 def test_rank_meets_the_target_and_the_model_has_the_predicted_flops(project):
