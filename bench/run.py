@@ -149,6 +149,18 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
+def _copy_latency_table(work: Path) -> None:
+    """prune.metric latency: the work folder starts from this machine's committed table (layers timed once); its
+    runs add to their own copy."""
+    table = work / "latency" / "table.json"
+    if not table.exists() and (REPO / "latency" / "table.json").exists():
+        table.parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / "latency" / "table.json", table)
+    ignore = work / ".gitignore"  # several stages add to it: not versioned in the work folder (as a user commits it)
+    if ignore.exists() and "latency/" not in ignore.read_text().split():
+        ignore.write_text(ignore.read_text() + "latency/\n")
+
+
 def sync_code(work: Path, profile: str) -> None:
     """The work folder runs this checkout's code and params.yaml (with the profile's overrides): copied in (and
     committed there) on every invocation, so a benchmark carried on in a later session runs the code of that
@@ -159,6 +171,7 @@ def sync_code(work: Path, profile: str) -> None:
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     (work / "CODE_COMMIT").write_text(_commit() + "\n")  # the commit whose code this folder runs
     (work / "params.yaml").write_text(yaml.safe_dump(profile_params(profile), sort_keys=False))
+    _copy_latency_table(work)
     _sh(["git", "add", "-A"], work)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=work).returncode != 0:
         _sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "code " + _commit()[:12]], work)
@@ -174,7 +187,8 @@ def setup(profile: str, work: Path) -> None:
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     (work / "CODE_COMMIT").write_text(_commit() + "\n")  # the commit whose code this folder runs
     (work / "params.yaml").write_text(yaml.safe_dump(profile_params(profile), sort_keys=False))
-    (work / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.emoprune/\n")
+    (work / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.emoprune/\nlatency/\n")
+    _copy_latency_table(work)
     _sh(["git", "init", "-q"], work)
     _sh([sys.executable, "-m", "dvc", "init", "-q"], work)
     shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
