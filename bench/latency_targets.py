@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from pruning.latency import CALIBRATION_WIDTHS  # noqa: E402
+
 OUT = REPO / "bench" / "results" / "latency_targets.json"
 BASE = REPO / "bench" / "bases" / "resnet20.pt"
 PREPARED = REPO / "bench" / "work" / "cifar10-prepared"
@@ -105,6 +106,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
         "test_acc_before_finetune": round(evaluate(result.model, test, device)["acc"], 4),
         "layers_measured": lat["layers_measured"], "calibration": lat["calibration"], "fallbacks": result.info.get("fallbacks", []),
         "seconds": round(seconds, 1),
+        "kept": {group: len(channels) for group, channels in result.scheme.items()},  # to rebuild and re-time the model
     }  # fmt: skip
 
 
@@ -114,6 +116,8 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
     ap.add_argument("--batch-size", type=int, default=64, help="the batch whose time is the cost and is measured")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default, every core)")
+    ap.add_argument("--again", action="store_true",
+                    help="run the selected units again even if done (their earlier measurements are kept in `earlier`)")
     args = ap.parse_args()
     SETTINGS.update(batch_size=args.batch_size, threads=args.threads)
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"units": {}}
@@ -124,12 +128,15 @@ def main() -> None:
             continue
         for target in args.targets:
             key, digest = _key(name, target), _digest(name, target)
-            if results["units"].get(key, {}).get("digest") == digest:
+            old = results["units"].get(key, {})
+            if old.get("digest") == digest and not args.again:
                 print(f"{key}: done before", flush=True)
                 continue
             print(f"{key}: running", flush=True)
             row = run_unit(name, method, round_to, target)
             row.update(digest=digest, commit=_commit())
+            if "measured_ratio" in old:
+                row["earlier"] = [*old.get("earlier", []), {k: old[k] for k in ("measured_ratio", "prediction_error", "commit")}]
             print(json.dumps(row), flush=True)
             results["units"][key] = row
             OUT.write_text(json.dumps(results, indent=1) + "\n")  # the unit is done: a rerun skips it
