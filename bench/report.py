@@ -117,21 +117,22 @@ def _base_line(result: dict) -> list[str]:
 
 
 def _int8() -> list[str]:
-    """INT8 on top of a benchmark's models (bench/int8.py), if it has run."""
+    """INT8 on top of the benchmarks' models (bench/int8.py), if it has run: one row per model."""
     path = RESULTS / "int8.json"
     if not path.is_file():
         return []
     r = json.loads(path.read_text())
-    out = ["## INT8 (static QDQ, onnxruntime.quantization) on a benchmark's models", "",
-           f"- command: `{r['command']}`; commit: `{r['commit']}`; onnxruntime {r['onnxruntime']}; "
-           f"{r['machine']['cpus']} CPUs; FP32 and INT8 timed in alternating blocks, median of {r['repeats']} runs",
-           f"- pruned model: {r['pruned_method']} at target {r['pruned_target']} ({100 * r['flops_reduction']:.1f}% of the FLOPs removed)",
-           "", "| model | FP32 test acc | INT8 test acc | agreement | size FP32 / INT8 KB | b1 ms FP32 / INT8 (speed-up) "
-           "| b64 ms FP32 / INT8 (speed-up) |", "|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
+    out = ["## INT8 (static QDQ, onnxruntime.quantization) on the benchmarks' models", "",
+           f"- `python bench/int8.py`, per model (commit in bench/results/int8.json); onnxruntime {r['onnxruntime']}; "
+           f"{r['machine']['cpus']} CPUs; activations calibrated on {r.get('calibration', 512)} val images; FP32 and INT8 "
+           f"timed in alternating blocks, median of {r['repeats']} runs",
+           "", "| model | FP32 test acc | INT8 test acc (drop, points) | agreement | size FP32 / INT8 KB "
+           "| b1 ms FP32 / INT8 (speed-up) | b64 ms FP32 / INT8 (speed-up) |", "|---|---|---|---|---|---|---|"]
+    for name, row in sorted(r["units"].items()):
         out.append(
-            f"| {row['model']} | {100 * row['fp32_test_acc']:.2f}% | {100 * row['int8_test_acc']:.2f}% | "
-            f"{100 * row['top1_agreement']:.2f}% | {row['fp32_bytes'] / 1e3:.0f} / {row['int8_bytes'] / 1e3:.0f} | "
+            f"| {name} | {100 * row['fp32_test_acc']:.2f}% | {100 * row['int8_test_acc']:.2f}% "
+            f"({row['int8_drop_points']:+.2f}) | {100 * row['top1_agreement']:.2f}% "
+            f"| {row['fp32_bytes'] / 1e3:.0f} / {row['int8_bytes'] / 1e3:.0f} | "
             f"{row['fp32_ms_b1']:.2f} / {row['int8_ms_b1']:.2f} ({row['speedup_b1']:.2f}x) | "
             f"{row['fp32_ms_b64']:.1f} / {row['int8_ms_b64']:.1f} ({row['speedup_b64']:.2f}x) |")
     notes = REPO / "bench" / "notes" / "int8.md"
