@@ -32,9 +32,6 @@ class ImageCount:
     forwarded: int = 0  # inference passes
     trained: int = 0  # training steps (forward and backward)
 
-    def __add__(self, other: ImageCount) -> ImageCount:
-        return ImageCount(self.forwarded + other.forwarded, self.trained + other.trained)
-
     def as_metrics(self) -> dict[str, int]:
         return {"images_forwarded": self.forwarded, "images_trained": self.trained}
 
