@@ -92,7 +92,36 @@ def test_sub_network_latencies_add_up_along_the_chain(tmp_path):
 
     mlp_shapes, mlp_ends = layer_shapes(ChannelsLastMlp(), torch.zeros(1, 4, 3, 5))
     assert [s.key for s in mlp_shapes] == ["linear 4>8 x15"] and not mlp_ends
-    assert cost(model, x) == sum(round(cost.table.layers[s.key] * 1e6) for s in shapes) + 500_000
+    assert cost(model, x) == sum(round(ms * 1e6) for ms in cost.table.ms(shapes)) + 500_000
+
+
+def test_a_layer_pays_the_reorders_of_its_sides_that_are_not_whole_blocks():
+    from pruning.latency import LayerShape
+
+    def parts(shape, batch):  # convolution, reorder in, reorder out
+        return (1.0, 0.25, 0.5)
+
+    table = LatencyTable(None, batch_size=4, timer=parts, block=16)
+    shapes = [LayerShape("conv", c_in, c_out, 8, 8, (3, 3)) for c_in, c_out in ((16, 32), (16, 20), (20, 16), (20, 20), (3, 16))]
+    # a chain of whole blocks passes them on; a padded side is converted to or from the plain layout
+    assert table.ms(shapes) == [1.0, 1.5, 1.25, 1.75, 1.25]
+    assert LatencyTable(None, batch_size=4, timer=parts, block=0).ms(shapes) == [1.0] * 5  # no blocked layout
+
+
+def test_onnxruntime_times_a_layer_and_its_reorders_apart(tmp_path):
+    from pruning.latency import LayerShape
+
+    table = LatencyTable(tmp_path / "t.json", batch_size=2, threads=1, repeats=2)
+    blocked, odd = LayerShape("conv", 32, 32, 8, 8, (3, 3), padding=(1, 1)), LayerShape("conv", 32, 20, 8, 8, (3, 3), padding=(1, 1))
+    [(conv, r_in, r_out), _] = table.parts([blocked, odd])
+    assert conv > 0 and table.measured == 2
+    if table.block:  # this CPU has onnxruntime's blocked layout (AVX2 or AVX-512): a layer alone converts both ways
+        assert 32 % table.block == 0 and r_in > 0 and r_out > 0
+        assert table.ms([blocked]) == [conv]  # inside a chain of whole blocks it pays neither
+        assert table.ms([odd])[0] == pytest.approx(sum(table.parts([odd])[0][:1]) + table.parts([odd])[0][2])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    [(key, entry)] = saved["tables"].items()
+    assert entry["block"] == table.block and len(entry["layers"]) == 2 and saved["schema"] == 2
 
 
 def test_bad_latency_settings_are_refused_by_name(tmp_path):
