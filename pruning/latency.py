@@ -34,6 +34,7 @@ Example (illustrative, not run)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -57,6 +58,8 @@ DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folde
 # The whole network is timed at these widths of every prunable group to fit measured = a * sum + b: the fit
 # must span the widths pruning reaches (0.25: a 0.7 latency target), or it extrapolates.
 CALIBRATION_WIDTHS = (1.0, 0.7, 0.5, 0.3)
+MISFIT_WARNING = 0.1  # a calibration point further than this (relative) from the fitted line is reported
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -384,8 +387,16 @@ class LatencyCost:
                 else pruned_copy(model, example_input, {g.name: list(range(max(1, round(width * g.channels)))) for g in groups})
                 for width in widths
             ]
-            totals = [self.layers_ms(v, example_input)[0] for v in variants]  # the table first: the timing below runs alone
-            points = list(zip(totals, self._measure_whole(variants, example_input)))
+            # the table's layers first: timed right after other sessions ran, a model shares the cores with their
+            # pool threads, which busy-wait a moment after a call (a 0.7-width ResNet-20 read 13 instead of 12 ms)
+            totals = [self.layers_ms(v, example_input)[0] for v in variants]
+            with tempfile.TemporaryDirectory() as tmp:
+                sessions = []
+                for i, v in enumerate(variants):
+                    export_onnx(v, example_input, Path(tmp) / f"model{i}.onnx")
+                    sessions.append(session(Path(tmp) / f"model{i}.onnx", self.table.threads))
+            points = list(zip(totals, self._time_whole(sessions, example_input)))
+            del sessions
             xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
             if xs.min() <= 0:
                 raise ValueError(f"latency: {type(model).__name__} runs no convolution or linear layer to time")
@@ -394,23 +405,26 @@ class LatencyCost:
             # network (batch 1 on one thread: -0.04 of 0.39 ms on this machine's ResNet-20)
             if scale <= 0 or scale * xs.min() + offset <= 0:  # noise beat the fit: proportions only
                 scale, offset = float(ys.sum() / xs.sum()), 0.0
+            misfit = float(np.max(np.abs((scale * xs + offset) / ys - 1.0)))
+            if misfit > MISFIT_WARNING:
+                logger.warning(
+                    "latency: calibration of %s: a width's measured time is %.0f%% off the line fitted through them: the "
+                    "machine may have been busy (every later run on this table uses it; delete its calibration to time again)",
+                    type(model).__name__, 100 * misfit,
+                )  # fmt: skip
             with self.table._lock:
-                self.table.calibrations[ident] = {"scale": scale, "offset_ms": offset, "points": [list(p) for p in points]}
+                self.table.calibrations[ident] = {
+                    "scale": scale, "offset_ms": offset, "misfit": misfit, "points": [list(p) for p in points]
+                }  # fmt: skip
                 self.table.save()
         self.calibration = self.table.calibrations[ident]
         self.scale, self.offset_ms = self.calibration["scale"], self.calibration["offset_ms"]
         return self
 
-    def _measure_whole(self, models: Sequence[nn.Module], example_input: torch.Tensor, rounds: int = 3) -> list[float]:
-        """Each model's time, exported first and then timed in `rounds` rounds, the fastest round's median each:
-        a whole model timed just after the table's profiled layers once read 13.5 instead of 11.7 ms (batch 64),
-        and a slow spell only ever adds time."""
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = [Path(tmp) / f"model{i}.onnx" for i in range(len(models))]
-            for model, path in zip(models, paths):
-                export_onnx(model, example_input, path)
-            sessions = [session(path, self.table.threads) for path in paths]
-        best = [float("inf")] * len(models)
+    def _time_whole(self, sessions: Sequence[ort.InferenceSession], example_input: torch.Tensor, rounds: int = 3) -> list[float]:
+        """Each session's time, in `rounds` rounds one after another, the fastest round's median each (a whole
+        model timed just after the table's profiled layers once read 13.5 instead of 11.7 ms, batch 64)."""
+        best = [float("inf")] * len(sessions)
         for _ in range(rounds):
             for i, sess in enumerate(sessions):
                 best[i] = min(best[i], latency_ms(sess, example_input, self.table.batch_size, self.table.repeats, warmup=2))
