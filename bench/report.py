@@ -89,7 +89,7 @@ def _seeded_table(result: dict) -> list[str]:
         cost = r.get("method_seconds") or {}
         costs = "/".join(f"{cost[s]:.0f}" if s in cost else "-" for s in ("selectors", "search", "constrain", "rank"))
         passed = r.get("method_images")
-        passed_s = f"{passed['forwarded'] / 1e6:.2f}M + {passed['trained'] / 1e6:.2f}M" if passed else ""
+        passed_s = f"{passed['forwarded']:,.0f} + {passed['trained']:,.0f}" if passed else ""
         gap = f" ({100 * r['target_gap']:+.1f})" if r.get("target_gap") is not None else ""
         latency = r.get("onnx", {}).get("latency_ratio_b64")
         lines.append(
@@ -111,8 +111,8 @@ def _base_line(result: dict) -> list[str]:
     if n:
         se = 100 * math.sqrt(acc * (1 - acc) / n)
         line += (f"; on {n:,} test images one accuracy's binomial standard error is about {se:.2f} points (test "
-                 f"sampling alone; another training seed adds its own spread), so in these single-seed runs differences "
-                 f"under about {2 * se:.1f} points are not told apart from chance")
+                 f"sampling alone; another training seed adds its own spread), so between two single runs differences "
+                 f"under about {2 * se:.1f} points are not told apart from chance (the paired intervals below say more)")
     return [line]
 
 

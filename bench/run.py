@@ -550,6 +550,8 @@ def main() -> None:
     ap.add_argument("--remeasure", action="store_true", help="only re-time the kept ONNX models of a finished run")
     ap.add_argument("--repeats", type=int, default=50, help="latency repeats for --remeasure")
     ap.add_argument("--variant", default="", help="name of a variant of the profile (results in <profile>-<variant>.json)")
+    ap.add_argument("--aggregate", action="store_true",
+                    help="run no unit: write the profile's results from the units finished so far (while another run goes on)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml value the variant changes for every run (repeatable); needs --variant")
     args = ap.parse_args()
@@ -576,7 +578,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     start = time.perf_counter()
     params = profile_params(args.profile)  # before any work: a missing base model stops here
-    setup(args.profile, work)
+    if not args.aggregate:  # the work folder is another run's while it goes on: left as it is
+        setup(args.profile, work)
     out = REPO / "bench" / "results" / f"{args.profile}{suffix}.json"
     units_dir = out.with_suffix("")
     units_dir.mkdir(parents=True, exist_ok=True)
@@ -584,7 +587,7 @@ def main() -> None:
     seeds = args.seeds or profile.get("seeds", [0])
     todo = [(m, t, s) for t in (args.targets or profile["targets"]) for m in methods if m != NONE for s in seeds]
     todo += [(NONE, 0.0, s) for s in seeds if NONE in methods]
-    for i, (method, target, seed) in enumerate(todo):
+    for i, (method, target, seed) in enumerate([] if args.aggregate else todo):
         digest = _digest(params, args.sets, method, target, seed)
         path = unit_file(units_dir, method, target, seed)
         done = json.loads(path.read_text()) if path.is_file() else {}
