@@ -175,13 +175,7 @@ def _profile(model: bytes, feeds: dict[str, np.ndarray], threads: int, repeats: 
     """Median time (ms) of each operator type in one call of `model`, from onnxruntime's profiler (nodes of one
     type summed; the first `warmup` calls left out)."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        sess = session(model, threads, profile=Path(tmp) / "profile")
         for _ in range(warmup + repeats):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())

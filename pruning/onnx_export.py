@@ -42,12 +42,16 @@ def _forward_arg_names(model: nn.Module) -> list[str]:
     return [n for n in inspect.signature(model.forward).parameters if n != "self"]
 
 
-def session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session on a model file (or a serialized model), on `threads` threads (None, 0: its default)."""
+def session(model: str | Path | bytes, threads: int | None = None, profile: str | Path | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a model file (or a serialized model), on `threads` threads (None, 0: its default);
+    with `profile`, its profiler on, writing under that file prefix (`end_profiling()` returns the file)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if profile is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile)
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
 
 
