@@ -17,7 +17,105 @@ EXTRA = {"latency_widths", "int8", "latency_targets", "zoo"}  # studies with the
 ORDER = ["emo-dir", "global-magnitude", "uniform", "whole-emo", "random", "torch-pruning"]
 
 
+def _metric(result: dict) -> str:
+    """The cost a profile's (or variant's) targets are fractions of: flops, params or latency."""
+    sets = dict(kv.split("=", 1) for kv in result.get("sets", []))
+    return sets.get("prune.metric", (result["params"].get("prune") or {}).get("metric", "flops"))
+
+
+def _latency_batch(result: dict) -> int:
+    sets = dict(kv.split("=", 1) for kv in result.get("sets", []))
+    return int(sets.get("latency.batch_size", (result["params"].get("latency") or {}).get("batch_size", 64)))
+
+
+def _time_kept(onnx: dict, b: int) -> tuple[float | None, float | None]:
+    """Measured time at batch `b` over the unpruned FP32 model's, of the FP32 and of the INT8 pruned model (the
+    export stage times each pair in alternating blocks: base with pruned, pruned with its INT8 twin)."""
+    base = onnx.get(f"latency_ms_base_b{b}")
+    fp32 = onnx.get(f"latency_ratio_b{b}")
+    int8 = onnx.get(f"int8_latency_ms_b{b}")
+    return fp32, (int8 / base if int8 is not None and base else None)
+
+
+def _plot_latency(result: dict, path: Path) -> None:
+    """A latency variant: test accuracy against measured time kept, FP32 (filled) and INT8 (hollow) per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in result["rows"] if "error" not in r and "onnx" in r]
+    b = _latency_batch(result)
+    for i, method in enumerate(ORDER):
+        color = f"C{i}"
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target"])
+        fp32 = [(_time_kept(r["onnx"], b)[0], r["test_acc"], r.get("test_acc_sd") or 0.0) for r in mine]
+        int8 = [(_time_kept(r["onnx"], b)[1], r["onnx"].get("int8_test_acc")) for r in mine]
+        fp32 = [p for p in fp32 if p[0] is not None]
+        int8 = [p for p in int8 if p[0] is not None and p[1] is not None]
+        if fp32:
+            xs, ys, sds = zip(*fp32)
+            ax.errorbar(xs, ys, yerr=sds if any(sds) else None, fmt="o-", color=color, capsize=3, label=f"{method} FP32",
+                        lw=2 if method == "emo-dir" else 1)
+        if int8:
+            xs, ys = zip(*int8)
+            ax.plot(xs, ys, "o--", color=color, mfc="none", label=f"{method} INT8", lw=1)
+    if rows:
+        ax.axhline(rows[0]["test_acc_base"], color="grey", lw=0.8, ls=":", label="unpruned FP32")
+    ax.set_xlabel(f"measured onnxruntime time at batch {b}, of the unpruned FP32 model's")
+    ax.set_ylabel("test accuracy after finetuning")
+    ax.set_title(f"{result['profile']}-{result.get('variant', '')}: {result['params']['model']['name']}, "
+                 f"accuracy against measured latency (filled FP32, hollow INT8)", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _latency_table(result: dict) -> list[str]:
+    """A latency variant's rows: the time asked for against the time measured, the predictor's error, accuracy at
+    that time (and its paired difference to EMO-DIR), and INT8 on top of each finetuned model."""
+    b = _latency_batch(result)
+    lines = [
+        f"| method | target | seeds | time kept at b{b}, measured (/ asked) | prediction error | FLOPs removed "
+        "| test acc after FT (sd) | vs emo-dir, points [95% interval] | INT8 test acc (drop) "
+        f"| INT8 time kept at b{b} (speed-up over FP32 pruned) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["method"] == "none":
+            continue
+        o = r.get("onnx") or {}
+        fp32, int8 = _time_kept(o, b)
+        measured = o.get("latency_measured_ratio")
+        asked = 1 - r["target"]
+        sd = f" ({100 * r['test_acc_sd']:.2f})" if r.get("test_acc_sd") is not None else ""
+        vs = r.get("vs_emo_dir")
+        delta = _interval(vs) if vs else ""
+        error = o.get("latency_prediction_error")
+        int8_acc = o.get("int8_test_acc")
+        speedup = o.get(f"int8_speedup_b{b}")
+        drop = o.get("int8_drop_points")
+        lines.append(
+            f"| {r['method']} | {r['target']:g} | {len(r['seeds'])} "
+            f"| {'' if measured is None else f'{measured:.3f} ({measured / asked:.2f})'} "
+            f"| {'' if error is None else f'{100 * error:+.1f}%'} | {r['flops_reduction']:.1%} | {r['test_acc']:.2%}{sd} | {delta} "
+            f"| {'' if int8_acc is None else f'{int8_acc:.2%} ({drop:+.2f})'} "
+            f"| {'' if int8 is None or speedup is None else f'{int8:.3f} ({speedup:.2f}x)'} |"
+        )
+    return lines
+
+
+def _failed(result: dict) -> list[str]:
+    """Units that stopped with an error (a target out of reach is refused by name before any heavy work)."""
+    out = []
+    for u in (u for u in result.get("units", []) if "error" in u):
+        lines = [ln.strip() for ln in u["error"].splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if "reach" in ln or "refus" in ln), lines[-1] if lines else "?")
+        out.append(f"- failed: {u['method']} @ {u['target']:g} seed {u['seed']}: {why[:300]}")
+    return [*out, ""] if out else []
+
+
 def _plot(result: dict, path: Path) -> None:
+    if _metric(result) == "latency":
+        _plot_latency(result, path)
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in result["rows"] if "error" not in r]
     seeded = any(len(r.get("seeds", [])) > 1 for r in rows)  # bars only where there are seeds to spread
@@ -79,11 +177,15 @@ def _seeded_table(result: dict) -> list[str]:
         "| finetune images | ONNX latency b64 kept |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    against = [m for m in ORDER if any(m in (r.get("vs_profile") or {}) for r in result["rows"])]
+    if against:  # a variant held against its profile's own units
+        lines[0] += "".join(f" vs profile's {m} |" for m in against)
+        lines[1] += "---|" * len(against)
     for r in result["rows"]:
         before = r.get("test_acc_before_finetune")
         sd = f" ({100 * r['test_acc_sd']:.2f})" if r.get("test_acc_sd") is not None else ""
         vs = r.get("vs_emo_dir")
-        delta = (f"{vs['diff_points']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]" + (" *" if vs["significant"] else "")) if vs else ""
+        delta = _interval(vs) if vs else ""
         if r["method"] == "none":
             delta = f"finetuning alone: {r['finetune_gain_points']:+.2f} over the base"
         cost = r.get("method_seconds") or {}
@@ -96,8 +198,14 @@ def _seeded_table(result: dict) -> list[str]:
             f"| {r['method']} | {r['target']:g} | {len(r['seeds'])} | {r['flops_reduction']:.1%}{gap} "
             f"| {'' if before is None else f'{before:.2%}'} | {r['test_acc']:.2%}{sd} | {delta} | {costs} | {passed_s} "
             f"| {r.get('finetune_images') or ''} | {'' if latency is None else f'{latency:.2f}'} |"
+            + "".join(f" {_interval(r['vs_profile'][m]) if m in r.get('vs_profile', {}) else ''} |" for m in against)
         )
     return lines
+
+
+def _interval(vs: dict) -> str:
+    """A paired difference in points, its 95% interval, and * when the interval excludes zero."""
+    return f"{vs['diff_points']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]" + (" *" if vs["significant"] else "")
 
 
 def _base_line(result: dict) -> list[str]:
@@ -231,8 +339,10 @@ def main() -> None:
             *_base_line(result),
             *([f"- ONNX latencies re-timed on the idle machine after the run: `{result['latency_remeasured']['command']}` "
                 f"({result['latency_remeasured']['repeats']} repeats)"] if "latency_remeasured" in result else []), "",
-            *(_seeded_table(result) if "units" in result else _table(result)), "",
-            f"![accuracy vs FLOPs]({plot.name})", "",
+            *(_latency_table(result) if _metric(result) == "latency"
+              else _seeded_table(result) if "units" in result else _table(result)), "",
+            *_failed(result),
+            f"![accuracy vs {'latency' if _metric(result) == 'latency' else 'FLOPs'}]({plot.name})", "",
         ]
         notes = REPO / "bench" / "notes" / f"{name}.md"
         if notes.is_file():

@@ -12,6 +12,12 @@ Results go to bench/results/<profile>.json; bench/report.py renders docs/benchma
                                                  # in the profile's work folder (its base model), results in quick-dkd.json
     python bench/run.py --profile r20            # the converged ResNet-20 base (bench/bases), 3 seeds, hours:
                                                  # resumable unit by unit, rerun the same command to carry on
+    python bench/run.py --profile r20 --methods emo-dir --variant frozen --set 'search.boundary_widths=[1.0]'
+                                                 # an ablation: its rows are also held against the profile's own
+                                                 # emo-dir, global-magnitude and torch-pruning units (same seeds)
+    python bench/run.py --profile r20 --seeds 0 --variant lat --set prune.metric=latency --set export.quantize=int8
+                                                 # latency targets: measured time against asked, the predictor's
+                                                 # error, accuracy at equal time, and INT8 on each finetuned model
 
 Units. Every (method, target, seed) is one unit, written to bench/results/<profile>/<method>@<target>-s<seed>.json
 when it ends (with its params digest, commit, stage costs and per-image test correctness); a rerun skips the
@@ -489,13 +495,29 @@ def unit_file(units_dir: Path, method: str, target: float, seed: int) -> Path:
     return units_dir / f"{method}@{target:g}-s{seed}.json"
 
 
-def aggregate(units: list[dict]) -> list[dict]:
-    """One row per (method, target): means and spread over seeds, and the paired difference to EMO-DIR at the
-    same target on the same seeds and test images."""
-    import statistics
+REFERENCES = ["emo-dir", "global-magnitude", TP]  # what a variant (an ablation) is held against in its profile
 
+
+def _paired(mine: list[dict], ref: dict[int, dict]) -> dict | None:
+    """`mine` minus the units of `ref` (by seed) on the seeds both have, paired on the same test images."""
     import numpy as np
     from stats import paired_difference  # bench/stats.py
+
+    common = [u for u in mine if u["seed"] in ref]
+    if not common:
+        return None
+    n = common[0]["test_images"]
+    a = np.stack([unpack(u["test_correct"], n) for u in common])
+    b = np.stack([unpack(ref[u["seed"]]["test_correct"], n) for u in common])
+    return paired_difference(a, b)  # in points
+
+
+def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> list[dict]:
+    """One row per (method, target): means and spread over seeds, and the paired difference to EMO-DIR at the
+    same target on the same seeds and test images. A variant's rows are also held against its profile's own units
+    (`profile_units`: EMO-DIR, global-magnitude and torch-pruning at the same target and seeds), so an ablation
+    says what it changed and where it stands against the baselines."""
+    import statistics
 
     ok = [u for u in units if "error" not in u]
     rows = []
@@ -524,14 +546,42 @@ def aggregate(units: list[dict]) -> list[dict]:
         if method == NONE:
             row["finetune_gain_points"] = 100 * (row["test_acc"] - row["test_acc_base"])
         ref = {u["seed"]: u for u in ok if u["method"] == "emo-dir" and u["target"] == target}
-        common = [u for u in mine if u["seed"] in ref]
-        if method not in ("emo-dir", NONE) and common:
-            n = common[0]["test_images"]
-            a = np.stack([unpack(u["test_correct"], n) for u in common])
-            b = np.stack([unpack(ref[u["seed"]]["test_correct"], n) for u in common])
-            row["vs_emo_dir"] = paired_difference(a, b)  # this method minus EMO-DIR, in points
+        if method not in ("emo-dir", NONE) and (vs := _paired(mine, ref)):
+            row["vs_emo_dir"] = vs  # this method minus EMO-DIR, in points
+        against = {}
+        for other in REFERENCES if method != NONE else []:
+            theirs = {u["seed"]: u for u in profile_units or [] if "error" not in u and u["method"] == other and u["target"] == target}
+            if vs := _paired(mine, theirs):
+                against[other] = vs
+        if against:
+            row["vs_profile"] = against  # this variant's method minus the profile's `other`, in points
         rows.append(row)
     return rows
+
+
+def _lock(work: Path):
+    """One run per work folder: two would overwrite each other's models and params. Held until the process ends
+    (the operating system lets go of it however the run stops)."""
+    import fcntl
+
+    work.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(work.parent / f".{work.name}.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"another bench/run.py (pid {handle.read().strip() or '?'}) is running in {work}: wait for it, "
+                         "or give this run its own --work folder") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _profile_units(units_dir: Path, params: dict) -> list[dict]:
+    """The profile's own finished units (no variant), those still current: what its variants are held against."""
+    units = [json.loads(p.read_text()) for p in sorted(units_dir.glob("*.json"))]
+    return [u for u in units if u.get("params_digest") == _digest(params, [], u["method"], u["target"], u["seed"])]
 
 
 def _order(method: str) -> int:
@@ -565,11 +615,17 @@ def main() -> None:
         ap.error(f"--set {bad[0]!r}: give KEY=VALUE for a key other than prune.method, prune.target and seed "
                  "(those are --methods, --targets and --seeds)")
     suffix = f"-{args.variant}" if args.variant else ""
+    metric_sets = [kv for kv in args.sets if kv.startswith("prune.metric=") and kv != "prune.metric=flops"]
+    comparable_metric = not metric_sets  # targets are fractions of FLOPs, as in the profile (and for torch-pruning)
     work = (args.work or REPO / "bench" / "work" / args.profile).resolve()
     if args.remeasure:
         remeasure(args.profile, work, args.repeats, suffix)
         return
     profile = PROFILES[args.profile]
+    methods = args.methods or [*METHODS, *(EXTRA_METHODS if profile.get("none") and not comparable_metric else [])]
+    if TP in methods and not comparable_metric:
+        ap.error(f"--methods {TP} with {metric_sets[0]!r}: the {TP} row bisects Torch-Pruning's own FLOPs count, "
+                 "so its targets are fractions of FLOPs; run it in a variant that keeps prune.metric=flops")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(work))
     # PYTHONPATH: the stages import the work folder's copy of the code (what dvc.lock hashes), not the
@@ -579,11 +635,11 @@ def main() -> None:
     start = time.perf_counter()
     params = profile_params(args.profile)  # before any work: a missing base model stops here
     if not args.aggregate:  # the work folder is another run's while it goes on: left as it is
+        lock = _lock(work)  # noqa: F841 (held until this process ends)
         setup(args.profile, work)
     out = REPO / "bench" / "results" / f"{args.profile}{suffix}.json"
     units_dir = out.with_suffix("")
     units_dir.mkdir(parents=True, exist_ok=True)
-    methods = args.methods or [*METHODS, *(EXTRA_METHODS if profile.get("none") else [])]
     seeds = args.seeds or profile.get("seeds", [0])
     todo = [(m, t, s) for t in (args.targets or profile["targets"]) for m in methods if m != NONE for s in seeds]
     todo += [(NONE, 0.0, s) for s in seeds if NONE in methods]
@@ -611,6 +667,8 @@ def main() -> None:
         path.write_text(json.dumps(row, indent=1) + "\n")  # the unit is done: a later run skips it
     units = [json.loads(p.read_text()) for p in sorted(units_dir.glob("*.json"))]
     current = [u for u in units if u.get("params_digest") == _digest(params, args.sets, u["method"], u["target"], u["seed"])]
+    # a variant is held against its profile's units at the same targets, unless it changes what a target means
+    comparable = args.variant and comparable_metric
     result = {
         "profile": args.profile,
         **({"variant": args.variant, "sets": args.sets} if args.variant else {}),
@@ -620,7 +678,7 @@ def main() -> None:
         "params": params,
         "data_counts": _data_counts(work),
         "stale_units": sorted(p.name for p, u in zip(sorted(units_dir.glob("*.json")), units) if u not in current),
-        "rows": aggregate(current),
+        "rows": aggregate(current, _profile_units(units_dir.parent / args.profile, params) if comparable else None),
         "units": [{k: v for k, v in u.items() if k != "test_correct"} for u in current],
     }
     out.write_text(json.dumps(result, indent=2) + "\n")

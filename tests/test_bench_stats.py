@@ -55,10 +55,7 @@ def test_docstring_examples_run():
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
-    """bench/run.py keys each unit by the params dvc.yaml's stages on its method's path read: a search setting
-    reruns EMO-DIR's units, not the baselines' (which cost as long to redo)."""
-    import copy
+def _bench_run():
     import sys
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -68,6 +65,44 @@ def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
         spec.loader.exec_module(run)
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return run
+
+
+def test_a_variant_is_held_against_its_profiles_units_on_the_same_seeds_and_images(monkeypatch):
+    """An ablation (a variant of EMO-DIR) is paired with the profile's own EMO-DIR and global-magnitude units at
+    its target and seeds, image by image; units of another target or another seed are not used."""
+    run = _bench_run()
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # run.py imports bench/stats.py as `stats`, as when run as a script
+    rng = np.random.default_rng(3)
+    n = 4000
+
+    def unit(method, target, seed, right):
+        bits = np.packbits(right).tobytes().hex()
+        return {"method": method, "target": target, "seed": seed, "test_acc": float(right.mean()), "test_correct": bits,
+                "test_images": n, "commit": "c", "flops_reduction": target}
+
+    truth = {s: rng.random(n) < 0.85 for s in (0, 1, 2)}
+    better = {s: truth[s] | (rng.random(n) < 0.2) for s in truth}  # about 3 points more right, on every seed
+    profile = [unit("emo-dir", 0.5, s, truth[s]) for s in truth]
+    profile += [unit("global-magnitude", 0.5, s, truth[s]) for s in (0, 1)]
+    profile += [unit("global-magnitude", 0.7, 2, ~truth[2])]  # another target: not compared
+    variant = [unit("emo-dir", 0.5, s, better[s]) for s in truth]
+    (row,) = run.aggregate(variant, profile)
+    vs = row["vs_profile"]
+    assert set(vs) == {"emo-dir", "global-magnitude"}
+    assert vs["emo-dir"]["seeds"] == 3 and vs["global-magnitude"]["seeds"] == 2
+    expected = 100 * np.mean([better[s].mean() - truth[s].mean() for s in (0, 1)])
+    assert vs["global-magnitude"]["diff_points"] == pytest.approx(expected)
+    assert vs["emo-dir"]["significant"] and vs["emo-dir"]["low"] > 0
+    assert "vs_profile" not in run.aggregate(variant)[0]  # no profile given: nothing to hold it against
+
+
+def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
+    """bench/run.py keys each unit by the params dvc.yaml's stages on its method's path read: a search setting
+    reruns EMO-DIR's units, not the baselines' (which cost as long to redo)."""
+    import copy
+
+    run = _bench_run()
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
