@@ -559,6 +559,20 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
     return rows
 
 
+CODE = ["pruning", "tasks", "flows", "dvc.yaml", "params.yaml", "bench"]  # what a unit's result depends on
+
+
+def _clean_code() -> None:
+    """Units record the commit whose code they ran: a change not committed yet would be recorded under the wrong
+    commit, so the runner refuses to start until it is committed (or stashed)."""
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE], cwd=REPO,
+                             capture_output=True, text=True).stdout.split("\n")
+    changed = [line[3:] for line in changed if line.strip()]
+    if changed:
+        raise SystemExit(f"uncommitted changes in {', '.join(changed[:5])}: a unit records the commit it ran, so commit "
+                         "(or stash) them first")
+
+
 def _lock(work: Path):
     """One run per work folder: two would overwrite each other's models and params. Held until the process ends
     (the operating system lets go of it however the run stops)."""
@@ -635,6 +649,7 @@ def main() -> None:
     start = time.perf_counter()
     params = profile_params(args.profile)  # before any work: a missing base model stops here
     if not args.aggregate:  # the work folder is another run's while it goes on: left as it is
+        _clean_code()
         lock = _lock(work)  # noqa: F841 (held until this process ends)
         setup(args.profile, work)
     out = REPO / "bench" / "results" / f"{args.profile}{suffix}.json"
