@@ -254,6 +254,8 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
                           for s in method_stages(method) if s in m},
         "finetune_images": m["finetune"].get("epochs", 0) * m["prepare"]["counts"]["train"] if "prepare" in m else None,
         "onnx": summary["onnx"],
+        # the network the method chose: channels kept per group (the scheme's group names)
+        "kept": {g: len(c) for g, c in json.loads((work / "artifacts" / "scheme.json").read_text())["keep"].items()},
         "run_seconds": float(wall),
         "peak_rss_mb": int(rss_kb) / 1024,
     }
