@@ -16,6 +16,7 @@ measures the other work. bench/notes/latency_targets.md discusses the results.
     python bench/latency_targets.py                       # every method, targets 0.5 and 0.7
     python bench/latency_targets.py --methods uniform --targets 0.5
     python bench/latency_targets.py --batch-size 1 --threads 1   # batch 1 on one thread: its own table and units
+    python bench/latency_targets.py --model resnet56      # the converged ResNet-56 (K=4, as the r56 profile): its own units
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from pruning.latency import CALIBRATION_WIDTHS  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "latency_targets.json"
-BASE = REPO / "bench" / "bases" / "resnet20.pt"
+BASES = REPO / "bench" / "bases"
 PREPARED = REPO / "bench" / "work" / "cifar10-prepared"
 TABLE = REPO / "latency" / "table.json"
 # (name, method, round_to): global-magnitude twice, the second with counts in whole 16-channel blocks
@@ -56,9 +57,11 @@ def _digest(name: str, target: float) -> str:
 
 
 def _key(name: str, target: float) -> str:
-    """Units at the default batch 64 on every core keep their plain keys; others say their batch and threads."""
+    """ResNet-20's units at the default batch 64 on every core keep their plain keys; others say their model, batch
+    and threads."""
     b, t = SETTINGS["batch_size"], SETTINGS["threads"]
-    return f"{name}@{target}" + ("" if (b, t) == (64, 0) else f" b{b} t{t or 'default'}")
+    model = SETTINGS.get("model", "resnet20")  # units recorded before --model existed are ResNet-20's
+    return ("" if model == "resnet20" else f"{model} ") + f"{name}@{target}" + ("" if (b, t) == (64, 0) else f" b{b} t{t or 'default'}")
 
 
 def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
@@ -70,7 +73,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
     from tasks.datasets import split_batches
 
     s = SETTINGS
-    base, meta = load_model(BASE)
+    base, meta = load_model(BASES / f"{s.get('model', 'resnet20')}.pt")
     x = torch.zeros(1, 3, meta["image_size"], meta["image_size"])
     train = split_batches(PREPARED, "train", 128, train=True, seed=s["seed"])
     val, test = split_batches(PREPARED, "val", 256), split_batches(PREPARED, "test", 256)
@@ -82,7 +85,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
                        constrain_epochs=s["constrain_epochs"], cache_train=s["cache_train"], cache_val=s["cache_val"],
                        bn_samples=s["bn_samples"], seed=s["seed"])
     except ValueError as err:  # a target the method cannot reach: recorded, and the next unit runs
-        return {"name": name, "method": method, "round_to": round_to, "target": target, "status": "refused",
+        return {"name": name, "method": method, "round_to": round_to, "target": target, "status": "refused", "model": s.get("model", "resnet20"),
                 "batch_size": s["batch_size"], "threads": s["threads"],
                 "error": str(err)[:500], "seconds": round(time.perf_counter() - start, 1)}
     seconds = time.perf_counter() - start
@@ -96,7 +99,7 @@ def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
     lat = result.info["latency"]
     device = torch.device("cpu")
     return {
-        "name": name, "method": method, "round_to": round_to, "target": target, "status": "pruned",
+        "name": name, "method": method, "round_to": round_to, "target": target, "status": "pruned", "model": s.get("model", "resnet20"),
         "batch_size": s["batch_size"], "threads": s["threads"],
         "predicted_ratio": round(lat["pruned"] / lat["base"], 4), "measured_ratio": round(pruned_ms / base_ms, 4),
         "prediction_error": round(lat["pruned"] / pruned_ms - 1.0, 4), "predicted_ms": round(lat["pruned"], 2),
@@ -116,10 +119,16 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
     ap.add_argument("--batch-size", type=int, default=64, help="the batch whose time is the cost and is measured")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default, every core)")
+    ap.add_argument("--model", choices=["resnet20", "resnet56"], default="resnet20",
+                    help="the converged base in bench/bases (resnet56: K=4, as the r56 benchmark profile)")
     ap.add_argument("--again", action="store_true",
                     help="run the selected units again even if done (their earlier measurements are kept in `earlier`)")
     args = ap.parse_args()
     SETTINGS.update(batch_size=args.batch_size, threads=args.threads)
+    if args.model != "resnet20":  # (ResNet-20's settings stay as they were: its recorded units stay current)
+        SETTINGS.update(model=args.model, k=4)
+    if not (BASES / f"{args.model}.pt").is_file():
+        raise SystemExit(f"--model {args.model}: {BASES / (args.model + '.pt')} is not there; train it with python bench/bases.py {args.model}")
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"units": {}}
     results.update(settings=SETTINGS, machine={"platform": platform.platform(), "python": platform.python_version(),
                                                "torch": torch.__version__})

@@ -281,8 +281,8 @@ def _latency_targets() -> list[str]:
         return []
     r = json.loads(path.read_text())
     s = r["settings"]
-    rows = sorted(r["units"].values(), key=lambda u: (u.get("batch_size", 64), u["target"], u["name"]))
-    out = ["## Pruning for latency (`metric: latency`, ResNet-20, converged base)", "",
+    rows = sorted(r["units"].values(), key=lambda u: (u.get("model", "resnet20"), u.get("batch_size", 64), u["target"], u["name"]))
+    out = ["## Pruning for latency (`metric: latency`, converged bases: ResNet-20, and ResNet-56 where the row says)", "",
            f"- command: `python bench/latency_targets.py`; commits: `{', '.join(sorted({u['commit'][:8] for u in rows}))}`; "
            f"{r['machine']['platform']}; a table per batch size and thread count (median of {s['table_repeats']} calls per "
            f"layer shape); base and pruned ONNX models timed in alternating blocks at the row's batch and threads, median of "
@@ -292,7 +292,7 @@ def _latency_targets() -> list[str]:
            "| batch, threads | method | target | predicted ratio | measured ratio | measured / asked | prediction error "
            "| FLOPs removed | val acc | test acc | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in rows:
-        where = f"{u.get('batch_size', 64)}, {u.get('threads') or 'all'}"
+        where = ("ResNet-56, " if u.get("model") == "resnet56" else "") + f"{u.get('batch_size', 64)}, {u.get('threads') or 'all'}"
         if u.get("status") == "refused":
             out.append(f"| {where} | {u['name']} | {u['target']} | refused: {u['error'][:160]} | | | | | | | {u['seconds']:.0f} |")
             continue
