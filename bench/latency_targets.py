@@ -1,7 +1,7 @@
 """Latency targets: does a model pruned for `metric: latency` take the time asked for?
 
-For each method and latency target: prune the converged ResNet-20 base (bench/bases/resnet20.pt, CIFAR-10
-copy prepared in bench/work/cifar10-prepared) with the Python API, `metric="latency"` over the table in
+For each method and latency target: prune the converged ResNet-20 base (bench/bases/resnet20.pt; `--model
+resnet56`: bench/bases/resnet56.pt, K=4; CIFAR-10 copy prepared in bench/work/cifar10-prepared) with the Python API, `metric="latency"` over the table in
 latency/table.json (onnxruntime, batch 64, its default threads), then export the base and the pruned model
 to ONNX and time both in alternating blocks (batch 64, 50 calls each). Recorded per unit: the predicted
 and the measured time ratio (pruned / base) and the prediction error, FLOPs removed, accuracy before
@@ -130,8 +130,9 @@ def main() -> None:
     if not (BASES / f"{args.model}.pt").is_file():
         raise SystemExit(f"--model {args.model}: {BASES / (args.model + '.pt')} is not there; train it with python bench/bases.py {args.model}")
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"units": {}}
-    results.update(settings=SETTINGS, machine={"platform": platform.platform(), "python": platform.python_version(),
-                                               "torch": torch.__version__})
+    # the file's settings are ResNet-20's (every unit's digest covers its own settings)
+    results.update({"settings" if args.model == "resnet20" else f"settings_{args.model}": SETTINGS},
+                   machine={"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__})
     for name, method, round_to in METHODS:
         if name not in args.methods:
             continue

@@ -15,9 +15,10 @@ Results go to bench/results/<profile>.json; bench/report.py renders docs/benchma
     python bench/run.py --profile r20 --methods emo-dir --variant frozen --set 'search.boundary_widths=[1.0]'
                                                  # an ablation: its rows are also held against the profile's own
                                                  # emo-dir, global-magnitude and torch-pruning units (same seeds)
-    python bench/run.py --profile r20 --seeds 0 --variant lat --set prune.metric=latency --set export.quantize=int8
+    python bench/run.py --profile r20 --seeds 0 --variant lat --set prune.metric=latency --set export.quantize=int8 \
+        --set export.max_int8_drop=100                  # (record INT8 whatever it loses, instead of failing the unit)
                                                  # latency targets: measured time against asked, the predictor's
-                                                 # error, accuracy at equal time, and INT8 on each finetuned model
+                                                 # error, accuracy at the same latency target, INT8 on each model
 
 Units. Every (method, target, seed) is one unit, written to bench/results/<profile>/<method>@<target>-s<seed>.json
 when it ends (with its params digest, commit, stage costs and per-image test correctness); a rerun skips the
@@ -470,13 +471,15 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def unit_params(params: dict, method: str) -> dict:
+def unit_params(params: dict, method: str, sets: list[str] | tuple[str, ...] = ()) -> dict:
     """The params that can change a unit's result: those dvc.yaml's stages on the method's path read (a
-    baseline's unit does not go stale when a search setting changes)."""
+    baseline's unit does not go stale when a search setting changes). `sets`: a variant's values, which may
+    make the cost latency."""
     stages = ["sources", "prepare", "pretrain", *method_stages(method), "finetune", "export"]
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     keys = {k for s in stages for k in spec[s].get("params", [])}
-    if (params.get("prune") or {}).get("metric", "flops") != "latency":
+    metric = dict(kv.split("=", 1) for kv in sets).get("prune.metric", (params.get("prune") or {}).get("metric", "flops"))
+    if metric != "latency":
         keys.discard("latency")  # the latency table's settings are read only when the cost is latency
     out = {}
     for key in sorted(keys):
@@ -488,7 +491,7 @@ def unit_params(params: dict, method: str) -> dict:
 
 
 def _digest(params: dict, sets: list[str], method: str, target: float, seed: int) -> str:
-    blob = json.dumps({"params": unit_params(params, method), "sets": sorted(sets), "unit": [method, target, seed]},
+    blob = json.dumps({"params": unit_params(params, method, sets), "sets": sorted(sets), "unit": [method, target, seed]},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -505,7 +508,7 @@ def _paired(mine: list[dict], ref: dict[int, dict]) -> dict | None:
     import numpy as np
     from stats import paired_difference  # bench/stats.py
 
-    common = [u for u in mine if u["seed"] in ref]
+    common = [u for u in mine if u["seed"] in ref and ref[u["seed"]]["test_images"] == u["test_images"]]
     if not common:
         return None
     n = common[0]["test_images"]
@@ -561,15 +564,17 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
     return rows
 
 
-CODE = ["pruning", "tasks", "flows", "dvc.yaml", "params.yaml", "bench"]  # what a unit's result depends on
+CODE = ["pruning", "tasks", "flows", "dvc.yaml", "params.yaml", "bench/*.py"]  # what a unit's result depends on (not results)
 
 
 def _clean_code() -> None:
     """Units record the commit whose code they ran: a change not committed yet would be recorded under the wrong
     commit, so the runner refuses to start until it is committed (or stashed)."""
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE], cwd=REPO,
-                             capture_output=True, text=True).stdout.split("\n")
-    changed = [line[3:] for line in changed if line.strip()]
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE], cwd=REPO,
+                            capture_output=True, text=True)
+    if status.returncode != 0:
+        raise SystemExit(f"git status failed in {REPO} ({status.stderr.strip()}): the runner records the commit it runs")
+    changed = [line[3:] for line in status.stdout.split("\n") if line.strip()]
     if changed:
         raise SystemExit(f"uncommitted changes in {', '.join(changed[:5])}: a unit records the commit it ran, so commit "
                          "(or stash) them first")
@@ -586,8 +591,8 @@ def _lock(work: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        raise SystemExit(f"another bench/run.py (pid {handle.read().strip() or '?'}) is running in {work}: wait for it, "
-                         "or give this run its own --work folder") from None
+        raise SystemExit(f"another bench/run.py (pid {handle.read().strip() or '?'}) is running in {work}: wait for it "
+                         "(its units and results are the same files this run would write)") from None
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()

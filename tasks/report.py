@@ -38,7 +38,7 @@ def summarize() -> dict:
             "flops_reduction": ranked["flops_reduction"],
             "params_reduction": ranked["params_reduction"],
         },
-        "onnx": {k: v for k, v in exp.items() if k.startswith(("max_abs", "top1", "latency"))},
+        "onnx": {k: v for k, v in exp.items() if k.startswith(("max_abs", "top1", "latency", "quantize", "int8", "fp32"))},
         "search": {"evaluations": search["evaluations"], "seconds": search["seconds"]},
         "seconds": {"pretrain": pre["seconds"], "search": search["seconds"], "rank": ranked["rank_seconds"], "finetune": fin["seconds"]},
     }
