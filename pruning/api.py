@@ -85,6 +85,7 @@ def prune(
     max_overshoot: float = _RANK.max_overshoot,
     bn_samples: int = _RANK.bn_samples,
     fill_back: bool = _RANK.fill_back,
+    paired_boundaries: bool = _RANK.paired_boundaries,
     finetune_epochs: int = 0,
     finetune_lr: float = _FT.lr,
     kd: Literal["none", "kd", "dynamickd"] = _FT.kd,
@@ -256,6 +257,7 @@ def prune(
                     features=va,
                     labels=yva,
                     device=dev,
+                    paired_boundaries=paired_boundaries,
                 )
                 decided.pop("table")
                 if fill_back:  # as the rank stage: channels given back come with the base's weights

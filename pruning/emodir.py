@@ -106,6 +106,9 @@ class RankSettings:
     max_overshoot: float = 0.02
     bn_samples: int = 2048
     fill_back: bool = True  # give channels back down to the target (to GPIR's trained scheme with the base's weights)
+    # EMO-DIR: a candidate narrowing a boundary is scored beside the least-pruned next candidate reading that width,
+    # not beside the original next sub-network reading zeros (which overstates its loss)
+    paired_boundaries: bool = False
 
 
 @dataclass(frozen=True)

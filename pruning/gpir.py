@@ -25,6 +25,7 @@ __all__ = [
     "joint_scheme",
     "merge_into",
     "min_saving_for",
+    "paired_impairments",
     "rank",
 ]
 
@@ -99,6 +100,40 @@ def impairment_table(
             )
         table.append(rows)
     return base_acc, table
+
+
+def paired_impairments(
+    subnetworks: Sequence[SubNetwork],
+    head: nn.Module,
+    table: list[list[dict]],
+    modules: Sequence[Sequence[nn.Module]],
+    base_acc: float,
+    features: Sequence,
+    labels,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Score the candidates that narrow the boundary they write beside a successor adapted to it (in place).
+
+    Measured alone, such a candidate is followed by the *original* next sub-network, which reads zeros in the
+    dropped channels: its impairment counts a loss that the next sub-network's candidates reading that width
+    (trained on it) do not have. Here it is paired with the least-pruned of those candidates instead: its
+    impairment becomes the pair's measured loss minus that successor's own (alone), so the sum over a chain
+    counts each boundary's loss once, as the chain really has it. The row keeps `impairment_alone` and names
+    `paired_with`. A candidate no successor reads after keeps its measurement. Returns the pairs measured."""
+    measured = 0
+    for k in range(len(table) - 1):
+        for row in table[k][1:]:
+            readers = [r for r in table[k + 1][1:] if row["outputs"] and r["inputs"] == row["outputs"]]
+            if not readers:
+                continue
+            successor = max(readers, key=lambda r: (r["cost"], -r["candidate"]))  # the least pruned; first on ties
+            pair = {k + 1: modules[k][row["candidate"]], k + 2: modules[k + 1][successor["candidate"]]}
+            pair_loss = base_acc - accuracy_with(subnetworks, head, pair, features, labels, device=device)
+            row["impairment_alone"] = row["impairment"]
+            row["impairment"] = pair_loss - successor.get("impairment_alone", successor["impairment"])
+            row["paired_with"] = successor["candidate"]
+            measured += 1
+    return measured
 
 
 @dataclass
@@ -242,6 +277,7 @@ def rank(
     features: Sequence,
     labels,
     device: torch.device | str = "cpu",
+    paired_boundaries: bool = False,
 ) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
 
@@ -249,6 +285,8 @@ def rank(
     candidates of neighbouring sub-networks join only when they agree on the width of their boundary. The
     merged model is measured once more on the val features: it must compute what the verified combination
     did (the chained BoundaryIO candidates stand for it), else this is a defect and raises.
+    `paired_boundaries`: candidates narrowing a boundary are scored beside an adapted successor
+    (`paired_impairments`) instead of the original one.
     Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
     choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
 
@@ -273,6 +311,7 @@ def rank(
     need = min_saving_for(target, total_cost)
     check_reachable(table, need, total_cost, target)
     modules = [[c[0] for c in cs] for cs in candidates]
+    pairs = paired_impairments(subnetworks, head, table, modules, base_acc, features, labels, device) if paired_boundaries else 0
     best = joint_scheme(
         subnetworks,
         head,
@@ -314,6 +353,7 @@ def rank(
         ],
         "verified": best.verified,
         "fallbacks": [best.fallback] if best.fallback else [],
+        "paired_boundaries": pairs,  # candidates scored beside an adapted successor (0: each alone)
         "table": table,
         "joint_front": joint_pareto(table, base_acc, total_cost),
     }

@@ -143,6 +143,10 @@ class RankParams(_Section):
     )
     bn_samples: int = Field(RANK.bn_samples, ge=0, description="train images the chosen model's BatchNorm statistics are re-estimated on")
     fill_back: bool = Field(RANK.fill_back, description="give removed channels back while the reduction stays >= the target")
+    paired_boundaries: bool = Field(
+        RANK.paired_boundaries,
+        description="emo-dir: score a candidate that narrows a boundary beside the least-pruned next candidate reading that width",
+    )
 
 
 class PruneParams(_Section):

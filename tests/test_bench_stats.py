@@ -113,5 +113,16 @@ def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
     digest = lambda p, m: run._digest(p, [], m, 0.5, 0)  # noqa: E731
     assert digest(other, "global-magnitude") == digest(params, "global-magnitude")
     assert digest(other, "emo-dir") != digest(params, "emo-dir")
+    # a param added later, at the value that does what the code did before it, leaves the units recorded before it
+    # current (as if the key were not there); at another value they go stale
+    for key, before in run.ADDED_AT.items():
+        section, leaf = key.split(".")
+        without = copy.deepcopy(params)
+        without[section].pop(leaf, None)
+        at = copy.deepcopy(params)
+        at[section][leaf] = before
+        assert digest(at, "emo-dir") == digest(without, "emo-dir")
+        at[section][leaf] = not before if isinstance(before, bool) else None
+        assert digest(at, "emo-dir") != digest(without, "emo-dir")
     other["finetune"]["epochs"] += 1  # every method finetunes
     assert digest(other, "global-magnitude") != digest(params, "global-magnitude")

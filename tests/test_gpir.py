@@ -203,3 +203,65 @@ def test_constrained_training_mixes_its_predecessors():
     preds = [Counted(subs[1].module), Counted(copy.deepcopy(subs[1].module)), Counted(copy.deepcopy(subs[1].module))]
     train_constrained(cand, feats[2], feats[3], y, head, predecessors=preds, predecessor_inputs=feats[1], epochs=2, batch_size=8)
     assert [p.calls for p in preds] and all(p.calls > 0 for p in preds) and sum(p.calls for p in preds) == 16
+
+
+def _duplicated_chain(n: int = 256):
+    """Two sub-networks whose boundary X_1 has 4 channels, 2 and 3 copies of 0 and 1: S_2 reads all four with equal
+    weights, so dropping channels 2-3 halves its input, while a successor reading only 0-1 with doubled weights
+    computes exactly what S_2 does. Returns (subnetworks, head, features, labels, s1, s2)."""
+    from torch import nn
+
+    from pruning.divide import SubNetwork
+
+    torch.manual_seed(0)
+    s1 = nn.Conv2d(3, 2, 1, bias=False)
+    s1_dup = nn.Sequential(s1, nn.Conv2d(2, 4, 1, bias=False))
+    with torch.no_grad():
+        s1_dup[1].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]]).view(4, 2, 1, 1))
+    s2 = nn.Sequential(nn.Conv2d(4, 3, 1, bias=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        w = torch.randn(3, 2)
+        s2[0].weight.copy_(torch.cat([w, w], 1).view(3, 4, 1, 1) / 2)
+        s2[0].bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    subs = [SubNetwork(1, s1_dup.eval(), ["s1"], 100, 10, (3, 4, 4), (4, 4, 4)),
+            SubNetwork(2, s2.eval(), ["s2"], 100, 10, (4, 4, 4), (3,))]
+    x = torch.randn(n, 3, 4, 4)
+    with torch.no_grad():
+        x1 = s1_dup(x)
+        x2 = s2(x1)
+    return subs, nn.Identity(), [x, x1, x2], x2.argmax(1), s1_dup, s2
+
+
+def test_a_candidate_narrowing_a_boundary_is_scored_beside_an_adapted_successor():
+    """Alone, a candidate that writes only channels 0-1 of X_1 is followed by the original S_2 reading zeros in
+    2-3, and loses much; beside the successor candidate that reads 0-1 the pair loses exactly what that successor
+    loses alone, so the candidate's paired impairment is 0. Candidates no successor reads keep their measurement."""
+    import copy
+
+    from torch import nn
+
+    from pruning.boundary import BoundaryIO
+    from pruning.gpir import paired_impairments
+
+    subs, head, feats, y, s1, s2 = _duplicated_chain()
+    narrow = BoundaryIO(copy.deepcopy(s1[0]), out_keep=[0, 1], out_channels=4).eval()  # channels 0-1 only: width option 1
+    reader = copy.deepcopy(s2)
+    with torch.no_grad():
+        reader[0] = nn.Conv2d(2, 3, 1, bias=True)
+        reader[0].weight.copy_(s2[0].weight[:, :2] * 2)
+        reader[0].bias.copy_(s2[0].bias + torch.tensor([0.0, 1.5, 0.0]))  # and loses a little on its own
+    reader = BoundaryIO(reader.eval(), in_keep=[0, 1]).eval()  # reads width option 1
+    half = copy.deepcopy(s2).eval()  # a successor at full width, to check full-width rows are left alone
+    cands = [[(narrow, 60)], [(reader, 90), (half, 50)]]
+    options = [[(0, 1)], [(1, 0), (0, 0)]]
+    base_acc, table = impairment_table(subs, head, cands, [100, 100], feats, y, options=options)
+    alone = table[0][1]["impairment"]
+    assert base_acc == 1.0 and alone > 0.1  # zeros in half the channels S_2 reads
+    own = table[1][1]["impairment"]
+    assert own > 0.02  # the reader alone, after the original S_1 (it reads only channels 0-1 of it)
+    before = copy.deepcopy(table)
+    assert paired_impairments(subs, head, table, [[narrow], [reader, half]], base_acc, feats, y) == 1
+    # the pair computes what the reader does after the original S_1: all its loss is the reader's own
+    assert table[0][1]["impairment"] == pytest.approx(0.0, abs=1e-12) and table[0][1]["impairment_alone"] == alone
+    assert table[0][1]["paired_with"] == 0
+    assert table[1] == before[1]  # the last sub-network writes nothing another reads: untouched
