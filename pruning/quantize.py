@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-__all__ = ["calibration_batches", "check_int8_drop", "evaluate_onnx", "quantize_int8"]
+__all__ = ["calibration_batches", "check_int8_drop", "evaluate_onnx", "int8_slower", "quantize_int8"]
 
 
 class _Batches(CalibrationDataReader):
@@ -108,3 +108,17 @@ def check_int8_drop(fp32_acc: float, int8_acc: float, max_drop: float) -> float:
             "(export.calibration_images), or export.quantize: none"
         )
     return drop
+
+
+def int8_slower(speedups: dict[int, float]) -> str | None:
+    """A warning when the INT8 model measured slower than its FP32 model at some batch size (`speedups`: batch ->
+    FP32 time over INT8 time), else None. Quantizing is then no gain at that batch, and the user should hear so."""
+    slow = {b: r for b, r in sorted(speedups.items()) if r < 1.0}
+    if not slow:
+        return None
+    where = ", ".join(f"batch {b}: {r:.2f}x" for b, r in slow.items())
+    return (
+        f"the INT8 model is slower than the FP32 one ({where} the FP32 speed); onnxruntime's INT8 convolutions on this "
+        "CPU have been measured slower than FP32 for channel counts that are not whole blocks (bench/notes/int8.md): "
+        "prune with prune.round_to: 16 or prune.metric: latency, or deploy the FP32 model"
+    )

@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from pruning.latency import LatencyCost
 from pruning.onnx_export import compare_with_torch, export_onnx, latency_pair_ms, session
-from pruning.quantize import calibration_batches, check_int8_drop, evaluate_onnx, quantize_int8
+from pruning.quantize import calibration_batches, check_int8_drop, evaluate_onnx, int8_slower, quantize_int8
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.common import Data, cost_metric, log_metrics_flat
@@ -122,5 +122,9 @@ def quantized(params: Params, data: Data, fp32: ort.InferenceSession) -> dict:
         f"{out['int8_drop_points']:+.2f} points lost), agrees with FP32 on {int8_eval['top1_agreement']:.2%}",
         flush=True,
     )
+    slower = int8_slower({b: out[f"int8_speedup_b{b}"] for b in p.latency_batch_sizes})
+    out["int8_slower_batches"] = [b for b in p.latency_batch_sizes if out[f"int8_speedup_b{b}"] < 1.0]
+    if slower:
+        print(f"export: WARNING: {slower}", flush=True)
     check_int8_drop(fp32_eval["accuracy"], int8_eval["accuracy"], p.max_int8_drop)
     return out

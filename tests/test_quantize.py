@@ -39,3 +39,12 @@ def test_int8_that_loses_more_than_allowed_fails_naming_both_accuracies():
         check_int8_drop(0.91, 0.89, 1.0)
     with pytest.raises(ValueError, match="calibration got no images"):
         quantize_int8("never-read.onnx", "never-written.onnx", iter(()))
+
+
+def test_an_int8_model_slower_than_fp32_is_named_with_its_batches():
+    from pruning.quantize import int8_slower
+
+    assert int8_slower({1: 1.4, 64: 2.3}) is None
+    warning = int8_slower({64: 0.84, 1: 1.23, 8: 0.99})
+    assert warning is not None and "batch 8: 0.99x, batch 64: 0.84x" in warning and "batch 1" not in warning
+    assert "prune.round_to" in warning
