@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -662,6 +663,11 @@ def main() -> None:
     # editable install of this checkout behind the `emoprune` entry point
     env.pop("EMOPRUNE_PARENT_RUN_ID", None)
     sys.path.insert(0, str(REPO))
+    # everything this process itself takes from the checkout, imported now: a checkout edited while the units run
+    # (hours) must not mix two versions in one process (the stages run the work folder's own copy)
+    for module in ("pruning.emodir", "pruning.methods", "pruning.onnx_export", "pruning.train", "tasks.checkpoints",
+                   "tasks.config", "tasks.datasets"):
+        importlib.import_module(module)
     start = time.perf_counter()
     params = profile_params(args.profile)  # before any work: a missing base model stops here
     if not args.aggregate:  # the work folder is another run's while it goes on: left as it is
