@@ -112,28 +112,58 @@ def paired_impairments(
     labels,
     device: torch.device | str = "cpu",
 ) -> int:
-    """Score the candidates that narrow the boundary they write beside a successor adapted to it (in place).
+    """Score the candidates that narrow the boundary they write beside successors adapted to it (in place).
 
     Measured alone, such a candidate is followed by the *original* next sub-network, which reads zeros in the
     dropped channels: its impairment counts a loss that the next sub-network's candidates reading that width
-    (trained on it) do not have. Here it is paired with the least-pruned of those candidates instead: its
-    impairment becomes the pair's measured loss minus that successor's own (alone), so the sum over a chain
-    counts each boundary's loss once, as the chain really has it. The row keeps `impairment_alone` and names
-    `paired_with`. A candidate no successor reads after keeps its measurement. Returns the pairs measured."""
-    measured = 0
-    for k in range(len(table) - 1):
+    (trained on it) do not have. Here it is followed instead by its readers: the least-pruned next candidate that
+    reads its width (one writing the full width when there is one), and so on down the chain while the reader
+    also narrows what it writes, up to a reader writing the full width or the last sub-network. Its impairment
+    becomes the loss of the candidate with its readers, measured jointly, minus the loss of the readers alone
+    (after the original sub-network): what it adds to them. Along a chain of candidates that are each other's
+    readers the impairments then add up to the chain's measured loss. The row keeps `impairment_alone`, and
+    names `paired_with` (the readers' candidates, one per following sub-network) and `pair_val_acc`. A candidate
+    no viable reader follows keeps its measurement. Returns the joint measurements made."""
+    n = len(table)
+    # viable[j]: candidate rows of sub-network j (0-based) a chain can continue after (to the end of the network)
+    viable: list[set[int]] = [set() for _ in range(n)]
+    viable[n - 1] = {i for i in range(len(table[n - 1]))}
+    for j in range(n - 2, -1, -1):
+        widths = {table[j + 1][i]["inputs"] for i in viable[j + 1]}
+        viable[j] = {i for i, r in enumerate(table[j]) if r["outputs"] in widths}
+
+    def readers(j: int, width: int) -> list[tuple[int, dict]] | None:
+        chain: list[tuple[int, dict]] = []
+        while j < n and width:
+            rows = [table[j][i] for i in sorted(viable[j]) if i > 0 and table[j][i]["inputs"] == width]
+            if not rows:
+                return None
+            full = [r for r in rows if r["outputs"] == 0]
+            pick = max(full or rows, key=lambda r: (r["cost"], -r["candidate"]))  # the least pruned; first on ties
+            chain.append((j, pick))
+            width, j = pick["outputs"], j + 1
+        return chain
+
+    losses: dict[tuple, float] = {}
+
+    def loss(chain: list[tuple[int, dict]]) -> float:
+        key = tuple((j, r["candidate"]) for j, r in chain)
+        if key not in losses:
+            repl = {j + 1: modules[j][r["candidate"]] for j, r in chain}
+            losses[key] = base_acc - accuracy_with(subnetworks, head, repl, features, labels, device=device)
+        return losses[key]
+
+    for k in range(n - 1):
         for row in table[k][1:]:
-            readers = [r for r in table[k + 1][1:] if row["outputs"] and r["inputs"] == row["outputs"]]
-            if not readers:
+            chain = readers(k + 1, row["outputs"]) if row["outputs"] else None
+            if not chain:
                 continue
-            successor = max(readers, key=lambda r: (r["cost"], -r["candidate"]))  # the least pruned; first on ties
-            pair = {k + 1: modules[k][row["candidate"]], k + 2: modules[k + 1][successor["candidate"]]}
-            pair_loss = base_acc - accuracy_with(subnetworks, head, pair, features, labels, device=device)
-            row["impairment_alone"] = row["impairment"]
-            row["impairment"] = pair_loss - successor.get("impairment_alone", successor["impairment"])
-            row["paired_with"] = successor["candidate"]
-            measured += 1
-    return measured
+            joint = loss([(k, row), *chain])
+            row.setdefault("impairment_alone", row["impairment"])
+            row["impairment"] = joint - loss(chain)
+            row["paired_with"] = [r["candidate"] for _, r in chain]
+            row["pair_val_acc"] = base_acc - joint
+    return len(losses)
 
 
 @dataclass
@@ -353,7 +383,7 @@ def rank(
         ],
         "verified": best.verified,
         "fallbacks": [best.fallback] if best.fallback else [],
-        "paired_boundaries": pairs,  # candidates scored beside an adapted successor (0: each alone)
+        "pairs_measured": pairs,  # rank.paired_boundaries: joint measurements of candidates with their readers
         "table": table,
         "joint_front": joint_pareto(table, base_acc, total_cost),
     }

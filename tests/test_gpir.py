@@ -205,63 +205,95 @@ def test_constrained_training_mixes_its_predecessors():
     assert [p.calls for p in preds] and all(p.calls > 0 for p in preds) and sum(p.calls for p in preds) == 16
 
 
-def _duplicated_chain(n: int = 256):
-    """Two sub-networks whose boundary X_1 has 4 channels, 2 and 3 copies of 0 and 1: S_2 reads all four with equal
-    weights, so dropping channels 2-3 halves its input, while a successor reading only 0-1 with doubled weights
-    computes exactly what S_2 does. Returns (subnetworks, head, features, labels, s1, s2)."""
+def _dup(channels: int):
+    """A 1x1 convolution writing `channels` inputs twice: output channels c and c + `channels` are equal."""
+    from torch import nn
+
+    conv = nn.Conv2d(channels, 2 * channels, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([torch.eye(channels), torch.eye(channels)]).view(2 * channels, channels, 1, 1))
+    return conv
+
+
+def _reads_twice(channels: int, out: int, bias: torch.Tensor):
+    """A 1x1 convolution reading 2 x `channels` inputs, channel c and c + `channels` with the same weight halved
+    (so duplicated inputs give what the `channels` alone give with the whole weight), and the one that reads only
+    the first `channels` with the whole weight: (original, adapted)."""
+    from torch import nn
+
+    w = torch.randn(out, channels)
+    original, adapted = nn.Conv2d(2 * channels, out, 1), nn.Conv2d(channels, out, 1)
+    with torch.no_grad():
+        original.weight.copy_(torch.cat([w, w], 1).view(out, 2 * channels, 1, 1) / 2)
+        adapted.weight.copy_(w.view(out, channels, 1, 1))
+        original.bias.copy_(bias)
+        adapted.bias.copy_(bias)
+    return original, adapted
+
+
+def _duplicated_chain(n: int = 512):
+    """Three sub-networks, each boundary with 4 channels of which 2-3 copy 0-1. Each sub-network reads all four with
+    halved weights, so dropping channels 2-3 halves its input; its adapted twin reads only 0-1 with whole weights
+    and computes exactly what it does. Returns (subnetworks, head, features, labels, originals, adapted twins)."""
     from torch import nn
 
     from pruning.divide import SubNetwork
 
     torch.manual_seed(0)
-    s1 = nn.Conv2d(3, 2, 1, bias=False)
-    s1_dup = nn.Sequential(s1, nn.Conv2d(2, 4, 1, bias=False))
+    s1 = nn.Sequential(nn.Conv2d(3, 2, 1, bias=False), _dup(2))
+    a1 = s1[0]  # writes channels 0-1 only
+    o2, a2 = _reads_twice(2, 2, torch.tensor([1.0, -1.0]))
+    s2, a2 = nn.Sequential(o2, _dup(2)), a2  # a2 reads and writes 0-1 only
+    o3, a3 = _reads_twice(2, 3, torch.tensor([1.0, -1.0, 0.0]))
+    s3, a3 = nn.Sequential(o3, nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Sequential(a3, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    shapes = [(3, 1, 1), (4, 1, 1), (4, 1, 1), (3,)]  # one pixel: no pooling averages the signal below the biases
+    subs = [SubNetwork(i + 1, m.eval(), [f"s{i + 1}"], 100, 10, shapes[i], shapes[i + 1]) for i, m in enumerate((s1, s2, s3))]
+    x = 2 * torch.randn(n, 3, 1, 1)
     with torch.no_grad():
-        s1_dup[1].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]]).view(4, 2, 1, 1))
-    s2 = nn.Sequential(nn.Conv2d(4, 3, 1, bias=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with torch.no_grad():
-        w = torch.randn(3, 2)
-        s2[0].weight.copy_(torch.cat([w, w], 1).view(3, 4, 1, 1) / 2)
-        s2[0].bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
-    subs = [SubNetwork(1, s1_dup.eval(), ["s1"], 100, 10, (3, 4, 4), (4, 4, 4)),
-            SubNetwork(2, s2.eval(), ["s2"], 100, 10, (4, 4, 4), (3,))]
-    x = torch.randn(n, 3, 4, 4)
-    with torch.no_grad():
-        x1 = s1_dup(x)
-        x2 = s2(x1)
-    return subs, nn.Identity(), [x, x1, x2], x2.argmax(1), s1_dup, s2
+        feats = [x]
+        for sub in subs:
+            feats.append(sub.module(feats[-1]))
+    return subs, nn.Identity(), feats, feats[-1].argmax(1), (s1, s2, s3), (a1.eval(), a2.eval(), a3.eval())
 
 
-def test_a_candidate_narrowing_a_boundary_is_scored_beside_an_adapted_successor():
-    """Alone, a candidate that writes only channels 0-1 of X_1 is followed by the original S_2 reading zeros in
-    2-3, and loses much; beside the successor candidate that reads 0-1 the pair loses exactly what that successor
-    loses alone, so the candidate's paired impairment is 0. Candidates no successor reads keep their measurement."""
+def test_candidates_narrowing_boundaries_are_scored_beside_adapted_readers():
+    """A candidate writing only channels 0-1 of a boundary, measured alone, is followed by the original next
+    sub-network reading zeros in 2-3 and loses much. Paired, it is followed by its readers (the least-pruned next
+    candidate reading 0-1, and the next one's when that one narrows too), and scored by what it adds to their
+    loss: along that chain the impairments add up to the chain's measured loss. A reader of the full width that
+    costs more is not taken: it does not read what the candidate writes."""
     import copy
-
-    from torch import nn
 
     from pruning.boundary import BoundaryIO
     from pruning.gpir import paired_impairments
 
-    subs, head, feats, y, s1, s2 = _duplicated_chain()
-    narrow = BoundaryIO(copy.deepcopy(s1[0]), out_keep=[0, 1], out_channels=4).eval()  # channels 0-1 only: width option 1
-    reader = copy.deepcopy(s2)
+    subs, head, feats, y, originals, adapted = _duplicated_chain()
+    keep = [0, 1]
+    noisy = copy.deepcopy(adapted[0])  # S_1 narrowed, with a loss of its own
     with torch.no_grad():
-        reader[0] = nn.Conv2d(2, 3, 1, bias=True)
-        reader[0].weight.copy_(s2[0].weight[:, :2] * 2)
-        reader[0].bias.copy_(s2[0].bias + torch.tensor([0.0, 1.5, 0.0]))  # and loses a little on its own
-    reader = BoundaryIO(reader.eval(), in_keep=[0, 1]).eval()  # reads width option 1
-    half = copy.deepcopy(s2).eval()  # a successor at full width, to check full-width rows are left alone
-    cands = [[(narrow, 60)], [(reader, 90), (half, 50)]]
-    options = [[(0, 1)], [(1, 0), (0, 0)]]
-    base_acc, table = impairment_table(subs, head, cands, [100, 100], feats, y, options=options)
-    alone = table[0][1]["impairment"]
-    assert base_acc == 1.0 and alone > 0.1  # zeros in half the channels S_2 reads
-    own = table[1][1]["impairment"]
-    assert own > 0.02  # the reader alone, after the original S_1 (it reads only channels 0-1 of it)
-    before = copy.deepcopy(table)
-    assert paired_impairments(subs, head, table, [[narrow], [reader, half]], base_acc, feats, y) == 1
-    # the pair computes what the reader does after the original S_1: all its loss is the reader's own
-    assert table[0][1]["impairment"] == pytest.approx(0.0, abs=1e-12) and table[0][1]["impairment_alone"] == alone
-    assert table[0][1]["paired_with"] == 0
-    assert table[1] == before[1]  # the last sub-network writes nothing another reads: untouched
+        noisy.weight.add_(0.3 * torch.randn_like(noisy.weight))
+    c1 = BoundaryIO(noisy, out_keep=keep, out_channels=4).eval()  # writes option 1
+    c2 = BoundaryIO(adapted[1], in_keep=keep, out_keep=keep, out_channels=4).eval()  # reads and writes option 1
+    wide2 = copy.deepcopy(originals[1]).eval()  # full width in and out, costs more than c2
+    c3 = BoundaryIO(adapted[2], in_keep=keep).eval()  # reads option 1
+    wide3 = copy.deepcopy(originals[2]).eval()
+    cands = [[(c1, 60)], [(c2, 50), (wide2, 95)], [(c3, 50), (wide3, 95)]]
+    options = [[(0, 1)], [(1, 1), (0, 0)], [(1, 0), (0, 0)]]
+    modules = [[m for m, _ in row] for row in cands]
+    base_acc, table = impairment_table(subs, head, cands, [100, 100, 100], feats, y, options=options)
+    alone = [table[0][1]["impairment"], table[1][1]["impairment"]]
+    assert base_acc == 1.0 and min(alone) > 0.05  # zeros in half of what the original next sub-network reads
+
+    def loss(*chain):
+        return base_acc - accuracy_with(subs, head, {k: m for k, m in chain}, feats, y)
+
+    assert paired_impairments(subs, head, table, modules, base_acc, feats, y) == 3  # (c1 c2 c3), (c2 c3) and (c3)
+    assert [table[0][1]["impairment_alone"], table[1][1]["impairment_alone"]] == alone
+    assert table[0][1]["paired_with"] == [0, 0] and table[1][1]["paired_with"] == [0]  # c2 then c3; c3
+    assert "paired_with" not in table[1][2] and "impairment_alone" not in table[1][2]  # writes the full width: as measured
+    chain_loss = loss((1, c1), (2, c2), (3, c3))
+    assert chain_loss > 0.02  # c1's own loss, the adapted readers add none
+    total = table[0][1]["impairment"] + table[1][1]["impairment"] + table[2][1]["impairment"]
+    assert total == pytest.approx(chain_loss, abs=1e-9)
+    assert table[0][1]["impairment"] == pytest.approx(chain_loss - loss((2, c2), (3, c3)), abs=1e-9)
+    assert table[0][1]["pair_val_acc"] == pytest.approx(base_acc - chain_loss)
