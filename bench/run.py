@@ -615,6 +615,12 @@ def _profile_units(units_dir: Path, params: dict) -> list[dict]:
     return [u for u in units if u.get("params_digest") == _digest(params, [], u["method"], u["target"], u["seed"])]
 
 
+def default_methods(profile: dict, flops_targets: bool) -> list[str]:
+    """Every method, and the `none` and torch-pruning rows where the profile asks for them and its targets are
+    fractions of FLOPs (torch-pruning bisects FLOPs; `none` does not change with the cost a variant prunes for)."""
+    return [*METHODS, *(EXTRA_METHODS if profile.get("none") and flops_targets else [])]
+
+
 def _order(method: str) -> int:
     order = METHODS + EXTRA_METHODS
     return order.index(method) if method in order else len(order)
@@ -653,7 +659,7 @@ def main() -> None:
         remeasure(args.profile, work, args.repeats, suffix)
         return
     profile = PROFILES[args.profile]
-    methods = args.methods or [*METHODS, *(EXTRA_METHODS if profile.get("none") and not comparable_metric else [])]
+    methods = args.methods or default_methods(profile, comparable_metric)
     if TP in methods and not comparable_metric:
         ap.error(f"--methods {TP} with {metric_sets[0]!r}: the {TP} row bisects Torch-Pruning's own FLOPs count, "
                  "so its targets are fractions of FLOPs; run it in a variant that keeps prune.metric=flops")

@@ -126,3 +126,11 @@ def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
         assert digest(at, "emo-dir") != digest(without, "emo-dir")
     other["finetune"]["epochs"] += 1  # every method finetunes
     assert digest(other, "global-magnitude") != digest(params, "global-magnitude")
+
+
+def test_a_latency_variant_runs_every_method_but_the_flops_only_rows():
+    run = _bench_run()
+    r20 = run.PROFILES["r20"]
+    assert run.default_methods(r20, flops_targets=True) == [*run.METHODS, run.TP, run.NONE]
+    assert run.default_methods(r20, flops_targets=False) == run.METHODS
+    assert run.default_methods(run.PROFILES["quick"], flops_targets=True) == run.METHODS  # no `none` row asked
