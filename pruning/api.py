@@ -81,6 +81,7 @@ def prune(
     constrain_lr: float = _CON.lr,
     lam: float = _CON.lam,
     constrain_data: Literal["cache", "stream"] = _CON.data,
+    spread_outputs: bool = _CON.spread_outputs,
     top_t: int = _RANK.top_t,
     max_overshoot: float = _RANK.max_overshoot,
     bn_samples: int = _RANK.bn_samples,
@@ -217,7 +218,9 @@ def prune(
                         info.setdefault("kept_whole", {})[f"s{sub.index}"] = front.kept_whole
                         logger.warning("emo-dir s%d: kept whole: %s", sub.index, front.kept_whole)
                     importance = group_importance(searched_module(sub.module, ex, reads), ex)
-                    picked, notes = choose_candidates(front.archive, candidates, target, {io.outputs for io in previous_ios})
+                    picked, notes = choose_candidates(
+                        front.archive, candidates, target, {io.outputs for io in previous_ios}, by_output=spread_outputs
+                    )
                     for note in notes:
                         logger.warning("emo-dir s%d: %s", sub.index, note)
                     chosen = [front.archive[i] for i in picked]

@@ -93,6 +93,8 @@ class ConstrainSettings:
     lam: float = 1.0
     batch_size: int = 128
     data: Literal["cache", "stream"] = "cache"
+    # also share the candidates out over the boundary widths they write, so GPIR has a candidate writing each width
+    spread_outputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ CANDIDATE_WINDOW = 0.3  # candidates are trained within this distance (in cost f
 
 
 def choose_candidates(
-    members: Sequence[Evaluation], m: int, target: float | None, reads_from: set[int] | None = None
+    members: Sequence[Evaluation], m: int, target: float | None, reads_from: set[int] | None = None, by_output: bool = False
 ) -> tuple[list[int], list[str]]:
     """(indices of up to `m` cost-sorted front `members` to train (0 = all), notes on what could not be chained).
 
@@ -278,7 +280,9 @@ def choose_candidates(
     unpruned predecessor) can join a scheme. The `m` are shared out over those options (each gets at least one
     while `m` allows, the predecessor's pruned options first) and spread by cost within each (`spread_indices`,
     denser near `target`, and within CANDIDATE_WINDOW of the target's cost when enough members lie there), so
-    every link the predecessor offers can be continued."""
+    every link the predecessor offers can be continued. `by_output`: shared out over the (read, written) width
+    pairs instead, the full written width first, so a candidate writing each width the front holds is trained
+    while `m` allows (else the cost spread decides which widths the next sub-network can be offered)."""
     allowed = sorted({0} | (reads_from or set()), key=lambda o: (o == 0, o))
     by_option = {o: [i for i, e in enumerate(members) if e.inputs == o and e.cost < 1.0 - 1e-9] for o in allowed}
     notes = [
@@ -286,7 +290,14 @@ def choose_candidates(
         for o in allowed
         if o != 0 and not by_option[o]
     ]
-    options = [o for o in allowed if by_option[o]]
+    options: list = [o for o in allowed if by_option[o]]
+    if by_output:  # each read option split by the width its members write (full width first)
+        pairs = {
+            (o, w): [i for i in by_option[o] if members[i].outputs == w]
+            for o in options
+            for w in sorted({members[i].outputs for i in by_option[o]})
+        }
+        by_option, options = pairs, list(pairs)  # type: ignore[assignment]
     if m == 0:
         return sorted(i for o in options for i in by_option[o]), notes
     quota = {o: 0 for o in options}

@@ -134,6 +134,9 @@ class ConstrainParams(_Section):
     data: Literal["cache", "stream"] = Field(
         CONSTRAIN.data, description="cache: the cached features; stream: the whole augmented training set through the original network"
     )
+    spread_outputs: bool = Field(
+        CONSTRAIN.spread_outputs, description="emo-dir: also share the candidates out over the boundary widths they write"
+    )
 
 
 class RankParams(_Section):

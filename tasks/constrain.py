@@ -66,7 +66,9 @@ def run(params: Params) -> dict:
             front = read_json(paths.SEARCH / f"front_s{k}.json")
             archive = front.get("archive", front["members"])
             members = [Evaluation(tuple(m["genes"]), m["cost"], m["error"], 0, 0, m.get("inputs", 0), m.get("outputs", 0)) for m in archive]
-            picked, notes = choose_candidates(members, c.candidates, params.prune.target, {io.outputs for io in previous_ios})
+            picked, notes = choose_candidates(
+                members, c.candidates, params.prune.target, {io.outputs for io in previous_ios}, by_output=c.spread_outputs
+            )
             if front.get("kept_whole"):
                 notes = [f"nothing to train, kept whole: {front['kept_whole']}"]
             for note in notes:

@@ -72,7 +72,7 @@ def test_the_api_defaults_are_the_pipelines():
         "selector_epochs": p.selectors.epochs, "selector_lr": p.selectors.lr, "pop_size": p.search.pop_size,
         "generations": p.search.generations, "levels": p.search.levels, "encoding": p.search.encoding,
         "calib_samples": p.search.calib_samples, "search_precision": p.search.precision, "candidates": p.constrain.candidates, "constrain_epochs": p.constrain.epochs,
-        "constrain_lr": p.constrain.lr, "lam": p.constrain.lam, "constrain_data": p.constrain.data, "top_t": p.rank.top_t, "max_overshoot": p.rank.max_overshoot,
+        "constrain_lr": p.constrain.lr, "lam": p.constrain.lam, "constrain_data": p.constrain.data, "spread_outputs": p.constrain.spread_outputs, "top_t": p.rank.top_t, "max_overshoot": p.rank.max_overshoot,
         "bn_samples": p.rank.bn_samples, "fill_back": p.rank.fill_back, "paired_boundaries": p.rank.paired_boundaries,
         "finetune_lr": p.finetune.lr, "kd": p.finetune.kd, "kd_temperature": p.finetune.kd_temperature,
         "kd_alpha": p.finetune.kd_alpha, "round_to": p.prune.round_to, "metric": p.prune.metric, "method": p.prune.method,

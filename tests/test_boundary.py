@@ -140,6 +140,20 @@ def test_candidates_to_train_continue_every_link_the_predecessor_offers():
     assert {front[i].cost for i in choose_candidates(front, 5, 0.5)[0]} == {0.05, 0.45, 0.5, 0.55, 0.95}
 
 
+def test_candidates_can_be_shared_out_over_the_widths_they_write():
+    """By cost alone, the members near the target all write the full width and the next sub-network is offered no
+    narrowed boundary; shared out over the written widths, each width gets a candidate (the full width first)."""
+    costs_outputs = [(0.45, 0), (0.5, 0), (0.55, 0), (0.6, 0), (0.15, 1), (0.1, 2)]  # narrowed: far from the target
+    members = [Evaluation((i,), c, 0.1, 0, 0, 0, w) for i, (c, w) in enumerate(costs_outputs)]
+    by_cost, _ = choose_candidates(members, 3, 0.5)
+    assert {members[i].outputs for i in by_cost} == {0}
+    picked, notes = choose_candidates(members, 3, 0.5, by_output=True)
+    assert sorted(members[i].outputs for i in picked) == [0, 1, 2] and not notes
+    picked, _ = choose_candidates(members, 4, 0.5, by_output=True)
+    assert sorted(members[i].outputs for i in picked) == [0, 0, 1, 2]
+    assert choose_candidates(members, 0, 0.5, by_output=True)[0] == list(range(6))  # 0: every member, as before
+
+
 def test_searched_candidates_cost_what_their_pruned_networks_cost(resnet, planned):
     model, x, y, subs, head = resnet
     plan = planned[0]
