@@ -474,7 +474,7 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
 
 # Params added after units were recorded, with the value that does what the code did before they existed: while a
 # key keeps that value it is left out of the digest, so the units recorded before it stay current.
-ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False}
+ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False, "search.min_keep": 0.0}
 
 
 def unit_params(params: dict, method: str, sets: list[str] | tuple[str, ...] = ()) -> dict:

@@ -76,6 +76,7 @@ def prune(
     calib_samples: int = _SEARCH.calib_samples,
     search_precision: Literal["bf16", "fp32"] = _SEARCH.precision,
     boundary_widths: tuple[float, ...] = _SEARCH.boundary_widths,
+    min_keep: float = _SEARCH.min_keep,
     candidates: int = _CON.candidates,
     constrain_epochs: int = _CON.epochs,
     constrain_lr: float = _CON.lr,
@@ -138,6 +139,7 @@ def prune(
         calib_samples=calib_samples,
         precision=search_precision,
         boundary_widths=tuple(boundary_widths),
+        min_keep=min_keep,
     )
     with counting() as images:  # the method's work, finetuning aside (pruning/counting.py)
         if spec.one_shot is not None:

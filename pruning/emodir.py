@@ -28,6 +28,7 @@ from pruning.search import (
     Scorer,
     SearchSpace,
     boundary_search_groups,
+    check_min_keep,
     loader_images,
     recalibrate_bn,
     run_search,
@@ -79,6 +80,11 @@ class SearchSettings:
     precision: Literal["bf16", "fp32"] = "bf16"  # of the scoring pass (BatchNorm re-estimation stays fp32)
     # keep fractions a boundary feature X_k may take (its channels chosen by whole-network importance); (1.0,) freezes them
     boundary_widths: tuple[float, ...] = (1.0, 0.75, 0.5)
+    # lowest keep fraction of an inner channel group (0: one level); like a per-layer cap on the pruning ratio
+    min_keep: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_min_keep(self.min_keep, self.encoding)  # before any work, as the API builds these first
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,7 @@ def search_network(
     no member and `kept_whole` says why. Whole-network callers refuse such a model (`require_searchable`)."""
     searched = searched_module(module, example_input, reads)
     groups, genes, excluded = boundary_search_groups(searched, example_input, reads, writes)
-    space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded), tuple(genes))
+    space = SearchSpace(tuple(groups), settings.levels, settings.encoding, round_to, tuple(excluded), tuple(genes), settings.min_keep)
     if not space.groups and not space.boundary:  # nothing to search: kept whole, and the front says why
         why = "; ".join(f"{name}: {reason}" for name, reason in excluded) or "it has no channel group"
         flops, params = count_flops_params(searched, example_input)

@@ -9,6 +9,7 @@ latency of the pruned module over the original's) and selector error. Nothing of
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "Evaluation",
     "ParetoFront",
     "SearchSpace",
+    "check_min_keep",
     "boundary_search_groups",
     "Scorer",
     "choose_for_target",
@@ -183,6 +185,14 @@ def boundary_search_groups(
     return inner, genes, excluded
 
 
+def check_min_keep(min_keep: float, encoding: str) -> None:
+    """A lowest keep fraction the search can honour, else a ValueError naming it."""
+    if not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep must be a fraction in [0, 1), got {min_keep}")
+    if min_keep > 0 and encoding != "levels":
+        raise ValueError(f"min_keep {min_keep} needs encoding 'levels'; with encoding 'binary' use 0")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """How genes encode a keep-scheme over `groups` (and the `boundary` genes after them).
@@ -192,6 +202,8 @@ class SearchSpace:
     `binary`: one bit per channel; a group whose bits are all 0 keeps its most important channel.
     `round_to` (levels only) makes every kept count a multiple of it, where the group is that wide.
     `boundary` (levels only): one gene in 1..len(options) per `BoundaryGene`, gene v keeping options[v - 1].
+    `min_keep` (levels only): no inner group keeps fewer than min_keep of its channels (rounded up, to a
+    multiple of `round_to`); its genes start at the first level at or above it.
 
     Example (illustrative, not run)::
 
@@ -205,12 +217,19 @@ class SearchSpace:
     round_to: int = 1  # 'levels' only: kept channel counts are multiples of this (fast kernels want 8 or 16)
     excluded: tuple[tuple[str, str], ...] = ()  # (group, why) of the module's groups that are not genes
     boundary: tuple[BoundaryGene, ...] = ()
+    min_keep: float = 0.0
 
     def __post_init__(self) -> None:
         if self.encoding not in ("levels", "binary"):
             raise ValueError(f"encoding must be 'levels' or 'binary', got {self.encoding!r}")
         if self.levels < 2:
             raise ValueError(f"levels must be >= 2, got {self.levels}")
+        check_min_keep(self.min_keep, self.encoding)
+
+    @property
+    def min_level(self) -> int:
+        """The lowest level an inner gene takes: the first of 1..levels keeping at least `min_keep`."""
+        return max(1, math.ceil(round(self.min_keep * self.levels, 9)))
         if self.boundary and self.encoding != "levels":
             raise ValueError("boundary genes need encoding 'levels'; with 'binary' keep every boundary channel (boundary widths [1.0])")
 
@@ -222,7 +241,7 @@ class SearchSpace:
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) bound of every gene."""
-        lo, hi = (1, self.levels) if self.encoding == "levels" else (0, 1)
+        lo, hi = (self.min_level, self.levels) if self.encoding == "levels" else (0, 1)
         inner = self.n_var - len(self.boundary)
         upper = [hi] * inner + [len(b.options) for b in self.boundary]
         return np.array([lo] * inner + [1] * len(self.boundary)), np.array(upper)
@@ -235,7 +254,7 @@ class SearchSpace:
 
         nearest = [nearest_option(b) for b in self.boundary]
         if self.encoding == "levels":
-            level = max(1, min(self.levels, int(round(fraction * self.levels))))
+            level = max(self.min_level, min(self.levels, int(round(fraction * self.levels))))
             return np.array([level] * len(self.groups) + nearest, dtype=int)
         bits = []
         for g in self.groups:
@@ -250,7 +269,8 @@ class SearchSpace:
         for g, v in zip(self.groups, genes):
             k = int(v) / self.levels * g.channels
             r = self.round_to if g.channels >= self.round_to else 1
-            out[g.name] = min(g.channels, max(r, int(round(k / r)) * r))
+            floor = math.ceil(round(self.min_keep * g.channels, 9) / r) * r  # 0 unless min_keep
+            out[g.name] = min(g.channels, max(r, floor, int(round(k / r)) * r))
         for b, v in zip(self.boundary, genes[len(self.groups) :]):
             out[b.group] = len(b.options[int(v) - 1])
         return out

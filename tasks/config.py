@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pruning.emodir import ConstrainSettings, FinetuneSettings, RankSettings, SearchSettings, SelectorSettings
 from pruning.methods import method_spec
 from pruning.models import build_model
+from pruning.search import check_min_keep
 
 SCHEMA_VERSION = 1
 # EMO-DIR's defaults live in pruning/emodir.py (the Python API uses the same); the sections below take them
@@ -110,6 +111,12 @@ class SearchParams(_Section):
         min_length=1,
         description="emo-dir: keep fractions a boundary feature X_k may take (channels by whole-network importance); [1.0] freezes them",
     )
+    min_keep: float = Field(
+        SEARCH.min_keep,
+        ge=0.0,
+        lt=1.0,
+        description="emo-dir, whole-emo: lowest keep fraction of an inner channel group (0: one level), a per-layer cap on pruning",
+    )
 
     @field_validator("boundary_widths")
     @classmethod
@@ -119,6 +126,12 @@ class SearchParams(_Section):
         if len(set(v)) > 1 and info.data.get("encoding") == "binary":
             raise ValueError(f"boundary widths {v} need encoding 'levels'; with encoding 'binary' use [1.0]")
         return sorted(set(v), reverse=True)
+
+    @field_validator("min_keep")
+    @classmethod
+    def _min_keep(cls, v: float, info: ValidationInfo) -> float:
+        check_min_keep(v, info.data.get("encoding", "levels"))
+        return v
 
 
 class ConstrainParams(_Section):

@@ -371,6 +371,7 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
                 s.levels,
                 s.encoding,
                 s.boundary_widths,
+                s.min_keep,
                 [params.latency.model_dump(), machine()] if p.metric == "latency" else None,
             ]
         ).encode()
@@ -406,7 +407,7 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         groups = tuple(prunable_groups(module, example))
         if not groups:
             return module
-        space = SearchSpace(groups, s.levels, s.encoding, p.round_to)
+        space = SearchSpace(groups, s.levels, s.encoding, p.round_to, min_keep=s.min_keep)
         return pruned_copy(module, example, space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups}))
 
     spec = method_spec(p.method)
@@ -418,7 +419,7 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
             ex = torch.zeros(1, *sub.in_shape)
             reads, writes = (plan[sub.index - 2] if sub.index > 1 else None), plan[sub.index - 1]
             groups, genes, _ = boundary_search_groups(searched_module(sub.module, ex, reads), ex, reads, writes)
-            space = SearchSpace(tuple(groups), s.levels, s.encoding, p.round_to, (), tuple(genes))
+            space = SearchSpace(tuple(groups), s.levels, s.encoding, p.round_to, (), tuple(genes), s.min_keep)
             for name, kept in space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups}).items():
                 if name not in {b.group for b in genes}:
                     scheme[source_name(sub, name)] = kept
@@ -442,5 +443,7 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
 
         small = pruned_copy(model, x, {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)})
         what = f"{p.method} (every channel group at its smallest width)"
+    if spec.search is not None and s.min_keep > 0:  # the floor the user set is part of the reach: say so
+        what = what[:-1] + f"; search.min_keep {s.min_keep} keeps at least that fraction of every inner group)"
     metric = cost_metric(params, model, x, root)  # latency: the measured table, calibrated on the model (once per machine)
     return 1.0 - model_cost(small, x, metric) / model_cost(model, x, metric), what

@@ -77,6 +77,7 @@ def test_the_api_defaults_are_the_pipelines():
         "finetune_lr": p.finetune.lr, "kd": p.finetune.kd, "kd_temperature": p.finetune.kd_temperature,
         "kd_alpha": p.finetune.kd_alpha, "round_to": p.prune.round_to, "metric": p.prune.metric, "method": p.prune.method,
         "seed": p.seed, "device": p.device, "boundary_widths": tuple(p.search.boundary_widths),
+        "min_keep": p.search.min_keep,
     }
     signature = inspect.signature(prune).parameters
     assert {name: signature[name].default for name in expected} == expected
@@ -88,6 +89,8 @@ def test_bad_arguments_are_named(data):
         prune(model, x[:1], train, val, target=1.5)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         prune(model, x[:1], train, val, target=0.5, method="magic")
+    with pytest.raises(ValueError, match="min_keep must be a fraction"):
+        prune(model, x[:1], train, val, target=0.5, min_keep=1.2)
 
 
 def test_a_method_is_added_by_registering_it_once(data, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 
 from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.divide import boundary_features, divide
+from pruning.emodir import SearchSettings
 from pruning.models import build_model
 from pruning.search import Scorer, SearchSpace, _Search, choose_for_target, group_exclusions, prunable_groups, run_search, spread_indices
 from pruning.selectors import selector_accuracy, train_selector
@@ -172,6 +173,30 @@ def test_round_to_keeps_channel_counts_on_multiples(setting):
     for level in range(1, 11):
         counts = rounded.keep_counts([level] * len(space.groups))
         assert all(c % 16 == 0 and 16 <= c <= 64 for c in counts.values()), counts
+
+
+def test_min_keep_bounds_every_inner_group_from_below(setting):
+    """search.min_keep: no channel group of any evaluated network keeps less than that fraction, where the
+    unbounded search does go below it; a bad fraction fails naming min_keep."""
+    sub, ex, scorer, space = setting
+    assert SearchSpace(space.groups, min_keep=0.25).min_level == 3 and SearchSpace(space.groups).min_level == 1
+
+    def smallest_share(space_):
+        front = run_search(sub.module, ex, scorer, space=space_, pop_size=8, generations=3, seed=0)
+        return min(count / g.channels for m in front.members for g, count in zip(space_.groups, m.genes)
+                   for count in [space_.keep_counts(m.genes)[g.name]])
+
+    assert smallest_share(space) < 0.3  # unbounded, the search cuts some group below 30%
+    bounded = SearchSpace(space.groups, levels=10, min_keep=0.3)
+    assert bounded.bounds[0].min() == 3 and bounded.uniform(0.1).min() == 3
+    assert smallest_share(bounded) >= 0.3
+    # the floor holds whatever the rounding: level 3 of 64 channels is 19, and round_to 8 would give 16
+    assert min(bounded.keep_counts([3] * len(space.groups)).values()) >= 20
+    assert min(SearchSpace(space.groups, round_to=8, min_keep=0.3).keep_counts([1] * len(space.groups)).values()) == 24
+    with pytest.raises(ValueError, match="min_keep"):
+        SearchSettings(min_keep=1.0)  # the API's settings fail before any work
+    with pytest.raises(ValueError, match="binary"):
+        SearchSpace(space.groups, encoding="binary", min_keep=0.2)
 
 
 def test_genes_exclude_groups_reaching_a_boundary_inside_a_stage():

@@ -81,6 +81,10 @@ CASES = [
     ("ratio-above-1", {"data.val_fraction": 1.5}, "check", ["data.val_fraction = 1.5", "less than 1"]),
     ("ratio-0", {"prune.target": 0.0}, "check", ["prune.target = 0.0", "greater than 0"]),
     ("target-out-of-reach", {"prune.target": 0.97}, "stage search", ["prune.target = 0.97", "out of reach", "at most 0.93"]),
+    # every inner group kept at half or more: the reach falls, and the check before the search knows it
+    ("out-of-reach-with-min-keep", {"prune.target": 0.8, "search.min_keep": 0.5}, "stage search",
+     ["prune.target = 0.8", "out of reach", "search.min_keep 0.5", "at most 0.7437"]),
+    ("min-keep-1", {"search.min_keep": 1.0}, "check", ["search.min_keep = 1.0", "less than 1"]),
     ("k-above-blocks", {"divide.k": 12}, "check", ["divide.k = 12", "10 blocks", "1..9"]),
     ("missing-data-root", {"data.source": "imagefolder", "data.root": "nowhere"}, "stage prepare", ["data.root = 'nowhere'", "no such folder"]),
     ("damaged-cifar-root", {"data.source": "cifar10", "data.root": _cifar_with_a_damaged_batch}, "check",
