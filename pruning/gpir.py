@@ -246,6 +246,19 @@ def check_reachable(table: list[list[dict]], min_saving: int, base_cost: int, ta
         )
 
 
+def no_choice_note(info: dict, top_t: int) -> str:
+    """What to tell a user whose target only one combination of the trained candidates meets (GPIR then ranks
+    nothing: that combination is taken however much it loses), or "" when GPIR had a choice."""
+    verified = info.get("verified") or []
+    if top_t < 2 or len(verified) != 1:
+        return ""
+    return (
+        f"only one combination of the trained candidates removes the target (val accuracy {verified[0]['measured_acc']:.2%} "
+        f"on the cached features, base {info['val_cache_acc_base']:.2%}), so GPIR had no choice; more constrain.candidates, "
+        "search generations or a lower target give it one"
+    )
+
+
 def min_saving_for(target_reduction: float, base_cost: int) -> int:
     return int(math.ceil(target_reduction * base_cost - 1e-9))
 

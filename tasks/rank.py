@@ -16,6 +16,7 @@ from pruning.channels import KeepScheme, channel_groups, count_flops_params, gro
 from pruning.counting import counting
 from pruning.emodir import candidate_cost_of, reestimate_bn
 from pruning.exact import TOLERANCE, fill_trained, land_on_target
+from pruning.gpir import no_choice_note
 from pruning.gpir import rank as gpir_rank
 from pruning.latency import LatencyCost
 from pruning.methods import METHOD_NAMES, Metric, Target, method_spec, model_cost
@@ -204,6 +205,11 @@ def run(params: Params) -> dict:
         if out["fallback"]:
             print(f"rank: fallback: {out['fallback']}", flush=True)
             mlflow.set_tag("emoprune.fallback", out["fallback"][:5000])
+        if method_spec(p.method).gpir:
+            out["no_choice"] = no_choice_note(info, params.rank.top_t)
+            if out["no_choice"]:
+                print(f"rank: warning: {out['no_choice']}", flush=True)
+                mlflow.set_tag("emoprune.no_choice", out["no_choice"])
         print(
             f"rank: {p.method} removes {doc['flops']['reduction']:.1%} of the FLOPs and {doc['params']['reduction']:.1%} of the "
             f"params (target {p.target} of the {p.metric}); val accuracy before finetuning {out['val_acc_before_finetune']:.2%}",

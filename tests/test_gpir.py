@@ -10,7 +10,7 @@ from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.constrain import FeatureStream, train_constrained
 from pruning.divide import assemble, boundary_features, divide
 from pruning.emodir import ConstrainSettings, constrain_subnetwork
-from pruning.gpir import accuracy_with, impairment_table, joint_pareto, joint_scheme, merge_into
+from pruning.gpir import accuracy_with, impairment_table, joint_pareto, joint_scheme, merge_into, no_choice_note
 from pruning.models import build_model
 from pruning.search import SearchSpace, prunable_groups
 from tests.conftest import self_labelled
@@ -177,6 +177,13 @@ def test_gpir_choice_beats_the_feasible_combinations_of_the_same_candidates():
         accs.append(accuracy_with(subs, head, repl, feats, y))
     assert len(accs) >= 10 and min(accs) < max(accs)  # a real choice among many feasible combinations
     assert best.measured_acc >= float(np.median(accs)) and best.measured_acc > min(accs), (best.measured_acc, sorted(accs))
+    info = {"verified": best.verified, "val_cache_acc_base": base_acc}
+    assert no_choice_note(info, 3) == ""  # a real choice: nothing to say
+    # a target only the most pruned combination meets: GPIR has no choice, and the rank stage says so
+    most = sum(max(r["saving"] for r in rows) for rows in table)
+    alone = joint_scheme(subs, head, table, modules, base_acc, most, top_t=3, features=feats, labels=y)
+    note = no_choice_note({"verified": alone.verified, "val_cache_acc_base": base_acc}, 3)
+    assert len(alone.verified) == 1 and "only one combination" in note and f"{alone.measured_acc:.2%}" in note
 
 
 def test_constrained_training_mixes_its_predecessors():
