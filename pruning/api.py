@@ -16,13 +16,13 @@ from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.counting import counting
 from pruning.divide import boundary_features, divide
 from pruning.emodir import (
+    CandidateChoice,
     ConstrainSettings,
     FinetuneSettings,
     RankSettings,
     SearchSettings,
     SelectorSettings,
     candidate_cost_of,
-    choose_candidates,
     constrain_subnetwork,
     finetune,
     reestimate_bn,
@@ -197,6 +197,7 @@ def prune(
                 previous: list[nn.Module] = []
                 previous_ios: list[CandidateIO] = []
                 plan = plan_boundaries(base, subs, x1, boundary_widths, round_to)
+                choice = CandidateChoice(candidates, target, spread_outputs)
                 for sub, selector in zip(subs, selectors):
                     ex = torch.zeros(1, *sub.in_shape)
                     reads, writes = (plan[sub.index - 2] if sub.index > 1 else None), plan[sub.index - 1]
@@ -220,9 +221,7 @@ def prune(
                         info.setdefault("kept_whole", {})[f"s{sub.index}"] = front.kept_whole
                         logger.warning("emo-dir s%d: kept whole: %s", sub.index, front.kept_whole)
                     importance = group_importance(searched_module(sub.module, ex, reads), ex)
-                    picked, notes = choose_candidates(
-                        front.archive, candidates, target, {io.outputs for io in previous_ios}, by_output=spread_outputs
-                    )
+                    picked, notes = choice.next(front.archive)
                     for note in notes:
                         logger.warning("emo-dir s%d: %s", sub.index, note)
                     chosen = [front.archive[i] for i in picked]

@@ -46,7 +46,9 @@ __all__ = [
     "candidate_cost",
     "candidate_cost_of",
     "candidate_module",
+    "CandidateChoice",
     "choose_candidates",
+    "extra_candidates",
     "constrain_subnetwork",
     "distiller",
     "finetune",
@@ -99,7 +101,7 @@ class ConstrainSettings:
     lam: float = 1.0
     batch_size: int = 128
     data: Literal["cache", "stream"] = "cache"
-    # also share the candidates out over the boundary widths they write, so GPIR has a candidate writing each width
+    # also train, beyond the `candidates`, one member for each boundary width no trained candidate writes or reads
     spread_outputs: bool = False
 
 
@@ -278,7 +280,7 @@ CANDIDATE_WINDOW = 0.3  # candidates are trained within this distance (in cost f
 
 
 def choose_candidates(
-    members: Sequence[Evaluation], m: int, target: float | None, reads_from: set[int] | None = None, by_output: bool = False
+    members: Sequence[Evaluation], m: int, target: float | None, reads_from: set[int] | None = None
 ) -> tuple[list[int], list[str]]:
     """(indices of up to `m` cost-sorted front `members` to train (0 = all), notes on what could not be chained).
 
@@ -286,9 +288,7 @@ def choose_candidates(
     unpruned predecessor) can join a scheme. The `m` are shared out over those options (each gets at least one
     while `m` allows, the predecessor's pruned options first) and spread by cost within each (`spread_indices`,
     denser near `target`, and within CANDIDATE_WINDOW of the target's cost when enough members lie there), so
-    every link the predecessor offers can be continued. `by_output`: shared out over the (read, written) width
-    pairs instead, the full written width first, so a candidate writing each width the front holds is trained
-    while `m` allows (else the cost spread decides which widths the next sub-network can be offered)."""
+    every link the predecessor offers can be continued."""
     allowed = sorted({0} | (reads_from or set()), key=lambda o: (o == 0, o))
     by_option = {o: [i for i, e in enumerate(members) if e.inputs == o and e.cost < 1.0 - 1e-9] for o in allowed}
     notes = [
@@ -296,14 +296,7 @@ def choose_candidates(
         for o in allowed
         if o != 0 and not by_option[o]
     ]
-    options: list = [o for o in allowed if by_option[o]]
-    if by_output:  # each read option split by the width its members write (full width first)
-        pairs = {
-            (o, w): [i for i in by_option[o] if members[i].outputs == w]
-            for o in options
-            for w in sorted({members[i].outputs for i in by_option[o]})
-        }
-        by_option, options = pairs, list(pairs)  # type: ignore[assignment]
+    options = [o for o in allowed if by_option[o]]
     if m == 0:
         return sorted(i for o in options for i in by_option[o]), notes
     quota = {o: 0 for o in options}
@@ -322,6 +315,55 @@ def choose_candidates(
                 idx = near if len(near) >= quota[o] else idx
             chosen += [idx[i] for i in spread_indices([members[i].cost for i in idx], quota[o], target)]
     return sorted(chosen), notes
+
+
+def extra_candidates(members: Sequence[Evaluation], picked: Sequence[int], target: float | None, reads_from: set[int]) -> list[int]:
+    """`constrain.spread_outputs`: members to train beyond `picked` (what `choose_candidates` chose), so GPIR can
+    choose every boundary width the front holds. One for each width a trained predecessor writes (`reads_from`,
+    extras included) that no picked member reads, then one for each width no member chosen so far writes; each
+    the member nearest the target's cost among those reading a width on offer. `picked` stays as it is, so the
+    trained set is a superset of the default's: GPIR's reach and its best predicted scheme can only gain."""
+    offered = {0} | reads_from
+    pool = [i for i, e in enumerate(members) if e.inputs in offered and e.cost < 1.0 - 1e-9]
+
+    def nearest(idx: list[int]) -> int:
+        return min(idx, key=lambda i: (abs(members[i].cost - (1.0 - target)) if target is not None else 0.0, i))
+
+    chosen, extras = set(picked), []
+    for side, widths in (("inputs", sorted(offered)), ("outputs", sorted({members[i].outputs for i in pool}))):
+        for w in widths:
+            if any(getattr(members[i], side) == w for i in chosen):
+                continue
+            idx = [i for i in pool if getattr(members[i], side) == w]
+            if idx:
+                extras.append(nearest(idx))
+                chosen.add(extras[-1])
+    return extras
+
+
+class CandidateChoice:
+    """Which front members each sub-network trains, in chain order. The default's choice (`choose_candidates`:
+    `m` members reading the widths its predecessor's choice writes) and, with `spread_outputs`, the extras
+    (`extra_candidates`), which may also read what the predecessor's extras write.
+
+    Example (illustrative, not run)::
+
+        choice = CandidateChoice(4, 0.5, spread_outputs=True)
+        for front in fronts:                         # sub-network 1, 2, ... in order
+            picked, notes = choice.next(front.archive)
+    """
+
+    def __init__(self, m: int, target: float | None, spread_outputs: bool = False) -> None:
+        self.m, self.target, self.spread_outputs = m, target, spread_outputs
+        self.writes: set[int] = set()  # widths the default's candidates of the previous sub-network write
+        self.all_writes: set[int] = set()  # and its extras
+
+    def next(self, members: Sequence[Evaluation]) -> tuple[list[int], list[str]]:
+        picked, notes = choose_candidates(members, self.m, self.target, self.writes)
+        extras = extra_candidates(members, picked, self.target, self.all_writes) if self.spread_outputs else []
+        self.writes = {members[i].outputs for i in picked}
+        self.all_writes = self.writes | {members[i].outputs for i in extras}
+        return sorted([*picked, *extras]), notes
 
 
 def constrain_subnetwork(

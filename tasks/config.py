@@ -148,7 +148,7 @@ class ConstrainParams(_Section):
         CONSTRAIN.data, description="cache: the cached features; stream: the whole augmented training set through the original network"
     )
     spread_outputs: bool = Field(
-        CONSTRAIN.spread_outputs, description="emo-dir: also share the candidates out over the boundary widths they write"
+        CONSTRAIN.spread_outputs, description="emo-dir: also train one member per boundary width no trained candidate writes or reads"
     )
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from pruning.boundary import CandidateIO
 from pruning.counting import counting
-from pruning.emodir import ConstrainSettings, candidate_cost, candidate_module, choose_candidates, constrain_subnetwork
+from pruning.emodir import CandidateChoice, ConstrainSettings, candidate_cost, candidate_module, constrain_subnetwork
 from pruning.methods import method_spec
 from pruning.search import Evaluation
 from pruning.train import resolve_device
@@ -61,14 +61,13 @@ def run(params: Params) -> dict:
         if train_loader is not None:
             index["streamed_batches_per_epoch"] = len(train_loader)
             print(f"constrain: features streamed from {len(train_loader)} training batches per epoch", flush=True)
+        choice = CandidateChoice(c.candidates, params.prune.target, c.spread_outputs)
         for sub in division.subnetworks:
             k = sub.index
             front = read_json(paths.SEARCH / f"front_s{k}.json")
             archive = front.get("archive", front["members"])
             members = [Evaluation(tuple(m["genes"]), m["cost"], m["error"], 0, 0, m.get("inputs", 0), m.get("outputs", 0)) for m in archive]
-            picked, notes = choose_candidates(
-                members, c.candidates, params.prune.target, {io.outputs for io in previous_ios}, by_output=c.spread_outputs
-            )
+            picked, notes = choice.next(members)
             if front.get("kept_whole"):
                 notes = [f"nothing to train, kept whole: {front['kept_whole']}"]
             for note in notes:

@@ -8,7 +8,16 @@ import torch
 from pruning.boundary import ADAPTER, BoundaryIO, CandidateIO, plan_boundaries
 from pruning.channels import count_flops_params, group_importance, keep_by_importance
 from pruning.divide import boundary_features, divide
-from pruning.emodir import SearchSettings, candidate_cost, candidate_module, choose_candidates, search_network, searched_module
+from pruning.emodir import (
+    CandidateChoice,
+    SearchSettings,
+    candidate_cost,
+    candidate_module,
+    choose_candidates,
+    extra_candidates,
+    search_network,
+    searched_module,
+)
 from pruning.gpir import accuracy_with, impairment_table, joint_scheme, merge_into
 from pruning.search import Evaluation, SearchSpace, boundary_search_groups
 from tests.conftest import self_labelled
@@ -140,18 +149,28 @@ def test_candidates_to_train_continue_every_link_the_predecessor_offers():
     assert {front[i].cost for i in choose_candidates(front, 5, 0.5)[0]} == {0.05, 0.45, 0.5, 0.55, 0.95}
 
 
-def test_candidates_can_be_shared_out_over_the_widths_they_write():
-    """By cost alone, the members near the target all write the full width and the next sub-network is offered no
-    narrowed boundary; shared out over the written widths, each width gets a candidate (the full width first)."""
-    costs_outputs = [(0.45, 0), (0.5, 0), (0.55, 0), (0.6, 0), (0.15, 1), (0.1, 2)]  # narrowed: far from the target
-    members = [Evaluation((i,), c, 0.1, 0, 0, 0, w) for i, (c, w) in enumerate(costs_outputs)]
-    by_cost, _ = choose_candidates(members, 3, 0.5)
-    assert {members[i].outputs for i in by_cost} == {0}
-    picked, notes = choose_candidates(members, 3, 0.5, by_output=True)
-    assert sorted(members[i].outputs for i in picked) == [0, 1, 2] and not notes
-    picked, _ = choose_candidates(members, 4, 0.5, by_output=True)
-    assert sorted(members[i].outputs for i in picked) == [0, 0, 1, 2]
-    assert choose_candidates(members, 0, 0.5, by_output=True)[0] == list(range(6))  # 0: every member, as before
+def test_spread_outputs_trains_the_defaults_candidates_and_one_for_each_width_they_leave_out():
+    """By cost alone the members near the target all write the full width, so the next sub-network is offered no
+    narrowed boundary. spread_outputs keeps that choice whole (GPIR's reach cannot shrink, as it did when the same
+    `m` were shared out over more widths) and adds one member per width left unwritten, and one per width the
+    predecessor's extras offer that nothing reads yet, each nearest the target's cost."""
+    costs_outputs = [(0.45, 0), (0.5, 0), (0.55, 0), (0.6, 0), (0.15, 1), (0.18, 1), (0.1, 2)]  # narrowed: far from it
+    s1 = [Evaluation((i,), c, 0.1, 0, 0, 0, w) for i, (c, w) in enumerate(costs_outputs)]
+    # sub-network 2: reads the full width (0) or X_1 narrowed (1, 2)
+    s2 = [Evaluation((i,), c, 0.1, 0, 0, r, 0) for i, (c, r) in enumerate([(0.5, 0), (0.45, 0), (0.52, 1), (0.3, 1), (0.6, 2)])]
+    plain, spread = CandidateChoice(3, 0.5), CandidateChoice(3, 0.5, spread_outputs=True)
+    default, _ = plain.next(s1)
+    assert {s1[i].outputs for i in default} == {0}
+    picked, notes = spread.next(s1)
+    assert set(default) < set(picked) and not notes
+    assert sorted(picked) == sorted([*default, 5, 6])  # width 1: 0.18 is nearer 0.5 than 0.15; width 2: the only one
+    default2, _ = plain.next(s2)
+    picked2, _ = spread.next(s2)
+    assert {s2[i].inputs for i in default2} == {0}  # the default's predecessors write the full width only
+    # the default's own choice stays (the same m over the same widths), and the links the extras opened continue
+    assert set(default2) < set(picked2) and {s2[i].inputs for i in picked2} == {0, 1, 2}
+    assert sorted(set(picked2) - set(default2)) == [2, 4]  # reads 1 nearest the target (0.52), reads 2 (0.6)
+    assert extra_candidates(s1, list(range(7)), 0.5, set()) == []  # every width already trained: nothing added
 
 
 def test_searched_candidates_cost_what_their_pruned_networks_cost(resnet, planned):
