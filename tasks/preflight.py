@@ -411,6 +411,8 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         return pruned_copy(module, example, space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups}))
 
     spec = method_spec(p.method)
+    # the floor the user set is part of a search's reach: say so
+    floor = f"; search.min_keep {s.min_keep} keeps at least that fraction of every inner group" if s.min_keep > 0 else ""
     if spec.search == "subnetworks":
         # every gene at its lowest level, boundaries at their narrowest width: one whole-network scheme
         plan = plan_boundaries(model, subs, x, s.boundary_widths, p.round_to)
@@ -430,10 +432,10 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         searched = sum(b.searchable for b in plan)
         what = (
             f"the {p.method} search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
-            f"keep level, {searched} of {len(plan)} boundaries at their narrowest width {min(s.boundary_widths)})"
+            f"keep level, {searched} of {len(plan)} boundaries at their narrowest width {min(s.boundary_widths)}{floor})"
         )
     elif spec.search == "network":
-        small, what = smallest(model, x), f"the {p.method} search space (every channel group at its lowest keep level)"
+        small, what = smallest(model, x), f"the {p.method} search space (every channel group at its lowest keep level{floor})"
     else:
         assert spec.one_shot is not None  # neither search kind: a one-shot method
         ratio = getattr(spec.one_shot(), "max_ratio", 1.0)  # global-magnitude prunes at most this fraction of a layer
@@ -443,7 +445,5 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
 
         small = pruned_copy(model, x, {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)})
         what = f"{p.method} (every channel group at its smallest width)"
-    if spec.search is not None and s.min_keep > 0:  # the floor the user set is part of the reach: say so
-        what = what[:-1] + f"; search.min_keep {s.min_keep} keeps at least that fraction of every inner group)"
     metric = cost_metric(params, model, x, root)  # latency: the measured table, calibrated on the model (once per machine)
     return 1.0 - model_cost(small, x, metric) / model_cost(model, x, metric), what

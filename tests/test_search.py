@@ -183,8 +183,7 @@ def test_min_keep_bounds_every_inner_group_from_below(setting):
 
     def smallest_share(space_):
         front = run_search(sub.module, ex, scorer, space=space_, pop_size=8, generations=3, seed=0)
-        return min(count / g.channels for m in front.members for g, count in zip(space_.groups, m.genes)
-                   for count in [space_.keep_counts(m.genes)[g.name]])
+        return min(space_.keep_counts(m.genes)[g.name] / g.channels for m in front.members for g in space_.groups)
 
     assert smallest_share(space) < 0.3  # unbounded, the search cuts some group below 30%
     bounded = SearchSpace(space.groups, levels=10, min_keep=0.3)
