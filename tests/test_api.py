@@ -89,8 +89,13 @@ def test_bad_arguments_are_named(data):
         prune(model, x[:1], train, val, target=1.5)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         prune(model, x[:1], train, val, target=0.5, method="magic")
+
+    class Untouched(list):  # a loader the check must fail before: no image is read for a bad setting
+        def __iter__(self):
+            raise AssertionError("the loader was read before the bad min_keep was refused")
+
     with pytest.raises(ValueError, match="min_keep must be a fraction"):
-        prune(model, x[:1], train, val, target=0.5, min_keep=1.2)
+        prune(model, x[:1], Untouched(), Untouched(), target=0.5, min_keep=1.2)
 
 
 def test_a_method_is_added_by_registering_it_once(data, monkeypatch):
