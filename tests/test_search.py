@@ -1,17 +1,29 @@
 """The per-sub-network NSGA-II search: valid fronts, both encodings, resumable with identical results."""
+
 from __future__ import annotations
 
 import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.divide import boundary_features, divide
 from pruning.emodir import SearchSettings
 from pruning.models import build_model
-from pruning.search import Scorer, SearchSpace, _Search, choose_for_target, group_exclusions, prunable_groups, run_search, spread_indices
-from pruning.selectors import selector_accuracy, train_selector
+from pruning.search import (
+    Scorer,
+    SearchSpace,
+    _Search,
+    choose_for_target,
+    group_exclusions,
+    prunable_groups,
+    recalibrate_bn,
+    run_search,
+    spread_indices,
+)
+from pruning.selectors import FeatureSelector, folded, selector_accuracy, train_selector
 from tests.conftest import self_labelled
 
 
@@ -87,8 +99,9 @@ def test_front_is_nondominated_and_costs_are_real(setting, encoding):
 def test_killed_search_resumes_to_the_same_front(setting):
     sub, ex, scorer, space = setting
     states = []
-    full = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=3,
-                      on_generation=lambda g, m, blob: states.append(blob))
+    full = run_search(
+        sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=3, on_generation=lambda g, m, blob: states.append(blob)
+    )
     assert len(states) == 4 and "algorithm" in pickle.loads(states[1])
     resumed = run_search(sub.module, ex, scorer, space=space, pop_size=6, generations=4, seed=3, state=states[1])
     assert [(m.genes, m.cost, m.error) for m in resumed.members] == [(m.genes, m.cost, m.error) for m in full.members]
@@ -128,6 +141,43 @@ def test_bf16_scoring_ranks_like_fp32(setting):
         Scorer(scorer.selector, scorer.calib, scorer.val_x, scorer.val_y, precision="fp16")
 
 
+def test_scoring_runs_channels_last_with_the_selector_folded_and_keeps_the_error():
+    """The search's scoring pass runs in channels_last with the selector's BatchNorm folded into its
+    convolution: the selector error is the plain NCHW pass's with the selector as trained, to rounding."""
+    model, x, y = self_labelled(96)
+    subs, _ = divide(model, x[:1], 3)
+    feats, _ = boundary_features(subs, x)
+    g = train_selector(feats[1], y, 10, epochs=2, seed=0)  # BatchNorm statistics of its own, not the init's
+    f = folded(g)
+    assert isinstance(f.bn, torch.nn.Identity) and isinstance(g.bn, torch.nn.BatchNorm2d)  # a copy: g untouched
+    ex = feats[0][:1]
+    space = SearchSpace(tuple(prunable_groups(subs[0].module, ex)))
+    scheme = space.decode(space.uniform(0.5), group_importance(subs[0].module, ex))
+    module = pruned_copy(subs[0].module, ex, scheme)
+    reference = pruned_copy(subs[0].module, ex, scheme)
+    recalibrate_bn(reference, feats[0][:32], 256, torch.device("cpu"))
+    with torch.no_grad():
+        expected = F.cross_entropy(g(reference(feats[0][32:])), y[32:]).item()
+    layouts = []
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, inp, out: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    assert Scorer(g, feats[0][:32], feats[0][32:], y[32:])(module) == pytest.approx(expected, rel=1e-4)
+    assert layouts and all(layouts)  # BatchNorm re-estimation and the val pass, both in channels_last
+    layouts.clear()
+    assert Scorer(g, feats[0][:32], feats[0][32:], y[32:], channels_last=False)(module) == pytest.approx(expected, rel=1e-4)
+    assert layouts and not any(layouts)
+
+
+def test_selector_pools_maps_wider_than_sixteen():
+    """A selector reads a 32x32 map pooled 2x2 (the same work as a 16x16 map); maps of 16 or less as they are."""
+    torch.manual_seed(0)
+    g = FeatureSelector(8, 10).eval()
+    wide, narrow = torch.randn(2, 8, 32, 32), torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(g(wide), g(F.avg_pool2d(wide, 2)), atol=1e-6)
+        assert not torch.allclose(g(narrow), g(F.avg_pool2d(narrow, 2)), atol=1e-3)
+
+
 def test_candidates_are_spread_by_cost_and_crowd_near_the_target():
     # by cost, not by position: four members crowd at 0.1-0.14, the middle pick is the one nearest 0.5
     assert spread_indices([0.1, 0.11, 0.12, 0.13, 0.14, 0.9, 1.0], 3) == [0, 4, 5]
@@ -155,7 +205,9 @@ def test_genes_that_decode_to_one_network_are_evaluated_once(setting):
     assert search.evaluations == 2 and len(calls) == 2
     binary = SearchSpace(space.groups, encoding="binary")  # an all-zero group keeps its most important channel
     n = binary.n_var
-    assert binary.network_key([0] * n) == binary.network_key(([1] + [0] * (space.groups[0].channels - 1)) + [0] * (n - space.groups[0].channels))
+    assert binary.network_key([0] * n) == binary.network_key(
+        ([1] + [0] * (space.groups[0].channels - 1)) + [0] * (n - space.groups[0].channels)
+    )
 
 
 def test_selector_learns_separable_features():
