@@ -202,6 +202,22 @@ def _seeded_table(result: dict) -> list[str]:
     return lines
 
 
+def _search_speed(result: dict) -> list[str]:
+    """Per target where both ran: the search's wall time per evaluation, whole-emo's over EMO-DIR's (the same
+    number of evaluations would take EMO-DIR that many times less time)."""
+    out = []
+    for target in sorted({r["target"] for r in result["rows"]}):
+        ms = {r["method"]: r for r in result["rows"] if r["target"] == target and r.get("search_ms_per_evaluation")}
+        if "emo-dir" in ms and "whole-emo" in ms:
+            e, w = ms["emo-dir"], ms["whole-emo"]
+            out.append(f"- Search time per evaluation at {target:g}: EMO-DIR {e['search_ms_per_evaluation']:.0f} ms "
+                       f"(seeds {', '.join(map(str, e['seeds']))}; commits {', '.join(c[:7] for c in e['commits'])}), whole-emo "
+                       f"{w['search_ms_per_evaluation']:.0f} ms (commits {', '.join(c[:7] for c in w['commits'])}): "
+                       f"EMO-DIR's search is {w['search_ms_per_evaluation'] / e['search_ms_per_evaluation']:.2f}x faster "
+                       "per evaluation (seconds measured under whatever else ran; see the notes).")
+    return out + [""] if out else []
+
+
 def _interval(vs: dict) -> str:
     """A paired difference in points, its 95% interval, and * when the interval excludes zero."""
     return f"{vs['diff_points']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]" + (" *" if vs["significant"] else "")
@@ -340,6 +356,7 @@ def main() -> None:
                 f"({result['latency_remeasured']['repeats']} repeats)"] if "latency_remeasured" in result else []), "",
             *(_latency_table(result) if _metric(result) == "latency"
               else _seeded_table(result) if "units" in result else _table(result)), "",
+            *(_search_speed(result) if "units" in result else []),
             *_failed(result),
             f"![accuracy vs {'latency' if _metric(result) == 'latency' else 'FLOPs'}]({plot.name})", "",
         ]

@@ -134,3 +134,27 @@ def test_a_latency_variant_runs_every_method_but_the_flops_only_rows():
     assert run.default_methods(r20, flops_targets=True) == [*run.METHODS, run.TP, run.NONE]
     assert run.default_methods(r20, flops_targets=False) == run.METHODS
     assert run.default_methods(run.PROFILES["quick"], flops_targets=True) == run.METHODS  # no `none` row asked
+
+
+def test_the_search_speed_ratio_is_whole_emo_time_per_evaluation_over_emo_dirs(monkeypatch):
+    """The report's search speed ratio: the mean over seeds of each unit's search seconds per evaluation, whole-emo's
+    over EMO-DIR's at the same target (issue 15 asks EMO-DIR's search to be K times faster per evaluation)."""
+    run = _bench_run()
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    right = np.packbits(np.ones(8, bool)).tobytes().hex()
+
+    def unit(method, seed, seconds, evaluations, target=0.5):
+        return {"method": method, "target": target, "seed": seed, "test_acc": 1.0, "test_correct": right, "test_images": 8,
+                "commit": "abcdef0123", "flops_reduction": target, "search_seconds": seconds, "evaluations": evaluations}
+
+    units = [unit("emo-dir", 0, 10.0, 100), unit("emo-dir", 1, 60.0, 200), unit("whole-emo", 0, 120.0, 200),
+             unit("whole-emo", 0, 1.0, 1, target=0.7), unit("uniform", 0, 0.0, 0)]
+    rows = run.aggregate(units)
+    ms = {(r["method"], r["target"]): r.get("search_ms_per_evaluation") for r in rows}
+    assert ms[("emo-dir", 0.5)] == pytest.approx(200.0) and ms[("whole-emo", 0.5)] == pytest.approx(600.0)
+    assert ms[("uniform", 0.5)] is None  # no search, no time per evaluation
+    (line,) = [ln for ln in report._search_speed({"rows": rows}) if ln]
+    assert "at 0.5" in line and "EMO-DIR 200 ms" in line and "whole-emo 600 ms" in line and "3.00x faster" in line
