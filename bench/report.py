@@ -203,18 +203,20 @@ def _seeded_table(result: dict) -> list[str]:
 
 
 def _search_speed(result: dict) -> list[str]:
-    """Per target where both ran: the search's wall time per evaluation, whole-emo's over EMO-DIR's (the same
-    number of evaluations would take EMO-DIR that many times less time)."""
+    """Per target where both ran: the search stage's wall time per evaluation (units whose search resumed left
+    out), whole-emo's over EMO-DIR's: the same number of evaluations would take EMO-DIR that many times less time."""
     out = []
     for target in sorted({r["target"] for r in result["rows"]}):
         ms = {r["method"]: r for r in result["rows"] if r["target"] == target and r.get("search_ms_per_evaluation")}
         if "emo-dir" in ms and "whole-emo" in ms:
             e, w = ms["emo-dir"], ms["whole-emo"]
+            ratio = w["search_ms_per_evaluation"] / e["search_ms_per_evaluation"]
             out.append(f"- Search time per evaluation at {target:g}: EMO-DIR {e['search_ms_per_evaluation']:.0f} ms "
                        f"(seeds {', '.join(map(str, e['seeds']))}; commits {', '.join(c[:7] for c in e['commits'])}), whole-emo "
                        f"{w['search_ms_per_evaluation']:.0f} ms (commits {', '.join(c[:7] for c in w['commits'])}): "
-                       f"EMO-DIR's search is {w['search_ms_per_evaluation'] / e['search_ms_per_evaluation']:.2f}x faster "
-                       "per evaluation (seconds measured under whatever else ran; see the notes).")
+                       f"EMO-DIR's search stage takes {ratio:.2f}x less time per evaluation" if ratio >= 1 else
+                       f"EMO-DIR's search stage takes {1 / ratio:.2f}x more time per evaluation")
+            out[-1] += " (wall seconds, under whatever else ran: see the notes)."
     return out + [""] if out else []
 
 

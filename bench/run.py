@@ -246,6 +246,8 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
         "params": summary["pruned"]["params"],
         "search_seconds": m["search"]["seconds"],
         "evaluations": m["search"]["evaluations"],
+        # a resumed search counts its checkpointed evaluations but only the seconds since: no time per evaluation
+        "search_resumed": any(r.get("resumed") for r in m["search"].get("subnetworks", [])),
         "rank_seconds": m["rank"]["rank_seconds"],
         "finetune_seconds": m["finetune"]["seconds"],
         # what the method costs before finetuning: every stage it needs (the one-shot methods: rank alone)
@@ -474,7 +476,8 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
 
 # Params added after units were recorded, with the value that does what the code did before they existed: while a
 # key keeps that value it is left out of the digest, so the units recorded before it stay current.
-ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False, "search.min_keep": 0.0}
+ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False, "search.min_keep": 0.0,
+            "search.channels_last": True}
 
 
 def unit_params(params: dict, method: str, sets: list[str] | tuple[str, ...] = ()) -> dict:
@@ -547,8 +550,9 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
             if values:
                 row[key] = statistics.fmean(values)
         row["test_acc_sd"] = statistics.stdev(accs) if len(accs) > 1 else None
-        per_eval = [1000 * u["search_seconds"] / u["evaluations"] for u in mine if u.get("evaluations") and u.get("search_seconds")]
-        if per_eval:  # the search's wall time per evaluation, mean over seeds: EMO-DIR's against whole-emo's (issue 15)
+        per_eval = [1000 * u["search_seconds"] / u["evaluations"] for u in mine
+                    if u.get("evaluations") and u.get("search_seconds") and not u.get("search_resumed")]
+        if per_eval:  # the search stage's wall time per evaluation, mean over seeds: EMO-DIR's against whole-emo's (issue 15)
             row["search_ms_per_evaluation"] = statistics.fmean(per_eval)
         for key in ("flops", "params", "onnx", "finetune_images", "evaluations"):
             if key in mine[0]:

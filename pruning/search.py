@@ -9,6 +9,7 @@ latency of the pruned module over the original's) and selector error. Nothing of
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import re
@@ -345,14 +346,16 @@ class Scorer:
     ) -> None:
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision {precision!r} is not supported; allowed: bf16, fp32")
-        # the layout pretrain and finetune train in; a selector's BatchNorm folded into its convolution (frozen)
+        # channels_last: the layout pretrain and finetune train in by default. The selector is a copy (a model's
+        # own head is shared with the model), with a FeatureSelector's BatchNorm folded into its convolution
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.selector = folded(selector.eval()).to(device).to(memory_format=self.layout)
+        self.selector = copy.deepcopy(folded(selector.eval())).to(device).to(memory_format=self.layout)
         self.calib, self.val_x, self.val_y = calib_inputs, val_inputs, val_labels
         self.error, self.batch_size, self.device, self.precision = error, batch_size, torch.device(device), precision
 
     @torch.no_grad()
     def __call__(self, module: nn.Module) -> float:
+        """The selector error of `module` (a throwaway candidate: its BatchNorm statistics and layout are changed)."""
         module = module.to(self.device).to(memory_format=self.layout)
         recalibrate_bn(module, self.calib, self.batch_size, self.device, self.layout)  # BatchNorm statistics in fp32
         logits = []

@@ -106,6 +106,7 @@ class SearchParams(_Section):
     error: Literal["ce", "acc"] = SEARCH.error
     calib_samples: int = Field(SEARCH.calib_samples, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
     precision: Literal["bf16", "fp32"] = Field(SEARCH.precision, description="of the scoring pass: bf16 autocast or fp32")
+    channels_last: bool = Field(SEARCH.channels_last, description="the scoring pass in NHWC layout")
     boundary_widths: list[float] = Field(
         default_factory=lambda: list(SEARCH.boundary_widths),
         min_length=1,

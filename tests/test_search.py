@@ -159,22 +159,35 @@ def test_scoring_runs_channels_last_with_the_selector_folded_and_keeps_the_error
     with torch.no_grad():
         expected = F.cross_entropy(g(reference(feats[0][32:])), y[32:]).item()
     layouts = []
-    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
-    conv.register_forward_hook(lambda m, inp, out: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
-    assert Scorer(g, feats[0][:32], feats[0][32:], y[32:])(module) == pytest.approx(expected, rel=1e-4)
-    assert layouts and all(layouts)  # BatchNorm re-estimation and the val pass, both in channels_last
+
+    def watch(conv):
+        conv.register_forward_hook(lambda m, inp, out: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+
+    watch(next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d)))
+    scorer = Scorer(g, feats[0][:32], feats[0][32:], y[32:])
+    assert isinstance(scorer.selector.bn, torch.nn.Identity)  # the selector it scores with is the folded one
+    watch(scorer.selector.conv)
+    assert scorer(module) == pytest.approx(expected, rel=1e-4)
+    assert len(layouts) > 2 and all(layouts)  # BatchNorm re-estimation, the val pass and the selector: channels_last
     layouts.clear()
-    assert Scorer(g, feats[0][:32], feats[0][32:], y[32:], channels_last=False)(module) == pytest.approx(expected, rel=1e-4)
-    assert layouts and not any(layouts)
+    plain = Scorer(g, feats[0][:32], feats[0][32:], y[32:], channels_last=False)
+    watch(plain.selector.conv)
+    assert plain(module) == pytest.approx(expected, rel=1e-4)
+    assert len(layouts) > 2 and not any(layouts)
+    head = torch.nn.Sequential(torch.nn.Conv2d(16, 10, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    Scorer(head, feats[0][:32], feats[0][32:], y[32:])
+    assert head[0].weight.is_contiguous()  # a caller's module (a model's own head) is not converted in place
 
 
 def test_selector_pools_maps_wider_than_sixteen():
-    """A selector reads a 32x32 map pooled 2x2 (the same work as a 16x16 map); maps of 16 or less as they are."""
+    """A selector reads a 32x32 map pooled 2x2 (the same work as a 16x16 map), a 56x56 one pooled 4x4 (a whole
+    factor, to 14x14); maps of 16 or less as they are."""
     torch.manual_seed(0)
     g = FeatureSelector(8, 10).eval()
-    wide, narrow = torch.randn(2, 8, 32, 32), torch.randn(2, 8, 16, 16)
+    wide, wider, narrow = torch.randn(2, 8, 32, 32), torch.randn(2, 8, 56, 56), torch.randn(2, 8, 16, 16)
     with torch.no_grad():
         assert torch.allclose(g(wide), g(F.avg_pool2d(wide, 2)), atol=1e-6)
+        assert torch.allclose(g(wider), g(F.avg_pool2d(wider, 4)), atol=1e-6)
         assert not torch.allclose(g(narrow), g(F.avg_pool2d(narrow, 2)), atol=1e-3)
 
 
