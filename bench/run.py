@@ -250,6 +250,7 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
         "search_resumed": any(r.get("resumed") for r in m["search"].get("subnetworks", [])),
         "rank_seconds": m["rank"]["rank_seconds"],
         "finetune_seconds": m["finetune"]["seconds"],
+        "finetune_layout": m["finetune"].get("layout"),  # channels_last or contiguous (since finetune.channels_last: auto)
         # what the method costs before finetuning: every stage it needs (the one-shot methods: rank alone)
         "method_seconds": {s: m[s].get("seconds", 0.0) if s != "rank" else m["rank"]["rank_seconds"]
                            for s in method_stages(method) if s in m},
@@ -476,8 +477,11 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
 
 # Params added after units were recorded, with the value that does what the code did before they existed: while a
 # key keeps that value it is left out of the digest, so the units recorded before it stay current.
-ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False, "search.min_keep": 0.0,
-            "search.channels_last": True}
+ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False, "search.min_keep": 0.0}
+# How a unit runs, not what it computes: a memory layout changes the arithmetic's order only (results move within
+# run-to-run noise), so switching it does not make finished units stale. The digest takes each at one fixed value
+# (the one the first units ran with; None: left out, a key added later); each unit records the layout it trained in.
+EXECUTION = {"pretrain.channels_last": True, "finetune.channels_last": True, "search.channels_last": None}
 
 
 def unit_params(params: dict, method: str, sets: list[str] | tuple[str, ...] = ()) -> dict:
@@ -500,6 +504,10 @@ def unit_params(params: dict, method: str, sets: list[str] | tuple[str, ...] = (
         section, _, leaf = dotted.partition(".")
         if isinstance(out.get(section), dict) and out[section].get(leaf, before) == before:
             out[section] = {k: v for k, v in out[section].items() if k != leaf}
+    for dotted, fixed in EXECUTION.items():
+        section, _, leaf = dotted.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != leaf} | ({} if fixed is None else {leaf: fixed})
     return out
 
 

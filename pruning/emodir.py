@@ -134,7 +134,7 @@ class FinetuneSettings:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
     precision: Literal["bf16", "fp32"] = "bf16"
-    channels_last: bool = True
+    channels_last: bool | Literal["auto"] = "auto"  # auto: NHWC only where it trains faster (pruning/train.py: training_layout)
 
 
 def train_selectors(

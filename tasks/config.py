@@ -83,7 +83,9 @@ class TrainParams(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
     precision: Literal["bf16", "fp32"] = Field(FINETUNE.precision, description="bf16: bfloat16 autocast (fp32 weights)")
-    channels_last: bool = FINETUNE.channels_last
+    channels_last: Literal[True, False, "auto"] = Field(
+        FINETUNE.channels_last, description="NHWC layout while training; auto: where it trains faster (every conv's width a multiple of 16)"
+    )
 
 
 class DivideParams(_Section):

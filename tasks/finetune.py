@@ -10,7 +10,7 @@ import time
 import mlflow
 
 from pruning.emodir import FinetuneSettings, finetune
-from pruning.train import resolve_device, seed_everything
+from pruning.train import layout_name, resolve_device, seed_everything, training_layout
 from tasks import paths
 from tasks.checkpoints import load_model, save_model
 from tasks.common import Data, accuracy, fit_resumable, log_epoch, log_metrics_flat, write_history
@@ -54,6 +54,7 @@ def run(params: Params) -> dict:
             "test_acc": accuracy(model, data.loader("test"), device),
             "epochs": p.epochs,
             "kd": p.kd,
+            "layout": layout_name(training_layout(model, p.channels_last)),  # NHWC or NCHW, as `fit` trained it
             "resumed_from_epoch": resumed,
             "seconds": time.perf_counter() - start,
         }

@@ -12,7 +12,7 @@ import mlflow
 
 from pruning.channels import count_flops_params
 from pruning.models import build_model
-from pruning.train import TrainConfig, fit, resolve_device, seed_everything
+from pruning.train import TrainConfig, fit, layout_name, resolve_device, seed_everything, training_layout
 from tasks import paths
 from tasks.checkpoints import load_user_weights, save_model
 from tasks.common import Data, accuracy, fit_resumable, log_epoch, log_metrics_flat, write_history
@@ -60,6 +60,7 @@ def run(params: Params) -> dict:
             "resumed_from_epoch": resumed,
             "seconds": time.perf_counter() - start,
             "from_checkpoint": bool(params.model.checkpoint),
+            "layout": None if params.model.checkpoint else layout_name(training_layout(model, params.pretrain.channels_last)),
         }
         save_model(model.cpu(), paths.BASE, name=params.model.name, num_classes=nc, image_size=data.meta["image_size"])
         write_history("pretrain", history)

@@ -124,6 +124,15 @@ def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
         assert digest(at, "emo-dir") == digest(without, "emo-dir")
         at[section][leaf] = not before if isinstance(before, bool) else None
         assert digest(at, "emo-dir") != digest(without, "emo-dir")
+    # a memory layout changes how a unit runs, not what it computes: true, false, auto or absent, the same unit
+    for key in run.EXECUTION:
+        section, leaf = key.split(".")
+        layouts = []
+        for value in (True, False, "auto", None):
+            p = copy.deepcopy(params)
+            p[section].pop(leaf, None) if value is None else p[section].__setitem__(leaf, value)
+            layouts.append(digest(p, "emo-dir"))
+        assert len(set(layouts)) == 1, key
     other["finetune"]["epochs"] += 1  # every method finetunes
     assert digest(other, "global-magnitude") != digest(params, "global-magnitude")
 

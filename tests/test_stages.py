@@ -155,6 +155,9 @@ def test_finetune_and_export(project):
     root, results, _ = project
     pruned, _ = load_model(root / paths.PRUNED)
     assert results["finetune"]["test_acc"] == pytest.approx(_test_accuracy(root, pruned))
+    # finetune.channels_last auto: NHWC only if every pruned convolution keeps whole 16-channel blocks
+    whole = all(m.out_channels % 16 == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
+    assert results["finetune"]["layout"] == ("channels_last" if whole else "contiguous")
     onnx = results["export"]
     assert onnx["top1_agreement"] >= 0.999 and onnx["max_abs_diff"] < 1e-3
     assert onnx["latency_ms_base_b8"] > 0 and onnx["latency_ms_pruned_b8"] > 0

@@ -85,6 +85,7 @@ CASES = [
     ("out-of-reach-with-min-keep", {"prune.target": 0.8, "search.min_keep": 0.5}, "stage search",
      ["prune.target = 0.8", "out of reach", "search.min_keep 0.5", "at most 0.7437"]),
     ("min-keep-1", {"search.min_keep": 1.0}, "check", ["search.min_keep = 1.0", "less than 1"]),
+    ("channels-last-maybe", {"finetune.channels_last": "maybe"}, "check", ["finetune.channels_last = 'maybe'", "'auto'"]),
     ("k-above-blocks", {"divide.k": 12}, "check", ["divide.k = 12", "10 blocks", "1..9"]),
     ("missing-data-root", {"data.source": "imagefolder", "data.root": "nowhere"}, "stage prepare", ["data.root = 'nowhere'", "no such folder"]),
     ("damaged-cifar-root", {"data.source": "cifar10", "data.root": _cifar_with_a_damaged_batch}, "check",
