@@ -203,8 +203,8 @@ def _seeded_table(result: dict) -> list[str]:
 
 
 def _search_speed(result: dict) -> list[str]:
-    """Per target where both ran: the search stage's wall time per evaluation (units whose search resumed left
-    out), whole-emo's over EMO-DIR's: the same number of evaluations would take EMO-DIR that many times less time."""
+    """Per target where both ran: the search stage's wall time per evaluation (median over seeds; units whose
+    search resumed left out), whole-emo's over EMO-DIR's: the same number of evaluations would take EMO-DIR that many times less time."""
     out = []
     for target in sorted({r["target"] for r in result["rows"]}):
         ms = {r["method"]: r for r in result["rows"] if r["target"] == target and r.get("search_ms_per_evaluation")}

@@ -560,8 +560,8 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
         row["test_acc_sd"] = statistics.stdev(accs) if len(accs) > 1 else None
         per_eval = [1000 * u["search_seconds"] / u["evaluations"] for u in mine
                     if u.get("evaluations") and u.get("search_seconds") and not u.get("search_resumed")]
-        if per_eval:  # the search stage's wall time per evaluation, mean over seeds: EMO-DIR's against whole-emo's (issue 15)
-            row["search_ms_per_evaluation"] = statistics.fmean(per_eval)
+        if per_eval:  # the search stage's wall time per evaluation, median over seeds (a unit slowed by other work
+            row["search_ms_per_evaluation"] = statistics.median(per_eval)  # moves it less): EMO-DIR's against whole-emo's
         for key in ("flops", "params", "onnx", "finetune_images", "evaluations"):
             if key in mine[0]:
                 row[key] = mine[0][key]  # of the first seed: the model sizes do not depend much on it; see units
