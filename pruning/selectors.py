@@ -20,9 +20,9 @@ __all__ = ["FeatureSelector", "folded", "selector_accuracy", "train_selector"]
 
 class FeatureSelector(nn.Module):
     """1x1 conv - BN - ReLU - global average pool - linear, on a boundary feature X_k. A map wider than
-    `MAX_SIDE` is average-pooled by a whole factor to at most `MAX_SIDE` a side first: on ResNet-20's 32x32 stage-1 features the selector
-    took three quarters of a search evaluation, and pooled 2x2 it classifies as well (47.1% against 46.0% val
-    accuracy, 2 seeds, bench/notes/search_cost.md) at a quarter of the work.
+    `MAX_SIDE` is average-pooled by a whole factor to at most `MAX_SIDE` a side first: on ResNet-20's 32x32
+    stage-1 features the selector took three quarters of a search evaluation, and pooled 2x2 it classifies as
+    well (47.1% against 46.0% val accuracy, 2 seeds, bench/notes/search_cost.md) at a quarter of the work.
 
     >>> g = FeatureSelector(in_channels=32, num_classes=10)
     >>> g(torch.randn(4, 32, 16, 16)).shape

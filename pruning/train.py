@@ -88,8 +88,9 @@ def training_layout(model: nn.Module, channels_last: bool | Literal["auto"]) -> 
     when every convolution's output channels are a whole number of 16-channel blocks, NCHW otherwise.
 
     Measured on this CPU (oneDNN, bf16 autocast, a ResNet-20 training step at batch 128, bench/notes/train_layout.md):
-    NHWC trains the full-width network 1.28x faster than NCHW, but pruned widths that are not whole blocks train
-    1.3-2.5x slower in NHWC (odd widths 11/22/45: 0.48x; multiples of 4: 0.49x; of 8 with 8-wide groups: 0.92x).
+    NHWC trains the full-width network 1.30x faster than NCHW, but pruned widths that are not whole blocks train
+    1.1-3x slower in NHWC (global-magnitude's widths at 0.5: 0.33x; uniform 11/23/45: 0.49x; multiples of 4: 0.46x;
+    of 8 with 8-wide groups: 0.94x).
     Inference is faster in NHWC at every width (the search scores in it)."""
     if channels_last != "auto":
         return torch.channels_last if channels_last else torch.contiguous_format
