@@ -212,7 +212,7 @@ def _search_speed(result: dict) -> list[str]:
             e, w = ms["emo-dir"], ms["whole-emo"]
             ratio = w["search_ms_per_evaluation"] / e["search_ms_per_evaluation"]
             out.append(f"- Search time per evaluation at {target:g}: EMO-DIR {e['search_ms_per_evaluation']:.0f} ms "
-                       f"(seeds {', '.join(map(str, e['seeds']))}; commits {', '.join(c[:7] for c in e['commits'])}), whole-emo "
+                       f"(median over undisturbed seeds of {', '.join(map(str, e['seeds']))}; commits {', '.join(c[:7] for c in e['commits'])}), whole-emo "
                        f"{w['search_ms_per_evaluation']:.0f} ms (commits {', '.join(c[:7] for c in w['commits'])}): "
                        f"EMO-DIR's search stage takes {ratio:.2f}x less time per evaluation" if ratio >= 1 else
                        f"EMO-DIR's search stage takes {1 / ratio:.2f}x more time per evaluation")

@@ -559,7 +559,8 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
                 row[key] = statistics.fmean(values)
         row["test_acc_sd"] = statistics.stdev(accs) if len(accs) > 1 else None
         per_eval = [1000 * u["search_seconds"] / u["evaluations"] for u in mine
-                    if u.get("evaluations") and u.get("search_seconds") and not u.get("search_resumed")]
+                    if u.get("evaluations") and u.get("search_seconds") and not u.get("search_resumed")
+                    and not u.get("timing_disturbed")]  # set by hand on a unit whose run was paused or shared the cores
         if per_eval:  # the search stage's wall time per evaluation, median over seeds (a unit slowed by other work
             row["search_ms_per_evaluation"] = statistics.median(per_eval)  # moves it less): EMO-DIR's against whole-emo's
         for key in ("flops", "params", "onnx", "finetune_images", "evaluations"):

@@ -160,8 +160,9 @@ def test_the_search_speed_ratio_is_whole_emo_time_per_evaluation_over_emo_dirs(m
                 "commit": "abcdef0123", "flops_reduction": target, "search_seconds": seconds, "evaluations": evaluations}
 
     resumed = {**unit("emo-dir", 2, 1.0, 200), "search_resumed": True}  # its seconds miss the checkpointed evaluations
+    paused = {**unit("whole-emo", 1, 9000.0, 200), "timing_disturbed": "paused while tests ran"}  # its seconds count the pause
     slowed = unit("emo-dir", 3, 300.0, 100)  # a unit slowed by other work: the median over seeds barely moves
-    units = [unit("emo-dir", 0, 10.0, 100), unit("emo-dir", 1, 60.0, 200), slowed, resumed, unit("whole-emo", 0, 120.0, 200),
+    units = [unit("emo-dir", 0, 10.0, 100), unit("emo-dir", 1, 60.0, 200), slowed, resumed, paused, unit("whole-emo", 0, 120.0, 200),
              unit("whole-emo", 0, 1.0, 1, target=0.7), unit("uniform", 0, 0.0, 0)]
     rows = run.aggregate(units)
     ms = {(r["method"], r["target"]): r.get("search_ms_per_evaluation") for r in rows}
