@@ -95,6 +95,7 @@ def serve_until_stopped(deployment: Any, limit: int = 1) -> None:
     here both signals set an event and the runner is stopped from inside its loop. `limit` runs at a time:
     two `dvc repro` in one project would fight over DVC's lock, so a scheduled run that comes due while
     another runs waits for it."""
+    from prefect.logging.handlers import APILogHandler
     from prefect.runner import Runner
 
     async def main() -> None:
@@ -114,6 +115,10 @@ def serve_until_stopped(deployment: Any, limit: int = 1) -> None:
         stopping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await started
+        # the runner's last records (a run cancelled at Ctrl-C, "deployments paused") wait in Prefect's
+        # background log worker; send them while the server still answers, or the worker prints
+        # "Error logging to API" at exit after the server this command started is gone
+        await APILogHandler.aflush()
 
     asyncio.run(main())
 
