@@ -149,7 +149,9 @@ def prune(
             if fill_back:
                 landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
                 scheme = landing.scheme
-                info.update(landing.info())
+                info.update(landing.info(info))
+                if landing.below:
+                    logger.warning("%s: %s", method, landing.below)
             pruned = pruned_copy(base, x1, scheme)
         else:  # a search: over the whole network, or per sub-network then GPIR
             subs, head = divide(base, x1, k)
@@ -185,7 +187,9 @@ def prune(
                 if fill_back:
                     landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
                     scheme = landing.scheme
-                    info.update(landing.info())
+                    info.update(landing.info(info))
+                    if landing.below:
+                        logger.warning("%s: %s", method, landing.below)
                 pruned = pruned_copy(base, x1, scheme)
                 info.update(evaluations=front.evaluations, search_error=best.error)
             else:
@@ -267,7 +271,7 @@ def prune(
                 if fill_back:  # as the rank stage: channels given back come with the base's weights
                     pruned, landing = fill_trained(pruned, base, x1, scheme, target, group_importance(base, x1), metric, round_to)
                     scheme = landing.scheme
-                    decided.update(landing.info())
+                    decided.update(landing.info(decided))
                 for note in decided["fallbacks"]:
                     logger.warning("emo-dir: %s", note)
                 info.update(evaluations=evaluations, **decided)

@@ -7,6 +7,10 @@ the scheme removed are ranked by importance (divided by their group's mean impor
 different scale compete fairly) and given back, most important first and `round_to` at a time per group,
 as many as keep the reduction at or above the target. The count is bisected: the cost grows monotonically
 with every channel given back.
+
+With coarse steps (`round_to` 8 or 16) the smallest unit can cost more than the target's tolerance, so that
+no unit fits back above the target and the scheme stays more than half a point over it. Then the one unit
+that lands closest to the target from below, within the tolerance, is given back, and the landing says so.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ class Landing:
     reduction_before: float
     reduction: float
     channels_added: int
+    below: str = ""  # why the landing is under the target (within TOLERANCE), "" when it is not
 
-    def info(self) -> dict:
-        return {"reduction_before_fill": self.reduction_before, "channels_filled_back": self.channels_added}
+    def info(self, prior: Mapping | None = None) -> dict:
+        """`prior` (a method's info) with the landing's entries; a landing below the target joins its fallbacks."""
+        out = {**(prior or {}), "reduction_before_fill": self.reduction_before, "channels_filled_back": self.channels_added}
+        if self.below:
+            out["fallbacks"] = [*out.get("fallbacks", []), self.below]
+        return out
 
 
 def _units(scheme: KeepScheme, importance: Mapping[str, torch.Tensor], round_to: int) -> list[tuple[float, str, list[int]]]:
@@ -108,7 +117,26 @@ def land_on_target(
         r = reduction(_add(scheme, [*chosen, unit]))
         if r >= target:
             chosen, result = [*chosen, unit], r
-    return Landing(_add(scheme, chosen), before, result, sum(len(u[2]) for u in chosen))
+    below = ""
+    if result - target > TOLERANCE:  # no unit fits above: the one that lands closest below, within the tolerance
+        taken = {id(u) for u in chosen}
+        under = [
+            (r, -i)
+            for i, u in enumerate(units[lo : lo + 1 + tries], lo)
+            if id(u) not in taken
+            for r in [reduction(_add(scheme, [*chosen, u]))]
+            if target - TOLERANCE <= r < target
+        ]
+        if under:
+            r, neg = max(under)  # the closest to the target; among equals the more important unit (earlier in `units`)
+            unit = units[-neg]
+            below = (
+                f"no removed channel fits back above the target {target} ({result:.4f} of the {metric} removed, "
+                f"{100 * (result - target):+.2f} points, {round_to}-channel steps); one more unit of `{unit[1]}` "
+                f"lands {100 * (r - target):+.2f} points from it, within the tolerance of {100 * TOLERANCE:.1f}"
+            )
+            chosen, result = [*chosen, unit], r
+    return Landing(_add(scheme, chosen), before, result, sum(len(u[2]) for u in chosen), below)
 
 
 @torch.no_grad()

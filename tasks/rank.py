@@ -120,7 +120,7 @@ def choose(
         if params.rank.fill_back:  # the trained channels keep their weights, the ones given back come from the base
             importance = group_importance(division.model, example)
             pruned, landing = fill_trained(pruned, division.model, example, scheme, p.target, importance, metric, p.round_to)
-            scheme, info = landing.scheme, {**info, **landing.info()}
+            scheme, info = landing.scheme, landing.info(info)
     else:
         _, scheme, info = rank_whole_emo(params, division, example)
         scheme, info = _landed(params, division.model, example, scheme, info, metric)
@@ -143,7 +143,7 @@ def _landed(
         return scheme, info
     p = params.prune
     landing = land_on_target(base, example, scheme, p.target, group_importance(base, example), metric, p.round_to)
-    return landing.scheme, {**info, **landing.info()}
+    return landing.scheme, landing.info(info)
 
 
 def scheme_document(params: Params, base, base_meta: dict, pruned, scheme: KeepScheme, info: dict, example: torch.Tensor) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pruning.channels import channel_groups, count_flops_params, group_importance, pruned_copy
-from pruning.exact import TOLERANCE, land_on_target, transplant
+from pruning.exact import TOLERANCE, Landing, land_on_target, transplant
 from pruning.methods import GlobalMagnitude, Target, Uniform
 from pruning.models import build_model
 from tests.conftest import self_labelled
@@ -37,6 +37,22 @@ def test_an_overshooting_scheme_lands_within_half_a_point_above_the_target(model
         assert extra % round_to == 0
         added += extra
     assert added == landing.channels_added > 0
+
+
+@pytest.mark.parametrize("round_to, target", [(16, 0.5)])
+def test_when_no_coarse_step_fits_above_the_target_the_closest_one_below_within_the_tolerance_is_taken(model, round_to, target):
+    coarse = Uniform(round_to=round_to)(model, X, Target(target))
+    importance = group_importance(model, X)
+    landing = land_on_target(model, X, coarse.scheme, target, importance, round_to=round_to)
+    base = count_flops_params(model, X)[0]
+    measured = 1 - count_flops_params(pruned_copy(model, X, landing.scheme), X)[0] / base
+    assert measured == pytest.approx(landing.reduction) and target - TOLERANCE <= measured < target
+    assert landing.channels_added % round_to == 0 and landing.channels_added > 0
+    # said, and carried into the method's fallbacks beside the ones it had
+    assert f"no removed channel fits back above the target {target}" in landing.below and "within the tolerance" in landing.below
+    info = landing.info({"fallbacks": ["earlier"], "genes": [1]})
+    assert info["fallbacks"] == ["earlier", landing.below] and info["genes"] == [1]
+    assert "fallbacks" not in Landing(coarse.scheme, 0.6, 0.6, 0).info({})
 
 
 def test_channels_given_back_are_the_most_important_of_their_group(model):
