@@ -241,6 +241,7 @@ def run_one(work: Path, method: str, target: float, env: dict, sets: tuple[str, 
         "flops_reduction": summary["pruned"]["flops_reduction"],
         "params_reduction": summary["pruned"]["params_reduction"],
         "target_gap": m["rank"].get("target_gap"),
+        "fallback": m["rank"].get("fallback", ""),  # what the rank stage did instead of what was asked ("" if nothing)
         "bn_samples": m["rank"].get("bn_samples"),
         "flops": summary["pruned"]["flops"],
         "params": summary["pruned"]["params"],
