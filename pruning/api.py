@@ -31,7 +31,7 @@ from pruning.emodir import (
     searched_module,
     train_selectors,
 )
-from pruning.exact import fill_trained, land_on_target
+from pruning.exact import TOLERANCE, fill_trained, land_on_target
 from pruning.gpir import rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
 from pruning.methods import PruningResult, Target, method_spec, model_cost
@@ -266,6 +266,7 @@ def prune(
                     labels=yva,
                     device=dev,
                     paired_boundaries=paired_boundaries,
+                    tolerance=TOLERANCE,
                 )
                 decided.pop("table")
                 if fill_back:  # as the rank stage: channels given back come with the base's weights

@@ -27,6 +27,7 @@ __all__ = [
     "min_saving_for",
     "paired_impairments",
     "rank",
+    "required_saving",
 ]
 
 
@@ -234,6 +235,32 @@ def joint_pareto(table: list[list[dict]], base_acc: float, base_cost: int) -> li
     ]
 
 
+def required_saving(table: list[list[dict]], base_cost: int, target: float, tolerance: float) -> tuple[int, str]:
+    """The saving GPIR must reach for `target`, and "" or the fallback taken to get it.
+
+    When the most pruned chain of trained candidates falls short of the target by no more than `tolerance`
+    (a fraction of the base cost), the target is lowered to `target - tolerance` and the fallback says so:
+    a scheme 0.1 points under the target is what the user asked for within the stated tolerance, while
+    failing after the whole search and constrained training would throw that work away. Further short, the
+    clear error of `check_reachable`.
+
+    >>> rows = [[{"impairment": 0.0, "saving": 0}, {"impairment": 0.1, "saving": 698}]]
+    >>> required_saving(rows, 1000, 0.7, 0.005)[0], required_saving(rows, 1000, 0.69, 0.005)
+    (695, (690, ''))
+    """
+    need = min_saving_for(target, base_cost)
+    reach = joint_front(_candidates(table))[-1].saving
+    if need <= reach or reach < min_saving_for(target - tolerance, base_cost):
+        check_reachable(table, need, base_cost, target)
+        return need, ""
+    lowered = target - tolerance
+    return min_saving_for(lowered, base_cost), (
+        f"the trained candidates together remove at most {reach / base_cost:.4f}, short of the target {target} by "
+        f"{100 * (target - reach / base_cost):.2f} points (within the tolerance of {100 * tolerance:.1f}); GPIR chose among "
+        f"the combinations removing at least {lowered:.4f}"
+    )
+
+
 def check_reachable(table: list[list[dict]], min_saving: int, base_cost: int, target: float) -> None:
     """A clear error when even the most pruned chain of candidates (one per sub-network, agreeing on every
     boundary's width) saves less than the target asks."""
@@ -321,6 +348,7 @@ def rank(
     labels,
     device: torch.device | str = "cpu",
     paired_boundaries: bool = False,
+    tolerance: float = 0.0,
 ) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
 
@@ -329,7 +357,8 @@ def rank(
     merged model is measured once more on the val features: it must compute what the verified combination
     did (the chained BoundaryIO candidates stand for it), else this is a defect and raises.
     `paired_boundaries`: candidates narrowing a boundary are scored beside an adapted successor
-    (`paired_impairments`) instead of the original one.
+    (`paired_impairments`) instead of the original one. `tolerance`: how far under the target the candidates
+    may fall and still be ranked (`required_saving`); 0 refuses any shortfall.
     Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
     choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
 
@@ -351,8 +380,7 @@ def rank(
         device=device,
         options=[[(io.inputs, io.outputs) for io in row] for row in ios],
     )
-    need = min_saving_for(target, total_cost)
-    check_reachable(table, need, total_cost, target)
+    need, short = required_saving(table, total_cost, target, tolerance)
     modules = [[c[0] for c in cs] for cs in candidates]
     pairs = paired_impairments(subnetworks, head, table, modules, base_acc, features, labels, device) if paired_boundaries else 0
     best = joint_scheme(
@@ -395,7 +423,7 @@ def rank(
             for k, row in enumerate(best.choice)
         ],
         "verified": best.verified,
-        "fallbacks": [best.fallback] if best.fallback else [],
+        "fallbacks": [f for f in (short, best.fallback) if f],
         "pairs_measured": pairs,  # rank.paired_boundaries: joint measurements of candidates with their readers
         "table": table,
         "joint_front": joint_pareto(table, base_acc, total_cost),

@@ -73,6 +73,7 @@ def rank_emo_dir(
         labels=labels,
         device=device,
         paired_boundaries=params.rank.paired_boundaries,
+        tolerance=TOLERANCE,
     )
     table, front = info.pop("table"), info.pop("joint_front")
     kept = {f"s{e['k']}": e["kept_whole"] for e in index["subnetworks"] if e.get("kept_whole")}

@@ -66,6 +66,13 @@ def test_channels_given_back_are_the_most_important_of_their_group(model):
             assert min(float(importance[name][i]) for i in back) >= max(float(importance[name][i]) for i in left) - 1e-12
 
 
+def test_a_scheme_short_of_the_target_by_less_than_the_tolerance_is_kept_and_said(model):
+    coarse = Uniform(round_to=16)(model, X, Target(0.5))  # removes 0.5278
+    landing = land_on_target(model, X, coarse.scheme, coarse.flops_reduction + 0.004, group_importance(model, X), round_to=16)
+    assert landing.scheme == coarse.scheme and landing.channels_added == 0
+    assert landing.reduction == pytest.approx(coarse.flops_reduction) and "-0.40 points from the target" in landing.below
+
+
 def test_a_scheme_short_of_the_target_is_refused(model):
     light = Uniform()(model, X, Target(0.2)).scheme
     with pytest.raises(ValueError, match="less than the target 0.5"):

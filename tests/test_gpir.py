@@ -10,7 +10,15 @@ from pruning.channels import count_flops_params, group_importance, pruned_copy
 from pruning.constrain import FeatureStream, train_constrained
 from pruning.divide import assemble, boundary_features, divide
 from pruning.emodir import ConstrainSettings, constrain_subnetwork
-from pruning.gpir import accuracy_with, impairment_table, joint_pareto, joint_scheme, merge_into, no_choice_note
+from pruning.gpir import (
+    accuracy_with,
+    impairment_table,
+    joint_pareto,
+    joint_scheme,
+    merge_into,
+    no_choice_note,
+    required_saving,
+)
 from pruning.models import build_model
 from pruning.search import SearchSpace, prunable_groups
 from tests.conftest import self_labelled
@@ -304,3 +312,17 @@ def test_candidates_narrowing_boundaries_are_scored_beside_adapted_readers():
     assert total == pytest.approx(chain_loss, abs=1e-9)
     assert table[0][1]["impairment"] == pytest.approx(chain_loss - loss((2, c2), (3, c3)), abs=1e-9)
     assert table[0][1]["pair_val_acc"] == pytest.approx(base_acc - chain_loss)
+
+
+def test_candidates_just_short_of_the_target_are_ranked_within_the_tolerance_and_said():
+    """The most pruned chain of trained candidates saves 698 of 1000: for a 0.7 target with a 0.005 tolerance GPIR
+    ranks the combinations saving at least 695 and says why; 0.69 needs no fallback; 0.71 (1.2 points short)
+    and a zero tolerance are refused with the reach named."""
+    rows = [[{"impairment": 0.0, "saving": 0}, {"impairment": 0.1, "saving": 400}],
+            [{"impairment": 0.0, "saving": 0}, {"impairment": 0.2, "saving": 298}]]
+    need, note = required_saving(rows, 1000, 0.7, 0.005)
+    assert need == 695 and "at most 0.6980, short of the target 0.7 by 0.20 points" in note
+    assert required_saving(rows, 1000, 0.69, 0.005) == (690, "")
+    for target, tolerance in ((0.71, 0.005), (0.7, 0.0)):
+        with pytest.raises(ValueError, match="out of reach for these candidates: together they remove at most 0.6980"):
+            required_saving(rows, 1000, target, tolerance)
