@@ -148,8 +148,10 @@ def test_emo_dir_prunes_a_network_no_family_rule_knows():
     are the boundaries they read and write."""
     model = _conv_chain()
     x, result = _emo_dir_on_own_labels(model, 32, k=3)
-    # one channel here is 1.5 to 2 points of the FLOPs, too coarse for TOLERANCE: the landing is the nearest above
-    assert 0.4 <= result.flops_reduction <= 0.42, result.info
+    # one channel here is 1.5 to 2 points of the FLOPs: no step fits back above the target within TOLERANCE, so
+    # the one landing closest below it, within TOLERANCE, is taken, and said
+    assert 0.4 - TOLERANCE <= result.flops_reduction < 0.4, result.info
+    assert any("lands" in f and "within the tolerance" in f for f in result.info["fallbacks"]), result.info["fallbacks"]
     assert result.model(x[:4]).shape == (4, 10)
     kept = {name: len(channels) for name, channels in result.scheme.items()}  # groups named by their first conv
     assert kept["7"] < 32 and kept["4"] < 24  # the boundaries X_2 (written by conv 7) and X_1 (conv 4) were pruned too
