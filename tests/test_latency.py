@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pruning.api import prune
+from pruning.exact import TOLERANCE
 from pruning.latency import LatencyCost, LatencyTable, layer_shapes
 
 
@@ -171,7 +172,10 @@ def test_the_pipeline_prunes_for_latency_and_reports_it_against_the_measured_tim
     scheme = read_json(root / paths.SCHEME)
     assert scheme["target"] == {"reduction": 0.1, "metric": "latency"}
     # onnxruntime timed on a machine as busy as the test suite makes it: the promise is the target, not the landing
-    assert scheme["latency"]["reduction"] >= 0.1, scheme["latency"]
+    reduction = scheme["latency"]["reduction"]
+    assert reduction >= 0.1 - TOLERANCE, scheme["latency"]
+    if reduction < 0.1:  # a coarse step landed just below the target: said as a fallback, never in silence
+        assert "within the tolerance" in read_json(root / "metrics/rank.json")["fallback"]
     assert read_json(root / paths.GPIR_TABLE)["metric"] == "latency"
     # the export stage's prediction is the rank stage's; the prediction error is against the measured time
     export = results["export"]
