@@ -19,7 +19,6 @@ from pruning.knapsack import Candidate, Combination, joint_front, top_combinatio
 __all__ = [
     "JointScheme",
     "accuracy_with",
-    "check_reachable",
     "impairment_table",
     "joint_pareto",
     "joint_scheme",
@@ -242,31 +241,24 @@ def required_saving(table: list[list[dict]], base_cost: int, target: float, tole
     (a fraction of the base cost), the target is lowered to `target - tolerance` and the fallback says so:
     a scheme 0.1 points under the target is what the user asked for within the stated tolerance, while
     failing after the whole search and constrained training would throw that work away. Further short, the
-    clear error of `check_reachable`. For example, candidates reaching 698 of 1000 give 695 and a note for
+    clear error naming the candidates' reach. For example, candidates reaching 698 of 1000 give 695 and a note for
     target 0.7 and tolerance 0.005, and (690, "") for 0.69 (tests/test_gpir.py)."""
     need = min_saving_for(target, base_cost)
-    reach = joint_front(_candidates(table))[-1].saving
-    if need <= reach or reach < min_saving_for(target - tolerance, base_cost):
-        check_reachable(table, need, base_cost, target)
+    reach = joint_front(_candidates(table))[-1].saving  # the most pruned chain (one exact front, computed once)
+    if need <= reach:
         return need, ""
+    if reach < min_saving_for(target - tolerance, base_cost):
+        raise ValueError(
+            f"target reduction {target} is out of reach for these candidates: together they remove at most "
+            f"{reach / base_cost:.4f}; allowed: a target up to {reach / base_cost:.4f} (or widen the search: "
+            f"more constrain.candidates, search generations, or a larger divide.k)"
+        )
     lowered = target - tolerance
     return min_saving_for(lowered, base_cost), (
         f"the trained candidates together remove at most {reach / base_cost:.4f}, short of the target {target} by "
         f"{100 * (target - reach / base_cost):.2f} points (within the tolerance of {100 * tolerance:.1f}); GPIR chose among "
         f"the combinations removing at least {lowered:.4f}"
     )
-
-
-def check_reachable(table: list[list[dict]], min_saving: int, base_cost: int, target: float) -> None:
-    """A clear error when even the most pruned chain of candidates (one per sub-network, agreeing on every
-    boundary's width) saves less than the target asks."""
-    reach = joint_front(_candidates(table))[-1].saving
-    if reach < min_saving:
-        raise ValueError(
-            f"target reduction {target} is out of reach for these candidates: together they remove at most "
-            f"{reach / base_cost:.4f}; allowed: a target up to {reach / base_cost:.4f} (or widen the search: "
-            f"more constrain.candidates, search generations, or a larger divide.k)"
-        )
 
 
 def no_choice_note(info: dict, top_t: int) -> str:
