@@ -31,7 +31,7 @@ from pruning.emodir import (
     searched_module,
     train_selectors,
 )
-from pruning.exact import TOLERANCE, fill_trained, land_on_target
+from pruning.exact import TOLERANCE, fill_trained, landed
 from pruning.gpir import rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
 from pruning.methods import PruningResult, Target, method_spec, model_cost
@@ -147,11 +147,7 @@ def prune(
             scheme = result.scheme
             info.update(result.info)
             if fill_back:
-                landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
-                scheme = landing.scheme
-                info.update(landing.info(info))
-                if landing.below:
-                    logger.warning("%s: %s", method, landing.below)
+                scheme, info = landed(base, x1, scheme, target, info, metric, round_to)
             pruned = pruned_copy(base, x1, scheme)
         else:  # a search: over the whole network, or per sub-network then GPIR
             subs, head = divide(base, x1, k)
@@ -185,11 +181,7 @@ def prune(
                     logger.warning("whole-emo: %s", fallback)
                 scheme = front.space.decode(best.genes, group_importance(base, x1))
                 if fill_back:
-                    landing = land_on_target(base, x1, scheme, target, group_importance(base, x1), metric, round_to)
-                    scheme = landing.scheme
-                    info.update(landing.info(info))
-                    if landing.below:
-                        logger.warning("%s: %s", method, landing.below)
+                    scheme, info = landed(base, x1, scheme, target, info, metric, round_to)
                 pruned = pruned_copy(base, x1, scheme)
                 info.update(evaluations=front.evaluations, search_error=best.error)
             else:

@@ -15,7 +15,7 @@ import torch
 from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, pruned_copy
 from pruning.counting import counting
 from pruning.emodir import candidate_cost_of, reestimate_bn
-from pruning.exact import TOLERANCE, fill_trained, land_on_target
+from pruning.exact import TOLERANCE, fill_trained, landed
 from pruning.gpir import no_choice_note
 from pruning.gpir import rank as gpir_rank
 from pruning.latency import LatencyCost
@@ -142,9 +142,7 @@ def _landed(
     """`rank.fill_back`: a scheme built from the base weights given channels back down to the target."""
     if not params.rank.fill_back:
         return scheme, info
-    p = params.prune
-    landing = land_on_target(base, example, scheme, p.target, group_importance(base, example), metric, p.round_to)
-    return landing.scheme, landing.info(info)
+    return landed(base, example, scheme, params.prune.target, info, metric, params.prune.round_to)
 
 
 def scheme_document(params: Params, base, base_meta: dict, pruned, scheme: KeepScheme, info: dict, example: torch.Tensor) -> dict:
