@@ -23,6 +23,13 @@ network is predicted from what its layers take when run:
   `LatencyCost.calibrate` fits measured = a * (sum of the table) + b on the whole network at a few widths,
   and the cost of a module that outputs class scores (the whole network, or the head that ends it) adds
   b / a. Sub-network costs add along the chain; the constant cancels in every difference.
+- INT8 (`precision="int8"`): the same, for the static INT8 model the export stage makes (pruning/quantize.py).
+  A layer is quantized alone the same way (QDQ, per-channel weights) and its INT8 convolution timed; alone it
+  also quantizes its input, dequantizes its output and transposes to and from the NHWC layout onnxruntime's
+  INT8 kernels run in, which inside an INT8 network happen once at its ends, so they are left out and the
+  calibration's constant carries them. The whole network is calibrated as INT8 models. INT8 convolutions
+  are faster than FP32 ones only on whole blocks of channels (a 13-channel layer took twice a 16-channel
+  one's time here), so pruning for INT8 deployment needs its own table.
 
 Example (illustrative, not run)::
 
@@ -50,8 +57,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from pruning.onnx_export import export_onnx, latency_ms, session
+from pruning.quantize import quantize_int8
 
-__all__ = ["DEFAULT_TABLE", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
+__all__ = ["DEFAULT_TABLE", "PRECISIONS", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
 
 TABLE_SCHEMA = 2  # 2: each layer is [convolution, reorder in, reorder out] (ms)
 DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folder it runs in
@@ -59,6 +67,9 @@ DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folde
 # must span the widths pruning reaches (0.25: a 0.7 latency target), or it extrapolates.
 CALIBRATION_WIDTHS = (1.0, 0.7, 0.5, 0.3)
 MEASURE_ROUNDS = 3  # a layer is timed in this many rounds over the missing shapes, the fastest kept
+PRECISIONS = ("fp32", "int8")  # the model whose time a table holds: the FP32 ONNX model, or its static INT8 one
+# an INT8 layer alone also runs these at its edges; inside an INT8 network they run once, at the network's ends
+INT8_EDGES = ("QuantizeLinear", "DequantizeLinear", "Transpose")
 MISFIT_WARNING = 0.1  # a calibration point further than this (relative) from the fitted line is reported
 logger = logging.getLogger(__name__)
 
@@ -167,6 +178,16 @@ def _layer_model(shape: LayerShape, batch: int) -> bytes:
     return model.SerializeToString()
 
 
+def _int8(model: bytes, feeds: dict[str, np.ndarray]) -> bytes:
+    """`model` as the export stage quantizes it (static QDQ INT8), calibrated on `feeds` (values do not change
+    integer arithmetic's time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        fp32.write_bytes(model)
+        quantize_int8(fp32, int8, [next(iter(feeds.values()))])
+        return int8.read_bytes()
+
+
 Parts = tuple[float, float, float]  # a layer alone: convolution (or linear), reorder in, reorder out (ms)
 REORDERS = ("ReorderInput", "ReorderOutput")
 
@@ -209,20 +230,25 @@ class LatencyTable:
         repeats: int = 10,
         timer: Callable[[LayerShape, int], float | Parts] | None = None,
         block: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         """`timer(shape, batch_size)` replaces onnxruntime's timing of a layer (ms, or its three parts), and names
         the table it fills ("timer <name>" in place of the machine): for code that must not depend on how busy
         the machine is. `block` is the blocked layout's channel block (None: onnxruntime's, found once on this
-        machine; 0 with a timer: no reorders)."""
-        if batch_size < 1 or threads < 0 or repeats < 1 or (block is not None and block < 0):
+        machine; 0 with a timer: no reorders). `precision` "int8" times the static INT8 model instead of the FP32
+        one (a table of its own, keyed `| int8`)."""
+        if batch_size < 1 or threads < 0 or repeats < 1 or (block is not None and block < 0) or precision not in PRECISIONS:
             raise ValueError(
-                f"latency table: batch_size {batch_size}, threads {threads}, repeats {repeats}, block {block}; allowed: "
-                "batch_size >= 1, threads >= 0 (0: onnxruntime's default, every core), repeats >= 1, block >= 0"
+                f"latency table: batch_size {batch_size}, threads {threads}, repeats {repeats}, block {block}, precision "
+                f"{precision!r}; allowed: batch_size >= 1, threads >= 0 (0: onnxruntime's default, every core), repeats >= 1, "
+                f"block >= 0, precision one of {', '.join(PRECISIONS)}"
             )
+        self.precision = precision
         self.path = Path(path) if path is not None else None
         self.batch_size, self.threads, self.repeats = batch_size, threads, repeats
         m = machine() if timer is None else {"cpu": f"timer {getattr(timer, '__name__', 'custom')}", "onnxruntime": "-"}
         self.key = f"{m['cpu']} | onnxruntime {m['onnxruntime']} | threads {threads or 'default'} | batch {batch_size}"
+        self.key += " | int8" if precision == "int8" else ""  # the FP32 tables keep the keys they were saved under
         self.timer = timer
         self.measured = 0
         self._lock = threading.Lock()
@@ -293,22 +319,30 @@ class LatencyTable:
                 # rounds over all the missing shapes, the fastest round of each kept: at batch 1 a layer's calls
                 # take a fraction of a millisecond together, so one slow spell of a shared machine would cover
                 # all of them (a 5-channel layer read 15 instead of 11 us); spread over rounds, it covers one
-                models = {s.key: _layer_model(s, self.batch_size) for s in missing}
+                models = {s.key: self.layer_model(s) for s in missing}
                 for _ in range(MEASURE_ROUNDS):
                     for s in missing:
                         ops = _profile(models[s.key], _feeds(s, self.batch_size), self.threads, self.repeats)
-                        conv = sum(ms for op, ms in ops.items() if op not in REORDERS)
-                        now = [conv, ops.get("ReorderInput", 0.0), ops.get("ReorderOutput", 0.0)]
+                        if self.precision == "int8":  # no blocked-layout reorders: INT8 runs NHWC between its ends
+                            now = [sum(ms for op, ms in ops.items() if op not in INT8_EDGES), 0.0, 0.0]
+                        else:
+                            conv = sum(ms for op, ms in ops.items() if op not in REORDERS)
+                            now = [conv, ops.get("ReorderInput", 0.0), ops.get("ReorderOutput", 0.0)]
                         self.layers[s.key] = [min(a, b) for a, b in zip(self.layers.get(s.key, now), now)]
             self.measured += len(missing)
             if missing:
                 self.save()
             return [self.layers[s.key] for s in shapes]
 
+    def layer_model(self, shape: LayerShape) -> bytes:
+        """The ONNX model a layer shape is timed in: the layer alone, quantized as the export stage does for INT8."""
+        model = _layer_model(shape, self.batch_size)
+        return _int8(model, _feeds(shape, self.batch_size)) if self.precision == "int8" else model
+
     def ms(self, shapes: Sequence[LayerShape]) -> list[float]:
         """Each layer's time inside a network: its convolution, plus the reorder of each side whose channel count
         is not a whole number of blocks (a blocked chain passes whole blocks on without reordering)."""
-        block = self.block
+        block = self.block if self.precision == "fp32" else 0
         padded = (lambda c: c % block != 0) if block > 1 else (lambda c: False)
         return [
             conv + (r_in if padded(s.c_in) else 0.0) + (r_out if padded(s.c_out) else 0.0)
@@ -395,8 +429,14 @@ class LatencyCost:
             with tempfile.TemporaryDirectory() as tmp:
                 sessions = []
                 for i, v in enumerate(variants):
-                    export_onnx(v, example_input, Path(tmp) / f"model{i}.onnx")
-                    sessions.append(session(Path(tmp) / f"model{i}.onnx", self.table.threads))
+                    path = Path(tmp) / f"model{i}.onnx"
+                    export_onnx(v, example_input, path)
+                    if self.table.precision == "int8":
+                        batch = np.random.default_rng(0).standard_normal(
+                            (self.table.batch_size, *example_input.shape[1:]), dtype=np.float32
+                        )
+                        path.write_bytes(_int8(path.read_bytes(), {"x": batch}))
+                    sessions.append(session(path, self.table.threads))
             points = list(zip(totals, self._time_whole(sessions, example_input)))
             del sessions
             xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])

@@ -104,7 +104,7 @@ def cost_metric(params: Params, model: torch.nn.Module, example: torch.Tensor, r
     lp = params.latency
     path = Path(lp.table).expanduser()
     path = path if path.is_absolute() or root is None else root / path
-    table = LatencyTable(path, batch_size=lp.batch_size, threads=lp.threads, repeats=lp.repeats)
+    table = LatencyTable(path, batch_size=lp.batch_size, threads=lp.threads, repeats=lp.repeats, precision=lp.precision)
     cost = LatencyCost(table).calibrate(model, example)
     print(f"latency: {table.key}; {table.measured} layer shapes measured for the calibration", flush=True)
     return cost

@@ -214,6 +214,7 @@ class LatencyParams(_Section):
     batch_size: int = Field(64, ge=1, description="the batch whose time is the cost")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = its default (every core)")
     repeats: int = Field(10, ge=1, description="timed calls per layer shape (their median)")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="the model timed: FP32, or the static INT8 one (export.quantize int8)")
 
 
 class OrchestrationParams(_Section):
@@ -257,6 +258,17 @@ class Params(_Section):
     latency: LatencyParams = LatencyParams()
     resources: ResourcesParams = ResourcesParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+
+    @field_validator("latency")
+    @classmethod
+    def _latency_precision(cls, v: LatencyParams, info: ValidationInfo) -> LatencyParams:
+        export = info.data.get("export")
+        if v.precision == "int8" and export is not None and export.quantize != "int8":
+            raise ValueError(
+                "precision 'int8' prices the static INT8 model, which the export stage makes and times only with "
+                f"export.quantize: int8 (it is {export.quantize!r}); allowed: export.quantize int8, or latency.precision fp32"
+            )
+        return v
 
     @field_validator("device")
     @classmethod

@@ -43,9 +43,9 @@ def run(params: Params) -> dict:
             print(
                 f"export: batch {b}: {pruned_ms:.2f} ms pruned, {base_ms:.2f} ms base ({pruned_ms / base_ms:.2f} of the time)", flush=True
             )
-        if params.prune.metric == "latency":
-            out.update(predicted_against_measured(params, data, base, pruned))
         out.update(quantized(params, data, s_pruned))
+        if params.prune.metric == "latency":  # after quantized: latency.precision int8 times its INT8 model
+            out.update(predicted_against_measured(params, data, base, pruned))
         first = p.latency_batch_sizes[0]
         out["latency_batch"] = first
         out["latency_ms_base"] = out[f"latency_ms_base_b{first}"]
@@ -58,15 +58,22 @@ def run(params: Params) -> dict:
 
 def predicted_against_measured(params: Params, data: Data, base, pruned) -> dict:
     """prune.metric latency: both ONNX models timed at the latency section's batch size and threads (alternating
-    blocks), beside the times the table predicts; `latency_prediction_error` is predicted / measured - 1."""
+    blocks), beside the times the table predicts; `latency_prediction_error` is predicted / measured - 1. With
+    latency.precision int8 the models timed are the INT8 ones: models/int8/pruned.onnx, and the base quantized
+    the same way beside it (models/int8/base.onnx)."""
     lp = params.latency
     cost = cost_metric(params, base, data.example)
     assert isinstance(cost, LatencyCost)  # prune.metric is latency
-    s_base, s_pruned = session(paths.BASE_ONNX, lp.threads), session(paths.PRUNED_ONNX, lp.threads)
+    base_path, pruned_path = paths.BASE_ONNX, paths.PRUNED_ONNX
+    if lp.precision == "int8":  # the config makes export.quantize int8 with it, so quantized() wrote the pruned one
+        base_path, pruned_path = paths.INT8 / "base.onnx", paths.INT8 / "pruned.onnx"
+        quantize_int8(paths.BASE_ONNX, base_path, calibration_batches(data.loader("val"), params.export.calibration_images))
+    s_base, s_pruned = session(base_path, lp.threads), session(pruned_path, lp.threads)
     base_ms, pruned_ms = latency_pair_ms(s_base, s_pruned, data.example, lp.batch_size, params.export.latency_repeats)
     assert pruned_ms is not None  # two sessions timed, two times
     predicted_base, predicted = cost.predict_ms(base, data.example), cost.predict_ms(pruned, data.example)
     out = {
+        "latency_precision": lp.precision,
         "latency_predicted_ms_base": predicted_base,
         "latency_predicted_ms_pruned": predicted,
         "latency_measured_ms_base": base_ms,
@@ -76,7 +83,7 @@ def predicted_against_measured(params: Params, data: Data, base, pruned) -> dict
         "latency_prediction_error": predicted / pruned_ms - 1.0,
     }
     print(
-        f"export: latency at batch {lp.batch_size}: predicted {predicted:.2f} ms, measured {pruned_ms:.2f} ms "
+        f"export: {lp.precision.upper()} latency at batch {lp.batch_size}: predicted {predicted:.2f} ms, measured {pruned_ms:.2f} ms "
         f"({100 * out['latency_prediction_error']:+.1f}%); {out['latency_measured_ratio']:.3f} of the base's measured time "
         f"(predicted {out['latency_predicted_ratio']:.3f})",
         flush=True,

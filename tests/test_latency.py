@@ -109,6 +109,33 @@ def test_a_layer_pays_the_reorders_of_its_sides_that_are_not_whole_blocks():
     assert LatencyTable(None, batch_size=4, timer=parts, block=0).ms(shapes) == [1.0] * 5  # no blocked layout
 
 
+def test_an_int8_table_times_the_quantized_layer_alone_under_a_key_of_its_own(tmp_path):
+    import onnx
+
+    from pruning.latency import LayerShape
+
+    def parts(shape, batch):
+        return (1.0, 0.25, 0.5)
+
+    shapes = [LayerShape("conv", c_in, c_out, 8, 8, (3, 3)) for c_in, c_out in ((16, 32), (16, 20), (20, 20))]
+    # INT8 runs NHWC from the network's first quantize to its last dequantize: no blocked-layout reorders inside
+    assert LatencyTable(None, batch_size=4, timer=parts, block=16, precision="int8").ms(shapes) == [1.0] * 3
+    path = tmp_path / "t.json"
+    fp32 = LatencyTable(path, batch_size=2, threads=1, repeats=2)
+    int8 = LatencyTable(path, batch_size=2, threads=1, repeats=2, precision="int8")
+    layer = LayerShape("conv", 16, 16, 8, 8, (3, 3), padding=(1, 1))
+    timed = onnx.load_from_string(int8.layer_model(layer))
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in timed.graph.node}  # the export's QDQ model
+    [(conv, r_in, r_out)] = int8.parts([layer])
+    assert conv > 0 and (r_in, r_out) == (0.0, 0.0) and int8.measured == 1
+    fp32.parts([layer])
+    tables = json.loads(path.read_text())["tables"]
+    assert sorted(tables) == [fp32.key, int8.key] and int8.key == fp32.key + " | int8"
+    assert LatencyTable(path, batch_size=2, threads=1, repeats=2, precision="int8").parts([layer]) == [[conv, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="precision 'fp16'; allowed: .*precision one of fp32, int8"):
+        LatencyTable(None, precision="fp16")
+
+
 def test_onnxruntime_times_a_layer_and_its_reorders_apart(tmp_path):
     from pruning.latency import LayerShape
 
@@ -189,3 +216,32 @@ def test_the_pipeline_prunes_for_latency_and_reports_it_against_the_measured_tim
     stage_flow("rank", str(params_path))
     assert table.read_text() == before
     assert read_json(root / paths.SCHEME)["keep"] == scheme["keep"]
+
+
+def test_latency_precision_int8_prices_and_times_the_int8_models(latency_project):
+    """latency.precision int8: the export stage quantizes the base beside the pruned model and reports the INT8
+    table's prediction against the INT8 models' measured time (the FP32 table stays as it was)."""
+    import yaml
+
+    from flows.stages import stage_flow
+    from tasks import paths
+    from tasks.io import read_json
+    from tests.conftest import write_params
+
+    root, _, params_path = latency_project
+    table = root / "latency" / "table.json"
+    fp32_tables = {k: v for k, v in json.loads(table.read_text())["tables"].items()}
+    params = yaml.safe_load(params_path.read_text())
+    params["latency"]["precision"] = "int8"
+    params["export"].update(quantize="int8", calibration_images=16, max_int8_drop=100.0)  # a tiny model: accuracy aside
+    export = stage_flow("export", str(write_params(root / "params-int8.yaml", params)))
+    assert export["latency_precision"] == "int8" and (root / paths.INT8 / "base.onnx").is_file()
+    tables = json.loads(table.read_text())["tables"]
+    [int8_key] = [k for k in tables if k not in fp32_tables]
+    assert int8_key.endswith(" | int8") and tables[int8_key]["calibrations"]
+    assert {k: tables[k] for k in fp32_tables} == fp32_tables
+    predicted_fp32 = read_json(root / paths.SCHEME)["latency"]["pruned"]  # the scheme was chosen by FP32 time
+    assert export["latency_predicted_ms_pruned"] != pytest.approx(predicted_fp32, rel=1e-6)
+    assert export["latency_measured_ms_pruned"] > 0 and export["latency_prediction_error"] == pytest.approx(
+        export["latency_predicted_ms_pruned"] / export["latency_measured_ms_pruned"] - 1
+    )
