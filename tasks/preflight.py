@@ -331,7 +331,8 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
         r.fail(
             "prune.target",
             params.prune.target,
-            f"out of reach: {what} removes at most {reach:.4f} of the {params.prune.metric}; allowed: a target up to {reach:.4f}",
+            f"out of reach: {what} removes at most {reach:.4f} of the {params.prune.metric}; allowed: a target up to {reach:.4f}"
+            + "".join(f", or {hint}" for hint in _reach_hints(params)),
         )
     plan = memory_plan(params, Division(model, {}, subs, head))
     budget = params.resources.memory_budget_mb
@@ -349,6 +350,20 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
             f"the feature cache (about {plan.features / MB:,.0f} MB) does not fit resources.memory_budget_mb = "
             f"{budget:,} beside the work ({plan.floor / MB:,.0f} MB): it stays on disk, memory-mapped"
         )
+
+
+def _reach_hints(params: Params) -> list[str]:
+    """The settings that bound a method's reach, as the user could loosen them."""
+    p, s = params.prune, params.search
+    spec = method_spec(p.method)
+    hints = []
+    if spec.search == "subnetworks" and min(s.boundary_widths) > 0.25:
+        hints.append(f"narrower boundaries (search.boundary_widths {list(s.boundary_widths)}: add 0.25)")
+    if spec.search is not None and s.min_keep > 0:
+        hints.append(f"a lower search.min_keep (now {s.min_keep})")
+    if p.round_to > 1:
+        hints.append(f"a smaller prune.round_to (now {p.round_to})")
+    return hints
 
 
 def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, head, root: Path) -> tuple[float, str]:

@@ -96,6 +96,8 @@ def test_bad_target_stops_before_any_stage_and_keeps_every_output(repo):
     out = _sh(sys.executable, "-m", "flows.cli", "run", "--project", str(root), cwd=root, env=env, check=False)
     assert out.returncode == 2
     assert "prune.target = 0.9999" in out.stdout + out.stderr and "out of reach" in out.stdout + out.stderr
+    # and what would reach further: the tiny params keep the default boundary widths, down to 0.5
+    assert "or narrower boundaries (search.boundary_widths [1.0, 0.75, 0.5]: add 0.25)" in out.stdout + out.stderr
     assert (root / "models/base.pt").read_bytes() == base_before
     assert (root / "metrics/summary.json").read_bytes() == summary_before
     assert len(client.search_runs([exp.experiment_id])) == runs_before
