@@ -328,12 +328,22 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
         r.fail("latency.table" if params.prune.metric == "latency" else "prune.method", params.latency.table, str(err))
         return
     if params.prune.target > reach:
-        r.fail(
-            "prune.target",
-            params.prune.target,
-            f"out of reach: {what} removes at most {reach:.4f} of the {params.prune.metric}; allowed: a target up to {reach:.4f}"
-            + "".join(f", or {hint}" for hint in _reach_hints(params)),
-        )
+        metric = params.prune.metric + (" (INT8)" if params.prune.metric == "latency" and params.latency.precision == "int8" else "")
+        if reach <= 0:  # latency on a machine where narrower layers are no faster
+            r.fail(
+                "prune.target",
+                params.prune.target,
+                f"out of reach: nothing {what} builds is predicted to take less {metric} than the base (the best "
+                f"takes {1 - reach:.3f} of it); allowed: no target on this machine; prune for flops"
+                + (", or for the FP32 model's time (latency.precision fp32)" if params.latency.precision == "int8" else ""),
+            )
+        else:
+            r.fail(
+                "prune.target",
+                params.prune.target,
+                f"out of reach: {what} removes at most {reach:.4f} of the {metric}; allowed: a target up to {reach:.4f}"
+                + "".join(f", or {hint}" for hint in _reach_hints(params)),
+            )
     plan = memory_plan(params, Division(model, {}, subs, head))
     budget = params.resources.memory_budget_mb
     if plan.floor > plan.budget:
@@ -350,6 +360,9 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
             f"the feature cache (about {plan.features / MB:,.0f} MB) does not fit resources.memory_budget_mb = "
             f"{budget:,} beside the work ({plan.floor / MB:,.0f} MB): it stays on disk, memory-mapped"
         )
+
+
+LATENCY_REACH_WIDTHS = (0.25, 0.5, 0.75)  # prune.metric latency: uniform widths whose time the reach also takes
 
 
 def _reach_hints(params: Params) -> list[str]:
@@ -391,7 +404,7 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
             ]
         ).encode()
     )
-    for f in ("channels.py", "divide.py", "search.py", "methods.py", "boundary.py", "emodir.py"):
+    for f in ("channels.py", "divide.py", "search.py", "methods.py", "boundary.py", "emodir.py", "latency.py"):
         key.update((Path(pruning.__file__).parent / f).read_bytes())
     cache = root / ".emoprune" / "preflight" / f"reach_{key.hexdigest()[:16]}.json"
     try:
@@ -409,6 +422,7 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
     from pruning.channels import channel_groups, pruned_copy
     from pruning.divide import source_name
     from pruning.emodir import searched_module
+    from pruning.latency import LatencyCost
     from pruning.methods import model_cost
     from pruning.search import SearchSpace, boundary_search_groups, prunable_groups
     from tasks.common import cost_metric
@@ -418,12 +432,12 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
     def lowest(space: SearchSpace) -> list[int]:
         return [int(v) for v in space.bounds[0]]
 
-    def smallest(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    def smallest(module: nn.Module, example: torch.Tensor) -> dict[str, list[int]]:
         groups = tuple(prunable_groups(module, example))
         if not groups:
-            return module
+            return {}
         space = SearchSpace(groups, s.levels, s.encoding, p.round_to, min_keep=s.min_keep)
-        return pruned_copy(module, example, space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups}))
+        return space.decode(lowest(space), {g.name: torch.zeros(g.channels) for g in groups})
 
     spec = method_spec(p.method)
     # the floor the user set is part of a search's reach: say so
@@ -443,14 +457,13 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         for b in plan:
             if b.searchable and b.group is not None:
                 scheme[b.group] = list(b.options[-1])
-        small = pruned_copy(model, x, scheme)
         searched = sum(b.searchable for b in plan)
         what = (
             f"the {p.method} search space (every prunable channel group inside the {len(subs)} sub-networks at its lowest "
             f"keep level, {searched} of {len(plan)} boundaries at their narrowest width {min(s.boundary_widths)}{floor})"
         )
     elif spec.search == "network":
-        small, what = smallest(model, x), f"the {p.method} search space (every channel group at its lowest keep level{floor})"
+        scheme, what = smallest(model, x), f"the {p.method} search space (every channel group at its lowest keep level{floor})"
     else:
         assert spec.one_shot is not None  # neither search kind: a one-shot method
         ratio = getattr(spec.one_shot(), "max_ratio", 1.0)  # global-magnitude prunes at most this fraction of a layer
@@ -458,7 +471,24 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         def keep(c: int) -> int:
             return max(min(p.round_to, c), c - math.floor(ratio * c), 1)
 
-        small = pruned_copy(model, x, {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)})
+        scheme = {g.name: list(range(keep(g.channels))) for g in channel_groups(model, x)}
         what = f"{p.method} (every channel group at its smallest width)"
     metric = cost_metric(params, model, x, root)  # latency: the measured table, calibrated on the model (once per machine)
-    return 1.0 - model_cost(small, x, metric) / model_cost(model, x, metric), what
+    base = model_cost(model, x, metric)
+    reach = 1.0 - model_cost(pruned_copy(model, x, scheme), x, metric) / base
+    if isinstance(metric, LatencyCost):
+        # time need not fall with width (narrow INT8 layers ran slower than whole 16-channel blocks): the smallest
+        # model is not always the fastest, so uniform widths are priced too, plain and in whole blocks, each group
+        # no narrower than in the smallest model
+        block = metric.table.block if metric.table.precision == "fp32" and metric.table.block > 1 else 16
+        groups = channel_groups(model, x)
+        least = {g.name: len(scheme.get(g.name, range(g.channels))) for g in groups}
+        for f in LATENCY_REACH_WIDTHS:
+            for blocked in (False, True):
+                widths = {g.name: round(f * g.channels) for g in groups}
+                if blocked:
+                    widths = {g.name: (widths[g.name] // block) * block or min(block, g.channels) for g in groups}
+                variant = {g.name: list(range(max(least[g.name], widths[g.name], 1))) for g in groups}
+                reach = max(reach, 1.0 - model_cost(pruned_copy(model, x, variant), x, metric) / base)
+        what += f" or a uniform width of {', '.join(map(str, LATENCY_REACH_WIDTHS))} (plain or in {block}-channel blocks)"
+    return reach, what

@@ -245,3 +245,29 @@ def test_latency_precision_int8_prices_and_times_the_int8_models(latency_project
     assert export["latency_measured_ms_pruned"] > 0 and export["latency_prediction_error"] == pytest.approx(
         export["latency_predicted_ms_pruned"] / export["latency_measured_ms_pruned"] - 1
     )
+
+
+def test_the_reach_of_a_latency_target_is_not_only_the_smallest_model(tmp_path, monkeypatch):
+    """Where narrow layers run slower than whole blocks (INT8 on this CPU), the smallest model is not the fastest:
+    preflight's reach also prices uniform widths in whole blocks, and refuses only what none of them reaches."""
+    import math
+
+    from pruning.channels import channel_groups, pruned_copy
+    from pruning.models import build_model
+    from tasks import common, preflight
+    from tasks.config import parse_params
+
+    def whole_blocks_fast(shape, batch):  # a layer off 16-channel blocks takes 4x its blocks' time
+        blocks = math.ceil(shape.c_in / 16) * math.ceil(shape.c_out / 16) * shape.h * shape.w / 1024
+        return blocks * (1 if shape.c_in % 16 == 0 and shape.c_out % 16 == 0 else 4)
+
+    cost = LatencyCost(LatencyTable(None, batch_size=1, timer=whole_blocks_fast))
+    monkeypatch.setattr(common, "cost_metric", lambda *a, **k: cost)
+    model, x = build_model("resnet20", 10).eval(), torch.zeros(1, 3, 32, 32)
+    params = parse_params({"prune": {"method": "uniform", "metric": "latency", "target": 0.5}})
+    reach, what = preflight._compute_reach(params, model, x, None, None, tmp_path)
+    blocks = {g.name: list(range(16)) for g in channel_groups(model, x)}  # one whole block in every group
+    best = 1 - cost(pruned_copy(model, x, blocks), x) / cost(model, x)
+    smallest = 1 - cost(pruned_copy(model, x, {g.name: [0] for g in channel_groups(model, x)}), x) / cost(model, x)
+    assert smallest < 0 < best and reach == pytest.approx(best)
+    assert "or a uniform width of 0.25, 0.5, 0.75 (plain or in 16-channel blocks)" in what
