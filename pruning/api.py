@@ -88,6 +88,7 @@ def prune(
     bn_samples: int = _RANK.bn_samples,
     fill_back: bool = _RANK.fill_back,
     paired_boundaries: bool = _RANK.paired_boundaries,
+    prefer_capacity: bool = _RANK.prefer_capacity,
     finetune_epochs: int = 0,
     finetune_lr: float = _FT.lr,
     kd: Literal["none", "kd", "dynamickd"] = _FT.kd,
@@ -258,6 +259,7 @@ def prune(
                     labels=yva,
                     device=dev,
                     paired_boundaries=paired_boundaries,
+                    prefer_capacity=prefer_capacity,
                     tolerance=TOLERANCE,
                 )
                 decided.pop("table")

@@ -120,6 +120,9 @@ class RankSettings:
     # EMO-DIR: a candidate narrowing a boundary is scored beside the least-pruned next candidate reading that width,
     # not beside the original next sub-network reading zeros (which overstates its loss)
     paired_boundaries: bool = False
+    # EMO-DIR: among the verified combinations within one standard error of the best val accuracy, take the one
+    # keeping the most parameters (at equal FLOPs, parameters kept predicted finetuned accuracy in bench/notes/r20.md)
+    prefer_capacity: bool = False
 
 
 @dataclass(frozen=True)

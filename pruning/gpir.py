@@ -59,6 +59,10 @@ def accuracy_with(
     return correct / max(1, len(y))
 
 
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def impairment_table(
     subnetworks: Sequence[SubNetwork],
     head: nn.Module,
@@ -83,7 +87,18 @@ def impairment_table(
     base_acc = accuracy_with(subnetworks, head, {}, features, labels, device=device)
     table = []
     for sub, cands, base_cost in zip(subnetworks, candidates, base_costs):
-        rows = [{"candidate": None, "val_acc": base_acc, "impairment": 0.0, "saving": 0, "cost": int(base_cost), "inputs": 0, "outputs": 0}]
+        rows = [
+            {
+                "candidate": None,
+                "val_acc": base_acc,
+                "impairment": 0.0,
+                "saving": 0,
+                "cost": int(base_cost),
+                "inputs": 0,
+                "outputs": 0,
+                "params": _params(sub.module),
+            }
+        ]
         for j, (module, cost) in enumerate(cands):
             acc = accuracy_with(subnetworks, head, {sub.index: module}, features, labels, device=device)
             inputs, outputs = options[sub.index - 1][j] if options is not None else (0, 0)
@@ -96,6 +111,7 @@ def impairment_table(
                     "cost": int(cost),
                     "inputs": inputs,
                     "outputs": outputs,
+                    "params": _params(module),
                 }
             )
         table.append(rows)
@@ -174,6 +190,7 @@ class JointScheme:
     saving: int
     verified: list[dict]  # the top-T combinations measured jointly
     fallback: str | None = None  # what was done instead when no combination landed near the target
+    chosen_by: str = ""  # prefer_capacity: how the choice was made, when not by val accuracy alone
 
 
 def _candidates(table: list[list[dict]]) -> list[list[Candidate]]:
@@ -192,6 +209,7 @@ def joint_scheme(
     labels,
     device: torch.device | str = "cpu",
     max_saving: int | None = None,
+    prefer_capacity: bool = False,
 ) -> JointScheme:
     """Solve the multiple-choice knapsack exactly (least summed impairment with saving >= `min_saving`),
     measure the best `top_t` combinations with all their replacements at once (impairments do not add up
@@ -200,7 +218,10 @@ def joint_scheme(
     `max_saving` keeps the scheme near the target: measured impairments are noisy on a finite val set, and
     a much smaller network that ties on accuracy is not what was asked for. The combinations are taken in
     exact impairment order and those above `max_saving` skipped (searching the first 50 * top_t); if none
-    falls inside, the unbounded best are used, and `fallback` says so."""
+    falls inside, the unbounded best are used, and `fallback` says so.
+
+    `prefer_capacity`: the verified combinations within one standard error of the best measured accuracy (binomial,
+    on the val labels) tie, and the one keeping the most parameters is taken (`chosen_by` says which and why)."""
     cands = _candidates(table)
     combos: list[Combination] = top_combinations(cands, min_saving, top_t if max_saving is None else 50 * top_t)
     fallback = None
@@ -216,9 +237,25 @@ def joint_scheme(
     for c in combos:
         repl = {sub.index: modules[k][row - 1] for k, (sub, row) in enumerate(zip(subnetworks, c.choice)) if row > 0}
         acc = accuracy_with(subnetworks, head, repl, features, labels, device=device)
-        verified.append({"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "measured_acc": acc, "saving": c.saving})
+        params = sum(table[k][row].get("params", 0) for k, row in enumerate(c.choice))
+        verified.append(
+            {"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "measured_acc": acc, "saving": c.saving, "params": params}
+        )
     best = max(verified, key=lambda v: (v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))
-    return JointScheme(tuple(best["choice"]), best["predicted_acc"], best["measured_acc"], best["saving"], verified, fallback)
+    chosen_by = ""
+    if prefer_capacity:
+        n = len(as_batch(labels))
+        se = math.sqrt(best["measured_acc"] * (1 - best["measured_acc"]) / max(1, n))
+        tied = [v for v in verified if v["measured_acc"] >= best["measured_acc"] - se]
+        roomiest = max(tied, key=lambda v: (v["params"], v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))
+        if roomiest is not best:
+            chosen_by = (
+                f"rank.prefer_capacity: {len(tied)} of the {len(verified)} verified combinations lie within one standard error "
+                f"({se:.4f}) of the best val accuracy {best['measured_acc']:.4f}; the one keeping the most parameters "
+                f"({roomiest['params']} against {best['params']}) scores {roomiest['measured_acc']:.4f}"
+            )
+        best = roomiest
+    return JointScheme(tuple(best["choice"]), best["predicted_acc"], best["measured_acc"], best["saving"], verified, fallback, chosen_by)
 
 
 def joint_pareto(table: list[list[dict]], base_acc: float, base_cost: int) -> list[dict]:
@@ -337,6 +374,7 @@ def rank(
     device: torch.device | str = "cpu",
     paired_boundaries: bool = False,
     tolerance: float = 0.0,
+    prefer_capacity: bool = False,
 ) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
 
@@ -346,7 +384,7 @@ def rank(
     did (the chained BoundaryIO candidates stand for it), else this is a defect and raises.
     `paired_boundaries`: candidates narrowing a boundary are scored beside an adapted successor
     (`paired_impairments`) instead of the original one. `tolerance`: how far under the target the candidates
-    may fall and still be ranked (`required_saving`); 0 refuses any shortfall.
+    may fall and still be ranked (`required_saving`); 0 refuses any shortfall. `prefer_capacity`: see `joint_scheme`.
     Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
     choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
 
@@ -383,6 +421,7 @@ def rank(
         labels,
         device=device,
         max_saving=min_saving_for(min(1.0, target + max_overshoot), total_cost),
+        prefer_capacity=prefer_capacity,
     )
     chosen = {k + 1: (*candidates[k][row - 1][:2], ios[k][row - 1]) for k, row in enumerate(best.choice) if row > 0}
     pruned, scheme = merge_into(model, example_input, subnetworks, chosen)
@@ -398,6 +437,7 @@ def rank(
         "measured_val_acc": best.measured_acc,
         "merged_val_acc": merged_acc,
         "predicted_saving": best.saving,
+        "chosen_by": best.chosen_by,
         "choice": [
             {
                 "k": k + 1,

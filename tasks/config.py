@@ -166,6 +166,10 @@ class RankParams(_Section):
         RANK.paired_boundaries,
         description="emo-dir: score a candidate that narrows a boundary beside the least-pruned next candidate reading that width",
     )
+    prefer_capacity: bool = Field(
+        RANK.prefer_capacity,
+        description="emo-dir: of the verified combinations within one standard error of the best val accuracy, keep the most parameters",
+    )
 
 
 class PruneParams(_Section):

@@ -74,6 +74,7 @@ def rank_emo_dir(
         device=device,
         paired_boundaries=params.rank.paired_boundaries,
         tolerance=TOLERANCE,
+        prefer_capacity=params.rank.prefer_capacity,
     )
     table, front = info.pop("table"), info.pop("joint_front")
     kept = {f"s{e['k']}": e["kept_whole"] for e in index["subnetworks"] if e.get("kept_whole")}
@@ -205,6 +206,9 @@ def run(params: Params) -> dict:
             print(f"rank: fallback: {out['fallback']}", flush=True)
             mlflow.set_tag("emoprune.fallback", out["fallback"][:5000])
         if method_spec(p.method).gpir:
+            out["chosen_by"] = info.get("chosen_by", "")
+            if out["chosen_by"]:
+                print(f"rank: {out['chosen_by']}", flush=True)
             out["no_choice"] = no_choice_note(info, params.rank.top_t)
             if out["no_choice"]:
                 print(f"rank: warning: {out['no_choice']}", flush=True)

@@ -194,6 +194,36 @@ def test_gpir_choice_beats_the_feasible_combinations_of_the_same_candidates():
     assert len(alone.verified) == 1 and "only one combination" in note and f"{alone.measured_acc:.2%}" in note
 
 
+def test_prefer_capacity_takes_the_combination_keeping_most_parameters_within_one_standard_error():
+    """rank.prefer_capacity: at equal FLOPs the models keeping more parameters finetuned better (bench/notes/r20.md),
+    so among the verified combinations that tie with the best within one binomial standard error on the val
+    labels, the one keeping the most parameters is taken, and the choice says so."""
+    import math
+
+    model, x, y = self_labelled(96, seed=1)
+    subs, head, feats, modules, cands = _candidates_of(model, x, fracs=(0.2, 0.5, 0.8))
+    need = int(0.35 * count_flops_params(model, x[:1])[0])
+    classes = int(head(feats[-1][:1]).shape[1])
+    # labels the base gets wrong every 8th (and 4th) image: the best scores 0.875 (0.75), with a standard error to tie in
+    for every, within, outside in ((8, True, False), (4, False, True)):
+        noisy = y.clone()
+        noisy[::every] = (noisy[::every] + 1) % classes
+        base_acc, table = impairment_table(subs, head, cands, [s.flops for s in subs], feats, noisy)
+        plain = joint_scheme(subs, head, table, modules, base_acc, need, top_t=10, features=feats, labels=noisy)
+        roomy = joint_scheme(subs, head, table, modules, base_acc, need, top_t=10, features=feats, labels=noisy, prefer_capacity=True)
+        assert roomy.verified == plain.verified and plain.chosen_by == ""  # the same combinations measured
+        kept = [s.module if r == 0 else modules[k][r - 1] for k, (s, r) in enumerate(zip(subs, roomy.choice))]
+        params = sum(p.numel() for m in kept for p in m.parameters())
+        se = math.sqrt(plain.measured_acc * (1 - plain.measured_acc) / len(y))
+        tied = [v for v in plain.verified if v["measured_acc"] >= plain.measured_acc - se]
+        assert params == max(v["params"] for v in tied) and roomy.measured_acc >= plain.measured_acc - se
+        assert roomy.choice != plain.choice and f"{len(tied)} of the {len(plain.verified)} verified" in roomy.chosen_by
+        # the cases each labelling makes: a less accurate combination inside the error taken for its parameters,
+        # and one with more parameters than any tied but outside the error passed over
+        assert (roomy.measured_acc < plain.measured_acc) == within
+        assert any(v["params"] > params for v in plain.verified if v not in tied) == outside
+
+
 def test_constrained_training_mixes_its_predecessors():
     """X~ is drawn per batch from the original S_{k-1} and its trained candidates: every predecessor feeds
     some batches (counted by a wrapper around each real module)."""
