@@ -31,8 +31,10 @@ def _latency_batch(result: dict) -> int:
 def _time_kept(onnx: dict, b: int) -> tuple[float | None, float | None]:
     """Measured time over the unpruned FP32 model's, of the FP32 and of the INT8 pruned model: the export stage's
     latency pair at the latency section's batch and threads (`latency_measured_ratio`, else its batch-`b` pair),
-    and for INT8 that ratio over the INT8 speed-up (each timed in alternating blocks with its partner)."""
-    fp32 = onnx.get("latency_measured_ratio", onnx.get(f"latency_ratio_b{b}"))
+    and for INT8 that ratio over the INT8 speed-up (each timed in alternating blocks with its partner). A unit
+    pruned for INT8 time (`latency_precision: int8`) measured INT8 over the INT8 base: its FP32 pair is the batch-`b` one."""
+    int8_pair = onnx.get("latency_precision") == "int8"
+    fp32 = onnx.get(f"latency_ratio_b{b}") if int8_pair else onnx.get("latency_measured_ratio", onnx.get(f"latency_ratio_b{b}"))
     speedup = onnx.get(f"int8_speedup_b{b}")
     return fp32, (fp32 / speedup if fp32 is not None and speedup else None)
 

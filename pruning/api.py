@@ -43,6 +43,15 @@ __all__ = ["PruneResult", "prune"]
 logger = logging.getLogger(__name__)
 
 
+def _landed(base: nn.Module, x: torch.Tensor, scheme: dict, target: float, info: dict, metric, round_to: int) -> tuple[dict, dict]:
+    """`exact.landed`, with a landing below the target logged as the other fallbacks are (under the method's name)."""
+    before = len(info.get("fallbacks", []))
+    scheme, info = landed(base, x, scheme, target, info, metric, round_to)
+    for note in info.get("fallbacks", [])[before:]:
+        logger.warning("%s: %s", info.get("method", "prune"), note)
+    return scheme, info
+
+
 @dataclass
 class PruneResult(PruningResult):
     """A PruningResult that also carries the physically pruned (and finetuned if asked) model."""
@@ -148,7 +157,7 @@ def prune(
             scheme = result.scheme
             info.update(result.info)
             if fill_back:
-                scheme, info = landed(base, x1, scheme, target, info, metric, round_to)
+                scheme, info = _landed(base, x1, scheme, target, info, metric, round_to)
             pruned = pruned_copy(base, x1, scheme)
         else:  # a search: over the whole network, or per sub-network then GPIR
             subs, head = divide(base, x1, k)
@@ -182,7 +191,7 @@ def prune(
                     logger.warning("whole-emo: %s", fallback)
                 scheme = front.space.decode(best.genes, group_importance(base, x1))
                 if fill_back:
-                    scheme, info = landed(base, x1, scheme, target, info, metric, round_to)
+                    scheme, info = _landed(base, x1, scheme, target, info, metric, round_to)
                 pruned = pruned_copy(base, x1, scheme)
                 info.update(evaluations=front.evaluations, search_error=best.error)
             else:

@@ -16,7 +16,6 @@ that lands closest to the target from below, within the tolerance, is given back
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,8 +26,6 @@ from pruning.channels import KeepScheme, group_importance, pruned_copy
 from pruning.methods import Metric, model_cost
 
 __all__ = ["TOLERANCE", "Landing", "fill_trained", "land_on_target", "landed", "transplant"]
-
-logger = logging.getLogger(__name__)
 
 TOLERANCE = 0.005  # a reduction further than this above the target is reported, never passed over in silence
 
@@ -148,7 +145,6 @@ def land_on_target(
     return Landing(_add(scheme, chosen), before, result, sum(len(u[2]) for u in chosen), below)
 
 
-@torch.no_grad()
 def landed(
     base: nn.Module,
     example_input: torch.Tensor,
@@ -160,13 +156,12 @@ def landed(
 ) -> tuple[KeepScheme, dict]:
     """A scheme built from the base's weights landed on the target by the base's group importance, and `info`
     with the landing's entries. The one landing step of the one-shot methods and whole-emo, for the rank stage
-    and the Python API alike; a landing below the target is logged as well as recorded in the fallbacks."""
+    and the Python API alike; a landing below the target joins `info`'s fallbacks, which the callers report."""
     landing = land_on_target(base, example_input, scheme, target, group_importance(base, example_input), metric, round_to)
-    if landing.below:
-        logger.warning("%s", landing.below)
     return landing.scheme, landing.info(info)
 
 
+@torch.no_grad()
 def _surviving(model: nn.Module, example_input: torch.Tensor, scheme: KeepScheme, dim: int) -> dict[str, torch.Tensor]:
     """For every parameter and buffer with more than `dim` dimensions: the original indices along `dim` that
     pruning `model` to `scheme` keeps, traced by pruning a copy whose entries hold their own index."""

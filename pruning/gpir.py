@@ -237,14 +237,14 @@ def joint_scheme(
     for c in combos:
         repl = {sub.index: modules[k][row - 1] for k, (sub, row) in enumerate(zip(subnetworks, c.choice)) if row > 0}
         acc = accuracy_with(subnetworks, head, repl, features, labels, device=device)
-        params = sum(table[k][row].get("params", 0) for k, row in enumerate(c.choice))
+        params = sum(table[k][row]["params"] for k, row in enumerate(c.choice))
         verified.append(
             {"choice": list(c.choice), "predicted_acc": base_acc - c.impairment, "measured_acc": acc, "saving": c.saving, "params": params}
         )
     best = max(verified, key=lambda v: (v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))
     chosen_by = ""
     if prefer_capacity:
-        n = len(as_batch(labels))
+        n = len(labels)
         se = math.sqrt(best["measured_acc"] * (1 - best["measured_acc"]) / max(1, n))
         tied = [v for v in verified if v["measured_acc"] >= best["measured_acc"] - se]
         roomiest = max(tied, key=lambda v: (v["params"], v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))

@@ -266,8 +266,9 @@ class Params(_Section):
     @field_validator("latency")
     @classmethod
     def _latency_precision(cls, v: LatencyParams, info: ValidationInfo) -> LatencyParams:
-        export = info.data.get("export")
-        if v.precision == "int8" and export is not None and export.quantize != "int8":
+        export, prune = info.data.get("export"), info.data.get("prune")
+        latency = prune is not None and prune.metric == "latency"  # otherwise the section is not read
+        if latency and v.precision == "int8" and export is not None and export.quantize != "int8":
             raise ValueError(
                 "precision 'int8' prices the static INT8 model, which the export stage makes and times only with "
                 f"export.quantize: int8 (it is {export.quantize!r}); allowed: export.quantize int8, or latency.precision fp32"

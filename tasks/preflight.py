@@ -329,7 +329,7 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
         return
     if params.prune.target > reach:
         metric = params.prune.metric + (" (INT8)" if params.prune.metric == "latency" and params.latency.precision == "int8" else "")
-        if reach <= 0:  # latency on a machine where narrower layers are no faster
+        if reach <= 0 and params.prune.metric == "latency":  # a machine where narrower layers are no faster
             r.fail(
                 "prune.target",
                 params.prune.target,
@@ -404,8 +404,9 @@ def _reach(params: Params, nc: int, model: nn.Module, x: torch.Tensor, subs, hea
             ]
         ).encode()
     )
-    for f in ("channels.py", "divide.py", "search.py", "methods.py", "boundary.py", "emodir.py", "latency.py"):
+    for f in ("channels.py", "divide.py", "search.py", "methods.py", "boundary.py", "emodir.py", "latency.py", "quantize.py"):
         key.update((Path(pruning.__file__).parent / f).read_bytes())
+    key.update(Path(__file__).read_bytes())  # how the reach is computed
     cache = root / ".emoprune" / "preflight" / f"reach_{key.hexdigest()[:16]}.json"
     try:
         doc = read_json(cache)
@@ -476,10 +477,13 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
     metric = cost_metric(params, model, x, root)  # latency: the measured table, calibrated on the model (once per machine)
     base = model_cost(model, x, metric)
     reach = 1.0 - model_cost(pruned_copy(model, x, scheme), x, metric) / base
-    if isinstance(metric, LatencyCost):
+    if isinstance(metric, LatencyCost) and spec.search is not None:
         # time need not fall with width (narrow INT8 layers ran slower than whole 16-channel blocks): the smallest
-        # model is not always the fastest, so uniform widths are priced too, plain and in whole blocks, each group
-        # no narrower than in the smallest model
+        # model is not always the fastest, so a search's reach also prices uniform widths, plain and in whole blocks,
+        # each group no narrower than in the smallest model. An estimate from above (emo-dir's boundaries may not
+        # take every such width); GPIR names the exact reach of the trained candidates. The one-shot methods
+        # bisect one knob down from their smallest model, so for them the smallest model's cost is the reach.
+        # INT8 blocks: 16 channels, as measured on the AVX512-VNNI machines here (bench/notes/r20-lat.md)
         block = metric.table.block if metric.table.precision == "fp32" and metric.table.block > 1 else 16
         groups = channel_groups(model, x)
         least = {g.name: len(scheme.get(g.name, range(g.channels))) for g in groups}

@@ -36,7 +36,7 @@ def test_params_yaml_holds_exactly_the_code_defaults():
         ({"device": "tpu"}, "device", "auto, cpu, cuda"),
         ({"export": {"latency_batch_sizes": [1, 0]}}, "export.latency_batch_sizes", ">= 1"),
         ({"bogus_section": {}}, "bogus_section", "unknown key"),
-        ({"latency": {"precision": "int8"}}, "latency", "export.quantize int8, or latency.precision fp32"),
+        ({"prune": {"metric": "latency"}, "latency": {"precision": "int8"}}, "latency", "export.quantize int8, or latency.precision fp32"),
         ({"latency": {"precision": "fp16"}}, "latency.precision", "'fp32' or 'int8'"),
         ({"pretrain": {"epochs": True}}, "pretrain.epochs = True", "not a boolean"),
         ({"pretrain": {"lr": float("nan")}}, "pretrain.lr = nan", "finite number"),

@@ -128,6 +128,15 @@ def test_an_int8_table_times_the_quantized_layer_alone_under_a_key_of_its_own(tm
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in timed.graph.node}  # the export's QDQ model
     [(conv, r_in, r_out)] = int8.parts([layer])
     assert conv > 0 and (r_in, r_out) == (0.0, 0.0) and int8.measured == 1
+    # what is kept of a profile: the INT8 layer's own kernels, not the quantize, dequantize and layout edges
+    import pruning.latency as latency
+
+    ops = {"QuantizeLinear": 1.0, "Transpose": 2.0, "QLinearConv": 5.0, "DequantizeLinear": 1.0, "ReorderInput": 0.5}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latency, "_profile", lambda *a, **k: ops)
+        other = LayerShape("conv", 16, 8, 8, 8, (3, 3), padding=(1, 1))
+        assert LatencyTable(None, batch_size=2, threads=1, repeats=1, precision="int8").parts([other]) == [[5.5, 0.0, 0.0]]
+        assert LatencyTable(None, batch_size=2, threads=1, repeats=1).parts([other]) == [[9.0, 0.5, 0.0]]
     fp32.parts([layer])
     tables = json.loads(path.read_text())["tables"]
     assert sorted(tables) == [fp32.key, int8.key] and int8.key == fp32.key + " | int8"
@@ -221,6 +230,7 @@ def test_the_pipeline_prunes_for_latency_and_reports_it_against_the_measured_tim
 def test_latency_precision_int8_prices_and_times_the_int8_models(latency_project):
     """latency.precision int8: the export stage quantizes the base beside the pruned model and reports the INT8
     table's prediction against the INT8 models' measured time (the FP32 table stays as it was)."""
+    import onnx
     import yaml
 
     from flows.stages import stage_flow
@@ -235,7 +245,9 @@ def test_latency_precision_int8_prices_and_times_the_int8_models(latency_project
     params["latency"]["precision"] = "int8"
     params["export"].update(quantize="int8", calibration_images=16, max_int8_drop=100.0)  # a tiny model: accuracy aside
     export = stage_flow("export", str(write_params(root / "params-int8.yaml", params)))
-    assert export["latency_precision"] == "int8" and (root / paths.INT8 / "base.onnx").is_file()
+    assert export["latency_precision"] == "int8"
+    timed_base = onnx.load(str(root / paths.INT8 / "base.onnx"))  # the base was timed as INT8 too
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in timed_base.graph.node}
     tables = json.loads(table.read_text())["tables"]
     [int8_key] = [k for k in tables if k not in fp32_tables]
     assert int8_key.endswith(" | int8") and tables[int8_key]["calibrations"]
@@ -249,7 +261,8 @@ def test_latency_precision_int8_prices_and_times_the_int8_models(latency_project
 
 def test_the_reach_of_a_latency_target_is_not_only_the_smallest_model(tmp_path, monkeypatch):
     """Where narrow layers run slower than whole blocks (INT8 on this CPU), the smallest model is not the fastest:
-    preflight's reach also prices uniform widths in whole blocks, and refuses only what none of them reaches."""
+    a search's reach in preflight also prices uniform widths in whole blocks, and refuses only what none of them
+    reaches. A one-shot method bisects down from its smallest model, so that model's cost stays its reach."""
     import math
 
     from pruning.channels import channel_groups, pruned_copy
@@ -264,10 +277,13 @@ def test_the_reach_of_a_latency_target_is_not_only_the_smallest_model(tmp_path, 
     cost = LatencyCost(LatencyTable(None, batch_size=1, timer=whole_blocks_fast))
     monkeypatch.setattr(common, "cost_metric", lambda *a, **k: cost)
     model, x = build_model("resnet20", 10).eval(), torch.zeros(1, 3, 32, 32)
-    params = parse_params({"prune": {"method": "uniform", "metric": "latency", "target": 0.5}})
+    params = parse_params({"prune": {"method": "whole-emo", "metric": "latency", "target": 0.5}})
     reach, what = preflight._compute_reach(params, model, x, None, None, tmp_path)
     blocks = {g.name: list(range(16)) for g in channel_groups(model, x)}  # one whole block in every group
     best = 1 - cost(pruned_copy(model, x, blocks), x) / cost(model, x)
     smallest = 1 - cost(pruned_copy(model, x, {g.name: [0] for g in channel_groups(model, x)}), x) / cost(model, x)
     assert smallest < 0 < best and reach == pytest.approx(best)
     assert "or a uniform width of 0.25, 0.5, 0.75 (plain or in 16-channel blocks)" in what
+    uniform = parse_params({"prune": {"method": "uniform", "metric": "latency", "target": 0.5}})
+    one_shot, what = preflight._compute_reach(uniform, model, x, None, None, tmp_path)
+    assert one_shot < 0 and "uniform width" not in what
