@@ -178,14 +178,14 @@ def _layer_model(shape: LayerShape, batch: int) -> bytes:
     return model.SerializeToString()
 
 
-def _int8(model: bytes, feeds: dict[str, np.ndarray]) -> bytes:
-    """`model` as the export stage quantizes it (static QDQ INT8), calibrated on `feeds` (values do not change
-    integer arithmetic's time). A layer model's input has a fixed batch; a whole network's is calibrated on two
+def _int8(model: bytes, calibration: np.ndarray) -> bytes:
+    """`model` as the export stage quantizes it (static QDQ INT8), calibrated on one `calibration` batch (values
+    do not change integer arithmetic's time). A layer model's input has a fixed batch; a whole network's is calibrated on two
     images (the calibration keeps every activation of what it reads)."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         fp32.write_bytes(model)
-        quantize_int8(fp32, int8, [next(iter(feeds.values()))])
+        quantize_int8(fp32, int8, [calibration])
         return int8.read_bytes()
 
 
@@ -338,7 +338,7 @@ class LatencyTable:
     def layer_model(self, shape: LayerShape) -> bytes:
         """The ONNX model a layer shape is timed in: the layer alone, quantized as the export stage does for INT8."""
         model = _layer_model(shape, self.batch_size)
-        return _int8(model, _feeds(shape, self.batch_size)) if self.precision == "int8" else model
+        return _int8(model, _feeds(shape, self.batch_size)["x"]) if self.precision == "int8" else model
 
     def ms(self, shapes: Sequence[LayerShape]) -> list[float]:
         """Each layer's time inside a network: its convolution, plus the reorder of each side whose channel count
@@ -434,7 +434,7 @@ class LatencyCost:
                     export_onnx(v, example_input, path)
                     if self.table.precision == "int8":
                         batch = np.random.default_rng(0).standard_normal((2, *example_input.shape[1:]), dtype=np.float32)
-                        path.write_bytes(_int8(path.read_bytes(), {"x": batch}))
+                        path.write_bytes(_int8(path.read_bytes(), batch))
                     sessions.append(session(path, self.table.threads))
             points = list(zip(totals, self._time_whole(sessions, example_input)))
             del sessions
