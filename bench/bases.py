@@ -76,6 +76,8 @@ def train(name: str) -> dict:
 
     OUT.mkdir(parents=True, exist_ok=True)
     recipe = RECIPE[name]
+    # what a resume must match: the recipe and every switch that changes the trained bytes
+    full = {**recipe, "schedule": "cosine", "nesterov": True, "precision": PRECISION, "channels_last": CHANNELS_LAST, "seed": SEED}
     data = prepared()
     meta = read_meta(data)
     resume_file = OUT / f"{name}.resume.pt"
@@ -86,9 +88,10 @@ def train(name: str) -> dict:
     cfg = TrainConfig(epochs=recipe["epochs"], lr=recipe["lr"], momentum=recipe["momentum"],
                       weight_decay=recipe["weight_decay"], precision=PRECISION, channels_last=CHANNELS_LAST)
     state = torch.load(resume_file, weights_only=True) if resume_file.is_file() else None
-    if state and state.get("recipe", recipe) != recipe:
-        raise SystemExit(f"{resume_file} was saved under the recipe {state['recipe']}, not this one ({recipe}): delete it "
-                         "to train by the new recipe from the start")
+    if state and state.get("recipe") != full:
+        saved = state.get("recipe", "unrecorded (saved before resume files recorded their recipe)")
+        raise SystemExit(f"{resume_file} was saved under the recipe {saved}, not this one ({full}): delete it "
+                         "to train by this recipe from the start")
     if state:
         print(f"{name}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
 
@@ -101,7 +104,7 @@ def train(name: str) -> dict:
         timings.append(now - clock[0])
         clock[0] = now
         tmp = resume_file.with_suffix(".tmp")
-        torch.save({**s, "epoch_seconds": timings, "recipe": recipe}, tmp)
+        torch.save({**s, "epoch_seconds": timings, "recipe": full}, tmp)
         tmp.replace(resume_file)
 
     def on_epoch(epoch: int, m: dict) -> None:
@@ -117,8 +120,7 @@ def train(name: str) -> dict:
         "file": f"{name}.pt",
         "test_acc": test["acc"],
         "val_acc": val["acc"],
-        "recipe": {**recipe, "schedule": "cosine", "nesterov": True, "precision": PRECISION, "channels_last": CHANNELS_LAST,
-                   "augment": meta["augment"], "seed": SEED},
+        "recipe": {**full, "augment": meta["augment"]},
         "data": {"source": "CIFAR-10 JPEG copy (../shared/data/cifar10-jpeg.tar.gz)", "counts": meta["counts"],
                  "fingerprint": meta["fingerprint"], "mean": meta["mean"], "std": meta["std"]},
         # the median epoch: an epoch's wall time also counts any pause of the process (a stopped sitting, a

@@ -44,6 +44,8 @@ def _plot_latency(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in result["rows"] if "error" not in r and "onnx" in r]
     b = _latency_batch(result)
+    if skipped := [f"{r['method']}@{r['target']}" for r in rows if _time_kept(r["onnx"], b)[0] is None]:
+        print(f"report: {path.name}: no time measured at batch {b} for {', '.join(skipped)}: left out of the plot")
     for i, method in enumerate(ORDER):
         color = f"C{i}"
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target"])

@@ -31,10 +31,10 @@ from pruning.emodir import (
     searched_module,
     train_selectors,
 )
-from pruning.exact import TOLERANCE, fill_trained, landed
+from pruning.exact import TOLERANCE, landed, landed_trained
 from pruning.gpir import rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
-from pruning.methods import PruningResult, Target, method_spec, model_cost
+from pruning.methods import PruningResult, Target, ignored_switches, method_spec, model_cost
 from pruning.search import choose_for_target
 from pruning.train import resolve_device, seed_everything
 
@@ -132,6 +132,9 @@ def prune(
     if latency is not None and metric != "latency":
         raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
+    switches = {"paired_boundaries": paired_boundaries, "prefer_capacity": prefer_capacity, "spread_outputs": spread_outputs}
+    if note := ignored_switches(method, switches):
+        logger.warning("%s", note)
     dev = resolve_device(device)
     seed_everything(seed)
     base = copy.deepcopy(model).cpu().eval()
@@ -273,9 +276,7 @@ def prune(
                 )
                 decided.pop("table")
                 if fill_back:  # as the rank stage: channels given back come with the base's weights
-                    pruned, landing = fill_trained(pruned, base, x1, scheme, target, group_importance(base, x1), metric, round_to)
-                    scheme = landing.scheme
-                    decided.update(landing.info(decided))
+                    pruned, scheme, decided = landed_trained(pruned, base, x1, scheme, target, decided, metric, round_to)
                 for note in decided["fallbacks"]:
                     logger.warning("emo-dir: %s", note)
                 info.update(evaluations=evaluations, **decided)

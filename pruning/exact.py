@@ -25,7 +25,7 @@ from torch import nn
 from pruning.channels import KeepScheme, group_importance, pruned_copy
 from pruning.methods import Metric, model_cost
 
-__all__ = ["TOLERANCE", "Landing", "fill_trained", "land_on_target", "landed", "transplant"]
+__all__ = ["TOLERANCE", "Landing", "fill_trained", "land_on_target", "landed", "landed_trained", "transplant"]
 
 TOLERANCE = 0.005  # a reduction further than this above the target is reported, never passed over in silence
 
@@ -226,3 +226,20 @@ def fill_trained(
     if landing.channels_added == 0:
         return trained, landing
     return transplant(trained, base, example_input, scheme, landing.scheme), landing
+
+
+def landed_trained(
+    trained: nn.Module,
+    base: nn.Module,
+    example_input: torch.Tensor,
+    scheme: KeepScheme,
+    target: float,
+    info: Mapping,
+    metric: Metric = "flops",
+    round_to: int = 1,
+) -> tuple[nn.Module, KeepScheme, dict]:
+    """`landed` for EMO-DIR's merged candidates (`fill_trained`, by the base's group importance): the landed model,
+    its scheme and `info` with the landing's entries. The one landing step of GPIR, for the rank stage and the
+    Python API alike."""
+    model, landing = fill_trained(trained, base, example_input, scheme, target, group_importance(base, example_input), metric, round_to)
+    return model, landing.scheme, landing.info(info)

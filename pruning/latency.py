@@ -57,7 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from pruning.onnx_export import export_onnx, latency_ms, session
-from pruning.quantize import quantize_int8
+from pruning.quantize import INT8_FORMAT, quantize_int8
 
 __all__ = ["DEFAULT_TABLE", "PRECISIONS", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
 
@@ -68,6 +68,9 @@ DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folde
 CALIBRATION_WIDTHS = (1.0, 0.7, 0.5, 0.3)
 MEASURE_ROUNDS = 3  # a layer is timed in this many rounds over the missing shapes, the fastest kept
 PRECISIONS = ("fp32", "int8")  # the model whose time a table holds: the FP32 ONNX model, or its static INT8 one
+# onnxruntime's INT8 convolutions compute channels in blocks of 16 on the AVX512-VNNI machines here: narrower
+# counts ran slower than the whole block (bench/notes/r20-lat.md)
+INT8_BLOCK = 16
 # an INT8 layer alone also runs these at its edges; inside an INT8 network they run once, at the network's ends
 INT8_EDGES = ("QuantizeLinear", "DequantizeLinear", "Transpose")
 MISFIT_WARNING = 0.1  # a calibration point further than this (relative) from the fitted line is reported
@@ -237,7 +240,7 @@ class LatencyTable:
         the table it fills ("timer <name>" in place of the machine): for code that must not depend on how busy
         the machine is. `block` is the blocked layout's channel block (None: onnxruntime's, found once on this
         machine; 0 with a timer: no reorders). `precision` "int8" times the static INT8 model instead of the FP32
-        one (a table of its own, keyed `| int8`)."""
+        one (a table of its own, keyed `| int8` and the quantization format, `INT8_FORMAT`)."""
         if batch_size < 1 or threads < 0 or repeats < 1 or (block is not None and block < 0) or precision not in PRECISIONS:
             raise ValueError(
                 f"latency table: batch_size {batch_size}, threads {threads}, repeats {repeats}, block {block}, precision "
@@ -249,7 +252,8 @@ class LatencyTable:
         self.batch_size, self.threads, self.repeats = batch_size, threads, repeats
         m = machine() if timer is None else {"cpu": f"timer {getattr(timer, '__name__', 'custom')}", "onnxruntime": "-"}
         self.key = f"{m['cpu']} | onnxruntime {m['onnxruntime']} | threads {threads or 'default'} | batch {batch_size}"
-        self.key += " | int8" if precision == "int8" else ""  # the FP32 tables keep the keys they were saved under
+        # the FP32 tables keep the keys they were saved under; an INT8 table names how its layers are quantized
+        self.key += f" | int8 {INT8_FORMAT}" if precision == "int8" else ""
         self.timer = timer
         self.measured = 0
         self._lock = threading.Lock()
@@ -445,6 +449,11 @@ class LatencyCost:
             # the offset may be negative: a layer timed alone pays a call's overhead it does not pay inside the
             # network (batch 1 on one thread: -0.04 of 0.39 ms on this machine's ResNet-20)
             if scale <= 0 or scale * xs.min() + offset <= 0:  # noise beat the fit: proportions only
+                logger.warning(
+                    "latency: calibration of %s: the whole model's time does not rise with its layers' summed time (fitted "
+                    "scale %.3g, offset %.3g ms; points %s): predictions use the proportion %.3g alone, with no offset",
+                    type(model).__name__, scale, offset, [(round(x, 3), round(y, 3)) for x, y in points], float(ys.sum() / xs.sum()),
+                )  # fmt: skip
                 scale, offset = float(ys.sum() / xs.sum()), 0.0
             misfit = float(np.max(np.abs((scale * xs + offset) / ys - 1.0)))
             if misfit > MISFIT_WARNING:

@@ -7,6 +7,7 @@ registered in `METHODS` under its `prune.method` name.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -41,6 +42,7 @@ __all__ = [
     "Uniform",
     "check_metric",
     "cost_of",
+    "ignored_switches",
     "method_spec",
     "model_cost",
     "reduction_of",
@@ -325,3 +327,12 @@ def method_spec(name: str) -> MethodSpec:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def ignored_switches(method: str, switches: Mapping[str, bool]) -> str | None:
+    """A note naming the GPIR-only switches (paired boundaries, capacity preference, spread outputs) turned on for
+    a method that does not rank sub-network candidates by GPIR, where they change nothing; None otherwise."""
+    on = [name for name, value in switches.items() if value]
+    if not on or method_spec(method).gpir:
+        return None
+    return f"{', '.join(on)}: on, but {method} does not rank sub-network candidates by GPIR; ignored"

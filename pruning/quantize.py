@@ -22,7 +22,10 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-__all__ = ["calibration_batches", "check_int8_drop", "evaluate_onnx", "int8_slower", "quantize_int8"]
+__all__ = ["INT8_FORMAT", "calibration_batches", "check_int8_drop", "evaluate_onnx", "int8_slower", "quantize_int8"]
+
+# how `quantize_int8` quantizes, named in the key of an INT8 latency table (a change here must not reuse old timings)
+INT8_FORMAT = "qdq u8s8 per-channel minmax"
 
 
 class _Batches(CalibrationDataReader):

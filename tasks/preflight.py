@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pruning.methods import method_spec
+from pruning.methods import ignored_switches, method_spec
 from tasks import paths
 from tasks.config import ConfigError, Params
 from tasks.io import atomic_json, read_json
@@ -72,6 +72,8 @@ def preflight(params: Params, stages: Iterable[str] = STAGES, root: str | Path =
         _checkpoint(r, params, nc, root)
     if stages & MODEL_STAGES:
         _model(r, params, nc, root)
+    if "rank" in stages:
+        _unused_switches(r, params)
     if r.problems:
         n = len(r.problems)
         raise PreflightError(f"preflight found {n} problem{'s' * (n > 1)}, nothing was run:\n  " + "\n  ".join(r.problems))
@@ -333,8 +335,8 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
             r.fail(
                 "prune.target",
                 params.prune.target,
-                f"out of reach: nothing {what} builds is predicted to take less {metric} than the base (the best "
-                f"takes {1 - reach:.3f} of it); allowed: no target on this machine; prune for flops"
+                f"out of reach: nothing {what} builds is predicted to take less {metric} than the base (the fastest "
+                f"of them takes {1 - reach:.3f} of it); allowed: no target on this machine; prune for flops"
                 + (", or for the FP32 model's time (latency.precision fp32)" if params.latency.precision == "int8" else ""),
             )
         else:
@@ -360,6 +362,18 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
             f"the feature cache (about {plan.features / MB:,.0f} MB) does not fit resources.memory_budget_mb = "
             f"{budget:,} beside the work ({plan.floor / MB:,.0f} MB): it stays on disk, memory-mapped"
         )
+
+
+def _unused_switches(r: _Report, params: Params) -> None:
+    """A note when a GPIR-only switch is on for a method that does not rank by GPIR: it changes nothing."""
+    c, k = params.constrain, params.rank
+    switches = {
+        "rank.paired_boundaries": k.paired_boundaries,
+        "rank.prefer_capacity": k.prefer_capacity,
+        "constrain.spread_outputs": c.spread_outputs,
+    }
+    if note := ignored_switches(params.prune.method, switches):
+        r.notes.append(note)
 
 
 LATENCY_REACH_WIDTHS = (0.25, 0.5, 0.75)  # prune.metric latency: uniform widths whose time the reach also takes
@@ -423,7 +437,7 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
     from pruning.channels import channel_groups, pruned_copy
     from pruning.divide import source_name
     from pruning.emodir import searched_module
-    from pruning.latency import LatencyCost
+    from pruning.latency import INT8_BLOCK, LatencyCost
     from pruning.methods import model_cost
     from pruning.search import SearchSpace, boundary_search_groups, prunable_groups
     from tasks.common import cost_metric
@@ -483,8 +497,7 @@ def _compute_reach(params: Params, model: nn.Module, x: torch.Tensor, subs, head
         # each group no narrower than in the smallest model. An estimate from above (emo-dir's boundaries may not
         # take every such width); GPIR names the exact reach of the trained candidates. The one-shot methods
         # bisect one knob down from their smallest model, so for them the smallest model's cost is the reach.
-        # INT8 blocks: 16 channels, as measured on the AVX512-VNNI machines here (bench/notes/r20-lat.md)
-        block = metric.table.block if metric.table.precision == "fp32" and metric.table.block > 1 else 16
+        block = metric.table.block if metric.table.precision == "fp32" and metric.table.block > 1 else INT8_BLOCK
         groups = channel_groups(model, x)
         least = {g.name: len(scheme.get(g.name, range(g.channels))) for g in groups}
         for f in LATENCY_REACH_WIDTHS:

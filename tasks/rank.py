@@ -12,10 +12,10 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pruning.channels import KeepScheme, channel_groups, count_flops_params, group_importance, pruned_copy
+from pruning.channels import KeepScheme, channel_groups, count_flops_params, pruned_copy
 from pruning.counting import counting
 from pruning.emodir import candidate_cost_of, reestimate_bn
-from pruning.exact import TOLERANCE, fill_trained, landed
+from pruning.exact import TOLERANCE, landed, landed_trained
 from pruning.gpir import no_choice_note
 from pruning.gpir import rank as gpir_rank
 from pruning.latency import LatencyCost
@@ -120,9 +120,7 @@ def choose(
     if spec.gpir:
         pruned, scheme, info = rank_emo_dir(params, division, example, metric, write_tables=write_tables)
         if params.rank.fill_back:  # the trained channels keep their weights, the ones given back come from the base
-            importance = group_importance(division.model, example)
-            pruned, landing = fill_trained(pruned, division.model, example, scheme, p.target, importance, metric, p.round_to)
-            scheme, info = landing.scheme, landing.info(info)
+            pruned, scheme, info = landed_trained(pruned, division.model, example, scheme, p.target, info, metric, p.round_to)
     else:
         _, scheme, info = rank_whole_emo(params, division, example)
         scheme, info = _landed(params, division.model, example, scheme, info, metric)

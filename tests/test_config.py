@@ -96,3 +96,19 @@ def test_one_stage_list_matches_dvc_yaml_and_the_cli():
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "prune"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "prune" in bad.stderr and "finetune" in bad.stderr, bad.stderr
+
+
+def test_gpir_only_switches_on_for_another_method_are_named_as_ignored():
+    from tasks.preflight import _Report, _unused_switches
+
+    params = parse_params({"prune": {"method": "global-magnitude"}, "rank": {"prefer_capacity": True}})
+    r = _Report()
+    _unused_switches(r, params)
+    assert r.notes == ["rank.prefer_capacity: on, but global-magnitude does not rank sub-network candidates by GPIR; ignored"]
+    for quiet in (
+        parse_params({"prune": {"method": "emo-dir"}, "rank": {"prefer_capacity": True}, "constrain": {"spread_outputs": True}}),
+        parse_params({"prune": {"method": "uniform"}}),
+    ):
+        r = _Report()
+        _unused_switches(r, quiet)
+        assert r.notes == []
