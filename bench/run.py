@@ -479,7 +479,7 @@ def remeasure(profile: str, work: Path, repeats: int, suffix: str = "") -> None:
 # Params added after units were recorded, with the value that does what the code did before they existed: while a
 # key keeps that value it is left out of the digest, so the units recorded before it stay current.
 ADDED_AT = {"rank.paired_boundaries": False, "constrain.spread_outputs": False, "search.min_keep": 0.0, "latency.precision": "fp32",
-            "rank.prefer_capacity": False}
+            "rank.prefer_capacity": False, "rank.capacity_window": 1.0}
 # How a unit runs, not what it computes: a memory layout changes the arithmetic's order only (results move within
 # run-to-run noise), so switching it does not make finished units stale. The digest takes each at one fixed value
 # (the one the first units ran with; None: left out, a key added later); each unit records the layout it trained in.

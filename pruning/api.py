@@ -34,7 +34,7 @@ from pruning.emodir import (
 from pruning.exact import TOLERANCE, landed, landed_trained
 from pruning.gpir import rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
-from pruning.methods import PruningResult, Target, ignored_switches, method_spec, model_cost
+from pruning.methods import PruningResult, Target, ignored_switches, method_spec, model_cost, unread_capacity_window
 from pruning.search import choose_for_target
 from pruning.train import resolve_device, seed_everything
 
@@ -98,6 +98,7 @@ def prune(
     fill_back: bool = _RANK.fill_back,
     paired_boundaries: bool = _RANK.paired_boundaries,
     prefer_capacity: bool = _RANK.prefer_capacity,
+    capacity_window: float = _RANK.capacity_window,
     finetune_epochs: int = 0,
     finetune_lr: float = _FT.lr,
     kd: Literal["none", "kd", "dynamickd"] = _FT.kd,
@@ -132,8 +133,15 @@ def prune(
     if latency is not None and metric != "latency":
         raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
-    switches = {"paired_boundaries": paired_boundaries, "prefer_capacity": prefer_capacity, "spread_outputs": spread_outputs}
-    if note := ignored_switches(method, switches):
+    if not capacity_window > 0:
+        raise ValueError(f"capacity_window = {capacity_window!r}: allowed: a number of standard errors above 0")
+    switches = {
+        "paired_boundaries": paired_boundaries,
+        "prefer_capacity": prefer_capacity,
+        "spread_outputs": spread_outputs,
+        "capacity_window": capacity_window != _RANK.capacity_window,
+    }
+    if note := ignored_switches(method, switches) or unread_capacity_window(prefer_capacity, capacity_window, _RANK.capacity_window):
         logger.warning("%s", note)
     dev = resolve_device(device)
     seed_everything(seed)
@@ -272,6 +280,7 @@ def prune(
                     device=dev,
                     paired_boundaries=paired_boundaries,
                     prefer_capacity=prefer_capacity,
+                    capacity_window=capacity_window,
                     tolerance=TOLERANCE,
                 )
                 decided.pop("table")

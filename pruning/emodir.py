@@ -123,6 +123,8 @@ class RankSettings:
     # EMO-DIR: among the verified combinations within one standard error of the best val accuracy, take the one
     # keeping the most parameters (at equal FLOPs, parameters kept predicted finetuned accuracy in bench/notes/r20.md)
     prefer_capacity: bool = False
+    # with prefer_capacity: how many standard errors under the best val accuracy still tie
+    capacity_window: float = 1.0
 
 
 @dataclass(frozen=True)

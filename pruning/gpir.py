@@ -210,6 +210,7 @@ def joint_scheme(
     device: torch.device | str = "cpu",
     max_saving: int | None = None,
     prefer_capacity: bool = False,
+    capacity_window: float = 1.0,
 ) -> JointScheme:
     """Solve the multiple-choice knapsack exactly (least summed impairment with saving >= `min_saving`),
     measure the best `top_t` combinations with all their replacements at once (impairments do not add up
@@ -220,8 +221,11 @@ def joint_scheme(
     exact impairment order and those above `max_saving` skipped (searching the first 50 * top_t); if none
     falls inside, the unbounded best are used, and `fallback` says so.
 
-    `prefer_capacity`: the verified combinations within one standard error of the best measured accuracy (binomial,
-    on the val labels) tie, and the one keeping the most parameters is taken (`chosen_by` says which and why)."""
+    `prefer_capacity`: the verified combinations within `capacity_window` standard errors of the best measured
+    accuracy (binomial, on the val labels) tie, and the one keeping the most parameters is taken (`chosen_by` says
+    which and why)."""
+    if not capacity_window > 0:
+        raise ValueError(f"capacity_window = {capacity_window!r}: allowed: a number of standard errors above 0")
     cands = _candidates(table)
     combos: list[Combination] = top_combinations(cands, min_saving, top_t if max_saving is None else 50 * top_t)
     fallback = None
@@ -246,12 +250,12 @@ def joint_scheme(
     if prefer_capacity:
         n = len(labels)
         se = math.sqrt(best["measured_acc"] * (1 - best["measured_acc"]) / max(1, n))
-        tied = [v for v in verified if v["measured_acc"] >= best["measured_acc"] - se]
+        tied = [v for v in verified if v["measured_acc"] >= best["measured_acc"] - capacity_window * se]
         roomiest = max(tied, key=lambda v: (v["params"], v["measured_acc"], -v["saving"], [-x for x in v["choice"]]))
         if roomiest is not best:
             chosen_by = (
-                f"rank.prefer_capacity: {len(tied)} of the {len(verified)} verified combinations lie within one standard error "
-                f"({se:.4f}) of the best val accuracy {best['measured_acc']:.4f}; the one keeping the most parameters "
+                f"rank.prefer_capacity: {len(tied)} of the {len(verified)} verified combinations lie within {capacity_window:g} "
+                f"standard error(s) ({se:.4f} each) of the best val accuracy {best['measured_acc']:.4f}; the one keeping the most parameters "
                 f"({roomiest['params']} against {best['params']}) scores {roomiest['measured_acc']:.4f}"
             )
         best = roomiest
@@ -375,6 +379,7 @@ def rank(
     paired_boundaries: bool = False,
     tolerance: float = 0.0,
     prefer_capacity: bool = False,
+    capacity_window: float = 1.0,
 ) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """GPIR end to end: impairment table, exact knapsack for `target`, joint verification, merged whole model.
 
@@ -384,7 +389,8 @@ def rank(
     did (the chained BoundaryIO candidates stand for it), else this is a defect and raises.
     `paired_boundaries`: candidates narrowing a boundary are scored beside an adapted successor
     (`paired_impairments`) instead of the original one. `tolerance`: how far under the target the candidates
-    may fall and still be ranked (`required_saving`); 0 refuses any shortfall. `prefer_capacity`: see `joint_scheme`.
+    may fall and still be ranked (`required_saving`); 0 refuses any shortfall. `prefer_capacity`, `capacity_window`: see
+    `joint_scheme`.
     Returns the physically pruned model, its whole-model keep-scheme, and what was decided (the
     choice, predicted and measured val accuracy, the verified combinations, the table and joint front).
 
@@ -422,6 +428,7 @@ def rank(
         device=device,
         max_saving=min_saving_for(min(1.0, target + max_overshoot), total_cost),
         prefer_capacity=prefer_capacity,
+        capacity_window=capacity_window,
     )
     chosen = {k + 1: (*candidates[k][row - 1][:2], ios[k][row - 1]) for k, row in enumerate(best.choice) if row > 0}
     pruned, scheme = merge_into(model, example_input, subnetworks, chosen)

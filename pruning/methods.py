@@ -336,3 +336,10 @@ def ignored_switches(method: str, switches: Mapping[str, bool]) -> str | None:
     if not on or method_spec(method).gpir:
         return None
     return f"{', '.join(on)}: on, but {method} does not rank sub-network candidates by GPIR; ignored"
+
+
+def unread_capacity_window(prefer_capacity: bool, capacity_window: float, default: float) -> str | None:
+    """A note when the capacity window is changed from `default` while `prefer_capacity`, its only reader, is off."""
+    if prefer_capacity or capacity_window == default:
+        return None
+    return f"rank.capacity_window = {capacity_window:g}: read only with rank.prefer_capacity on, which is off; ignored"

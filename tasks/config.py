@@ -170,6 +170,12 @@ class RankParams(_Section):
         RANK.prefer_capacity,
         description="emo-dir: of the verified combinations within one standard error of the best val accuracy, keep the most parameters",
     )
+    capacity_window: float = Field(
+        RANK.capacity_window,
+        gt=0.0,
+        le=10.0,
+        description="emo-dir with prefer_capacity: standard errors under the best val accuracy that still tie",
+    )
 
 
 class PruneParams(_Section):

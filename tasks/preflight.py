@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pruning.methods import ignored_switches, method_spec
+from pruning.methods import ignored_switches, method_spec, unread_capacity_window
 from tasks import paths
-from tasks.config import ConfigError, Params
+from tasks.config import RANK, ConfigError, Params
 from tasks.io import atomic_json, read_json
 from tasks.paths import STAGES
 
@@ -370,9 +370,12 @@ def _unused_switches(r: _Report, params: Params) -> None:
     switches = {
         "rank.paired_boundaries": k.paired_boundaries,
         "rank.prefer_capacity": k.prefer_capacity,
+        "rank.capacity_window": k.capacity_window != RANK.capacity_window,
         "constrain.spread_outputs": c.spread_outputs,
     }
     if note := ignored_switches(params.prune.method, switches):
+        r.notes.append(note)
+    elif note := unread_capacity_window(k.prefer_capacity, k.capacity_window, RANK.capacity_window):
         r.notes.append(note)
 
 

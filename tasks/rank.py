@@ -75,6 +75,7 @@ def rank_emo_dir(
         paired_boundaries=params.rank.paired_boundaries,
         tolerance=TOLERANCE,
         prefer_capacity=params.rank.prefer_capacity,
+        capacity_window=params.rank.capacity_window,
     )
     table, front = info.pop("table"), info.pop("joint_front")
     kept = {f"s{e['k']}": e["kept_whole"] for e in index["subnetworks"] if e.get("kept_whole")}

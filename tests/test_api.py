@@ -74,6 +74,7 @@ def test_the_api_defaults_are_the_pipelines():
         "calib_samples": p.search.calib_samples, "search_precision": p.search.precision, "candidates": p.constrain.candidates, "constrain_epochs": p.constrain.epochs,
         "constrain_lr": p.constrain.lr, "lam": p.constrain.lam, "constrain_data": p.constrain.data, "spread_outputs": p.constrain.spread_outputs, "top_t": p.rank.top_t, "max_overshoot": p.rank.max_overshoot,
         "bn_samples": p.rank.bn_samples, "fill_back": p.rank.fill_back, "paired_boundaries": p.rank.paired_boundaries,
+        "prefer_capacity": p.rank.prefer_capacity, "capacity_window": p.rank.capacity_window,
         "finetune_lr": p.finetune.lr, "kd": p.finetune.kd, "kd_temperature": p.finetune.kd_temperature,
         "kd_alpha": p.finetune.kd_alpha, "round_to": p.prune.round_to, "metric": p.prune.metric, "method": p.prune.method,
         "seed": p.seed, "device": p.device, "boundary_widths": tuple(p.search.boundary_widths),
@@ -96,6 +97,8 @@ def test_bad_arguments_are_named(data):
 
     with pytest.raises(ValueError, match="min_keep must be a fraction"):
         prune(model, x[:1], Untouched(), Untouched(), target=0.5, min_keep=1.2)
+    with pytest.raises(ValueError, match=r"capacity_window = -1\.0: allowed: a number of standard errors above 0"):
+        prune(model, x[:1], Untouched(), Untouched(), target=0.5, prefer_capacity=True, capacity_window=-1.0)
 
 
 def test_a_method_is_added_by_registering_it_once(data, monkeypatch):

@@ -105,8 +105,16 @@ def test_gpir_only_switches_on_for_another_method_are_named_as_ignored():
     r = _Report()
     _unused_switches(r, params)
     assert r.notes == ["rank.prefer_capacity: on, but global-magnitude does not rank sub-network candidates by GPIR; ignored"]
+    # the capacity window is read only by prefer_capacity: changed while it is off, it is named as ignored
+    r = _Report()
+    _unused_switches(r, parse_params({"prune": {"method": "emo-dir"}, "rank": {"capacity_window": 2.0}}))
+    assert r.notes == ["rank.capacity_window = 2: read only with rank.prefer_capacity on, which is off; ignored"]
+    r = _Report()
+    _unused_switches(r, parse_params({"prune": {"method": "uniform"}, "rank": {"capacity_window": 2.0}}))
+    assert r.notes == ["rank.capacity_window: on, but uniform does not rank sub-network candidates by GPIR; ignored"]
     for quiet in (
         parse_params({"prune": {"method": "emo-dir"}, "rank": {"prefer_capacity": True}, "constrain": {"spread_outputs": True}}),
+        parse_params({"prune": {"method": "emo-dir"}, "rank": {"prefer_capacity": True, "capacity_window": 2.0}}),
         parse_params({"prune": {"method": "uniform"}}),
     ):
         r = _Report()

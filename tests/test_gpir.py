@@ -222,6 +222,14 @@ def test_prefer_capacity_takes_the_combination_keeping_most_parameters_within_on
         # and one with more parameters than any tied but outside the error passed over
         assert (roomy.measured_acc < plain.measured_acc) == within
         assert any(v["params"] > params for v in plain.verified if v not in tied) == outside
+        # `capacity_window` widens the tie: at 100 standard errors every verified combination ties, the roomiest is taken
+        wide = joint_scheme(subs, head, table, modules, base_acc, need, top_t=10, features=feats, labels=noisy, prefer_capacity=True,
+                            capacity_window=100.0)
+        widest = [s.module if r == 0 else modules[k][r - 1] for k, (s, r) in enumerate(zip(subs, wide.choice))]
+        assert sum(p.numel() for m in widest for p in m.parameters()) == max(v["params"] for v in plain.verified)
+        assert (wide.choice != roomy.choice) == outside and "within 100 standard error(s)" in wide.chosen_by
+    with pytest.raises(ValueError, match=r"capacity_window = 0\.0: allowed: a number of standard errors above 0"):
+        joint_scheme(subs, head, table, modules, base_acc, need, top_t=10, features=feats, labels=noisy, prefer_capacity=True, capacity_window=0.0)
 
 
 def test_constrained_training_mixes_its_predecessors():
