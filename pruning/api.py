@@ -32,7 +32,7 @@ from pruning.emodir import (
     train_selectors,
 )
 from pruning.exact import TOLERANCE, landed, landed_trained
-from pruning.gpir import rank
+from pruning.gpir import check_capacity_window, rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
 from pruning.methods import PruningResult, Target, ignored_switches, method_spec, model_cost, unread_capacity_window
 from pruning.search import choose_for_target
@@ -133,8 +133,7 @@ def prune(
     if latency is not None and metric != "latency":
         raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
-    if not capacity_window > 0:
-        raise ValueError(f"capacity_window = {capacity_window!r}: allowed: a number of standard errors above 0")
+    check_capacity_window(capacity_window)
     switches = {
         "paired_boundaries": paired_boundaries,
         "prefer_capacity": prefer_capacity,

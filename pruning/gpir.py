@@ -197,6 +197,12 @@ def _candidates(table: list[list[dict]]) -> list[list[Candidate]]:
     return [[Candidate(r["impairment"], int(r["saving"]), None, r.get("inputs", 0), r.get("outputs", 0)) for r in rows] for rows in table]
 
 
+def check_capacity_window(capacity_window: float) -> None:
+    """A `prefer_capacity` window must be a positive number of standard errors; anything else fails by name."""
+    if not capacity_window > 0:
+        raise ValueError(f"capacity_window = {capacity_window!r}: allowed: a number of standard errors above 0")
+
+
 def joint_scheme(
     subnetworks: Sequence[SubNetwork],
     head: nn.Module,
@@ -224,8 +230,7 @@ def joint_scheme(
     `prefer_capacity`: the verified combinations within `capacity_window` standard errors of the best measured
     accuracy (binomial, on the val labels) tie, and the one keeping the most parameters is taken (`chosen_by` says
     which and why)."""
-    if not capacity_window > 0:
-        raise ValueError(f"capacity_window = {capacity_window!r}: allowed: a number of standard errors above 0")
+    check_capacity_window(capacity_window)
     cands = _candidates(table)
     combos: list[Combination] = top_combinations(cands, min_saving, top_t if max_saving is None else 50 * top_t)
     fallback = None
