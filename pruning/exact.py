@@ -92,9 +92,16 @@ def land_on_target(
     """
     x = example_input[:1]
     base = model_cost(model, x, metric)
+    names = sorted(scheme)
+    known: dict[tuple[int, ...], float] = {}
 
     def reduction(s: KeepScheme) -> float:
-        return 1.0 - model_cost(pruned_copy(model, x, s), x, metric) / base
+        # a pruned copy and its count cost a trace each; the cost depends on how many channels each group keeps,
+        # not which, so schemes with the same counts (a unit of the same size from the same group) are priced once
+        counts = tuple(len(s[n]) for n in names)
+        if counts not in known:
+            known[counts] = 1.0 - model_cost(pruned_copy(model, x, s), x, metric) / base
+        return known[counts]
 
     units = _units(scheme, importance, round_to)
 
@@ -119,10 +126,17 @@ def land_on_target(
         else:
             hi = mid - 1
     chosen, result = units[:lo], at_lo
+    # FLOPs and parameters only grow as channels are given back, so a unit that did not fit never fits after more
+    # were added: the rest of its group's units of its size are passed over (a latency table need not be monotone)
+    monotone, too_big = metric in ("flops", "params"), set[tuple[str, int]]()
     for unit in units[lo + 1 : lo + 1 + tries]:  # units[lo] itself is known not to fit
+        if monotone and (unit[1], len(unit[2])) in too_big:
+            continue
         r = reduction(_add(scheme, [*chosen, unit]))
         if r >= target:
             chosen, result = [*chosen, unit], r
+        else:
+            too_big.add((unit[1], len(unit[2])))
     below = ""
     if result - target > TOLERANCE:  # no unit fits above: the one that lands closest below, within the tolerance
         taken = {id(u) for u in chosen}

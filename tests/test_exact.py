@@ -55,6 +55,34 @@ def test_when_no_coarse_step_fits_above_the_target_the_closest_one_below_within_
     assert "fallbacks" not in Landing(coarse.scheme, 0.6, 0.6, 0).info({})
 
 
+
+@pytest.mark.parametrize("method, round_to, target", [(Uniform, 4, 0.55), (GlobalMagnitude, 2, 0.5)])
+def test_pricing_each_channel_count_once_lands_where_pricing_every_step_does(model, method, round_to, target):
+    """The landing prices a scheme by its channel counts once, and passes over a group's units once one of their size
+    did not fit; the result is the one of the plain procedure: bisect the ranked units, then try the next 32 one by one."""
+    from pruning.exact import _add, _units
+
+    coarse = method(round_to=round_to)(model, X, Target(target))
+    importance = group_importance(model, X)
+    base = count_flops_params(model, X)[0]
+
+    def reduction(s):
+        return 1 - count_flops_params(pruned_copy(model, X, s), X)[0] / base
+
+    units = _units(coarse.scheme, importance, round_to)
+    lo, hi = 0, len(units)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if reduction(_add(coarse.scheme, units[:mid])) >= target else (lo, mid - 1)
+    chosen = units[:lo]
+    for unit in units[lo + 1 : lo + 33]:
+        if reduction(_add(coarse.scheme, [*chosen, unit])) >= target:
+            chosen = [*chosen, unit]
+    landing = land_on_target(model, X, coarse.scheme, target, importance, round_to=round_to)
+    assert len(chosen) > lo + 1  # the one-by-one tries gave units back (two of one group for Uniform): what the shortcuts change
+    assert landing.scheme == _add(coarse.scheme, chosen)
+    assert landing.reduction == pytest.approx(reduction(landing.scheme))
+
 def test_channels_given_back_are_the_most_important_of_their_group(model):
     coarse = Uniform(round_to=8)(model, X, Target(0.5))
     importance = group_importance(model, X)
