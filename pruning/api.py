@@ -34,7 +34,7 @@ from pruning.emodir import (
 from pruning.exact import TOLERANCE, landed, landed_trained
 from pruning.gpir import check_capacity_window, rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
-from pruning.methods import PruningResult, Target, ignored_switches, method_spec, model_cost, unread_capacity_window
+from pruning.methods import PruningResult, Target, method_spec, model_cost, unused_switches
 from pruning.search import choose_for_target
 from pruning.train import resolve_device, seed_everything
 
@@ -134,13 +134,8 @@ def prune(
         raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
     check_capacity_window(capacity_window)
-    switches = {
-        "paired_boundaries": paired_boundaries,
-        "prefer_capacity": prefer_capacity,
-        "spread_outputs": spread_outputs,
-        "capacity_window": capacity_window != _RANK.capacity_window,
-    }
-    if note := ignored_switches(method, switches) or unread_capacity_window(prefer_capacity, capacity_window, _RANK.capacity_window):
+    switches = {"paired_boundaries": paired_boundaries, "prefer_capacity": prefer_capacity, "spread_outputs": spread_outputs}
+    if note := unused_switches(method, **switches, capacity_window=capacity_window, default_window=_RANK.capacity_window):
         logger.warning("%s", note)
     dev = resolve_device(device)
     seed_everything(seed)

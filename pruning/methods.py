@@ -7,7 +7,6 @@ registered in `METHODS` under its `prune.method` name.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -42,10 +41,10 @@ __all__ = [
     "Uniform",
     "check_metric",
     "cost_of",
-    "ignored_switches",
     "method_spec",
     "model_cost",
     "reduction_of",
+    "unused_switches",
 ]
 
 
@@ -329,17 +328,36 @@ def method_spec(name: str) -> MethodSpec:
     return REGISTRY[name]
 
 
-def ignored_switches(method: str, switches: Mapping[str, bool]) -> str | None:
-    """A note naming the GPIR-only switches (paired boundaries, capacity preference, spread outputs) turned on for
-    a method that does not rank sub-network candidates by GPIR, where they change nothing; None otherwise."""
-    on = [name for name, value in switches.items() if value]
-    if not on or method_spec(method).gpir:
-        return None
-    return f"{', '.join(on)}: on, but {method} does not rank sub-network candidates by GPIR; ignored"
-
-
-def unread_capacity_window(prefer_capacity: bool, capacity_window: float, default: float) -> str | None:
-    """A note when the capacity window is changed from `default` while `prefer_capacity`, its only reader, is off."""
-    if prefer_capacity or capacity_window == default:
-        return None
-    return f"rank.capacity_window = {capacity_window:g}: read only with rank.prefer_capacity on, which is off; ignored"
+def unused_switches(
+    method: str,
+    *,
+    paired_boundaries: bool,
+    prefer_capacity: bool,
+    capacity_window: float,
+    spread_outputs: bool,
+    default_window: float,
+    dotted: bool = False,
+) -> str | None:
+    """A note naming the switches that change nothing as set, or None. The GPIR-only ones (paired boundaries,
+    capacity preference and window, spread outputs) when they are on for a method that does not rank sub-network
+    candidates by GPIR; otherwise the capacity window moved from `default_window` while `prefer_capacity`, its only
+    reader, is off. `dotted` names them as params.yaml does (`rank.prefer_capacity`), else as the API's arguments.
+    The pipeline's preflight and the Python API both warn with it."""
+    name = {
+        "paired_boundaries": "rank.paired_boundaries",
+        "prefer_capacity": "rank.prefer_capacity",
+        "capacity_window": "rank.capacity_window",
+        "spread_outputs": "constrain.spread_outputs",
+    }
+    switches = {
+        "paired_boundaries": paired_boundaries,
+        "prefer_capacity": prefer_capacity,
+        "capacity_window": capacity_window != default_window,
+        "spread_outputs": spread_outputs,
+    }
+    on = [name[k] if dotted else k for k, value in switches.items() if value]
+    if on and not method_spec(method).gpir:
+        return f"{', '.join(on)}: on, but {method} does not rank sub-network candidates by GPIR; ignored"
+    if not prefer_capacity and capacity_window != default_window:
+        return f"rank.capacity_window = {capacity_window:g}: read only with rank.prefer_capacity on, which is off; ignored"
+    return None

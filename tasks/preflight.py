@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pruning.methods import ignored_switches, method_spec, unread_capacity_window
+from pruning.methods import method_spec, unused_switches
 from tasks import paths
 from tasks.config import RANK, ConfigError, Params
 from tasks.io import atomic_json, read_json
@@ -367,15 +367,15 @@ def _model(r: _Report, params: Params, nc: int, root: Path) -> None:
 def _unused_switches(r: _Report, params: Params) -> None:
     """A note when a GPIR-only switch is on for a method that does not rank by GPIR: it changes nothing."""
     c, k = params.constrain, params.rank
-    switches = {
-        "rank.paired_boundaries": k.paired_boundaries,
-        "rank.prefer_capacity": k.prefer_capacity,
-        "rank.capacity_window": k.capacity_window != RANK.capacity_window,
-        "constrain.spread_outputs": c.spread_outputs,
-    }
-    if note := ignored_switches(params.prune.method, switches):
-        r.notes.append(note)
-    elif note := unread_capacity_window(k.prefer_capacity, k.capacity_window, RANK.capacity_window):
+    if note := unused_switches(
+        params.prune.method,
+        paired_boundaries=k.paired_boundaries,
+        prefer_capacity=k.prefer_capacity,
+        capacity_window=k.capacity_window,
+        spread_outputs=c.spread_outputs,
+        default_window=RANK.capacity_window,
+        dotted=True,
+    ):
         r.notes.append(note)
 
 

@@ -101,6 +101,19 @@ def test_bad_arguments_are_named(data):
         prune(model, x[:1], Untouched(), Untouched(), target=0.5, prefer_capacity=True, capacity_window=-1.0)
 
 
+
+def test_switches_that_change_nothing_for_the_method_are_named_as_ignored(data, caplog):
+    """The API warns as the pipeline's preflight does, in its own argument names: GPIR-only switches on for a
+    one-shot method, and a capacity window moved while prefer_capacity is off."""
+    model, x, train, val = data
+    with caplog.at_level("WARNING", logger="pruning.api"):
+        prune(model, x[:1], train, val, target=0.4, method="uniform", prefer_capacity=True, capacity_window=2.0, finetune_epochs=0)
+    assert "prefer_capacity, capacity_window: on, but uniform does not rank sub-network candidates by GPIR; ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pruning.api"):
+        prune(model, x[:1], train, val, target=0.4, method="uniform", finetune_epochs=0)
+    assert "ignored" not in caplog.text
+
 def test_a_method_is_added_by_registering_it_once(data, monkeypatch):
     """The stages and the API ask the registry what a method needs, never its name: one entry makes a new
     one-shot method valid in params.yaml and runnable through prune()."""
