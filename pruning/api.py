@@ -134,8 +134,14 @@ def prune(
         raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
     check_capacity_window(capacity_window)
-    switches = {"paired_boundaries": paired_boundaries, "prefer_capacity": prefer_capacity, "spread_outputs": spread_outputs}
-    if note := unused_switches(method, **switches, capacity_window=capacity_window, default_window=_RANK.capacity_window):
+    if note := unused_switches(
+        method,
+        paired_boundaries=paired_boundaries,
+        prefer_capacity=prefer_capacity,
+        capacity_window=capacity_window,
+        spread_outputs=spread_outputs,
+        default_window=_RANK.capacity_window,
+    ):
         logger.warning("%s", note)
     dev = resolve_device(device)
     seed_everything(seed)

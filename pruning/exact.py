@@ -130,13 +130,14 @@ def land_on_target(
     # were added: the rest of its group's units of its size are passed over (a latency table need not be monotone)
     monotone, too_big = metric in ("flops", "params"), set[tuple[str, int]]()
     for unit in units[lo + 1 : lo + 1 + tries]:  # units[lo] itself is known not to fit
-        if monotone and (unit[1], len(unit[2])) in too_big:
+        kind = (unit[1], len(unit[2]))
+        if monotone and kind in too_big:
             continue
         r = reduction(_add(scheme, [*chosen, unit]))
         if r >= target:
             chosen, result = [*chosen, unit], r
         else:
-            too_big.add((unit[1], len(unit[2])))
+            too_big.add(kind)
     below = ""
     if result - target > TOLERANCE:  # no unit fits above: the one that lands closest below, within the tolerance
         taken = {id(u) for u in chosen}
