@@ -40,8 +40,8 @@ lock: | $(UV)  ## re-resolve requirements.lock from pyproject.toml (then run mak
 run: $(STAMP)  ## run the whole pipeline (dvc repro through Prefect, logged in MLflow)
 	$(BIN)/emoprune run
 
-test: $(STAMP)  ## the test suite, slow end-to-end tests included, on 3 worker processes (see README, Tests)
-	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
+test: $(STAMP)  ## the test suite, slow end-to-end tests included, on 2 worker processes (see README, Tests)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)  ## ruff (lint and format) and mypy over pruning/, tasks/, flows/
 	$(BIN)/ruff check
