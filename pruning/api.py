@@ -35,7 +35,7 @@ from pruning.exact import TOLERANCE, landed, landed_trained
 from pruning.gpir import check_capacity_window, rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
 from pruning.methods import PruningResult, Target, method_spec, model_cost, unused_switches
-from pruning.search import choose_for_target
+from pruning.search import check_boundary_widths, choose_for_target
 from pruning.train import resolve_device, seed_everything
 
 __all__ = ["PruneResult", "prune"]
@@ -133,6 +133,8 @@ def prune(
     if latency is not None and metric != "latency":
         raise ValueError(f"a latency table is given but metric is {metric!r}; allowed: metric='latency' with it, or no table")
     spec = method_spec(method)  # and so does an unknown method
+    if spec.search == "subnetworks":  # boundary genes are EMO-DIR's (whole-emo's genes are all inner ones)
+        check_boundary_widths(boundary_widths, encoding)
     check_capacity_window(capacity_window)
     if note := unused_switches(
         method,

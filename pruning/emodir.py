@@ -80,7 +80,7 @@ class SearchSettings:
     error: Literal["ce", "acc"] = "ce"
     calib_samples: int = 256
     precision: Literal["bf16", "fp32"] = "bf16"  # of the scoring pass (BatchNorm re-estimation stays fp32)
-    channels_last: bool = True  # the scoring pass's layout (NHWC): 1.3-1.4x faster evaluations on this CPU
+    channels_last: bool = True  # the scoring pass's layout (NHWC): 1.4x faster evaluations here (bench/notes/search_cost.md)
     # keep fractions a boundary feature X_k may take (its channels chosen by whole-network importance); (1.0,) freezes them
     boundary_widths: tuple[float, ...] = (1.0, 0.75, 0.5)
     # lowest keep fraction of an inner channel group (0: one level); like a per-layer cap on the pruning ratio

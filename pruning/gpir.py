@@ -308,13 +308,14 @@ def required_saving(table: list[list[dict]], base_cost: int, target: float, tole
 
 
 def no_choice_note(info: dict, top_t: int) -> str:
-    """What to tell a user whose target only one combination of the trained candidates meets (GPIR then ranks
-    nothing: that combination is taken however much it loses), or "" when GPIR had a choice."""
+    """What to tell a user for whose target only one combination of the trained candidates lands between the target
+    and `rank.max_overshoot` above it (GPIR then ranks nothing: that combination is taken however much it loses),
+    or "" when GPIR had a choice."""
     verified = info.get("verified") or []
     if top_t < 2 or len(verified) != 1:
         return ""
     return (
-        f"only one combination of the trained candidates removes the target (val accuracy {verified[0]['measured_acc']:.2%} "
+        f"only one combination of the trained candidates lands between the target and rank.max_overshoot above it (val accuracy {verified[0]['measured_acc']:.2%} "
         f"on the cached features, base {info['val_cache_acc_base']:.2%}), so GPIR had no choice; more constrain.candidates, "
         "search generations or a lower target give it one"
     )

@@ -53,6 +53,7 @@ __all__ = [
     "Evaluation",
     "ParetoFront",
     "SearchSpace",
+    "check_boundary_widths",
     "check_min_keep",
     "boundary_search_groups",
     "Scorer",
@@ -187,6 +188,15 @@ def boundary_search_groups(
     return inner, genes, excluded
 
 
+def check_boundary_widths(widths: Sequence[float], encoding: str) -> list[float]:
+    """Boundary keep fractions the search can take, widest first, else a ValueError naming them."""
+    if not widths or any(not 0.0 < w <= 1.0 for w in widths) or 1.0 not in widths:
+        raise ValueError(f"boundary widths must be fractions in (0, 1] and include 1.0 (keep all), got {list(widths)}")
+    if len(set(widths)) > 1 and encoding != "levels":
+        raise ValueError(f"boundary widths {list(widths)} need encoding 'levels'; with encoding 'binary' use [1.0]")
+    return sorted(set(widths), reverse=True)
+
+
 def check_min_keep(min_keep: float, encoding: str) -> None:
     """A lowest keep fraction the search can honour, else a ValueError naming it."""
     if not 0.0 <= min_keep < 1.0:
@@ -227,13 +237,13 @@ class SearchSpace:
         if self.levels < 2:
             raise ValueError(f"levels must be >= 2, got {self.levels}")
         check_min_keep(self.min_keep, self.encoding)
+        if self.boundary and self.encoding != "levels":
+            raise ValueError("boundary genes need encoding 'levels'; with 'binary' keep every boundary channel (boundary widths [1.0])")
 
     @property
     def min_level(self) -> int:
         """The lowest level an inner gene takes: the first of 1..levels keeping at least `min_keep`."""
         return max(1, math.ceil(round(self.min_keep * self.levels, 9)))
-        if self.boundary and self.encoding != "levels":
-            raise ValueError("boundary genes need encoding 'levels'; with 'binary' keep every boundary channel (boundary widths [1.0])")
 
     @property
     def n_var(self) -> int:

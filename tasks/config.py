@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pruning.emodir import ConstrainSettings, FinetuneSettings, RankSettings, SearchSettings, SelectorSettings
 from pruning.methods import method_spec
 from pruning.models import build_model
-from pruning.search import check_min_keep
+from pruning.search import check_boundary_widths, check_min_keep
 
 SCHEMA_VERSION = 1
 # EMO-DIR's defaults live in pruning/emodir.py (the Python API uses the same); the sections below take them
@@ -124,11 +124,7 @@ class SearchParams(_Section):
     @field_validator("boundary_widths")
     @classmethod
     def _widths(cls, v: list[float], info: ValidationInfo) -> list[float]:
-        if any(not 0.0 < w <= 1.0 for w in v) or 1.0 not in v:
-            raise ValueError(f"boundary widths must be fractions in (0, 1] and include 1.0 (keep all), got {v}")
-        if len(set(v)) > 1 and info.data.get("encoding") == "binary":
-            raise ValueError(f"boundary widths {v} need encoding 'levels'; with encoding 'binary' use [1.0]")
-        return sorted(set(v), reverse=True)
+        return check_boundary_widths(v, info.data.get("encoding", "levels"))
 
     @field_validator("min_keep")
     @classmethod

@@ -93,12 +93,17 @@ def test_bad_arguments_are_named(data):
 
     class Untouched(list):  # a loader the check must fail before: no image is read for a bad setting
         def __iter__(self):
-            raise AssertionError("the loader was read before the bad min_keep was refused")
+            raise AssertionError("the loader was read before a bad setting was refused")
 
     with pytest.raises(ValueError, match="min_keep must be a fraction"):
         prune(model, x[:1], Untouched(), Untouched(), target=0.5, min_keep=1.2)
     with pytest.raises(ValueError, match=r"capacity_window = -1\.0: allowed: a number of standard errors above 0"):
         prune(model, x[:1], Untouched(), Untouched(), target=0.5, prefer_capacity=True, capacity_window=-1.0)
+    # boundary genes are levels: binary genes with EMO-DIR's default widths, or widths without 1.0, are named at once
+    with pytest.raises(ValueError, match=r"boundary widths \[1\.0, 0\.75, 0\.5\] need encoding 'levels'"):
+        prune(model, x[:1], Untouched(), Untouched(), target=0.5, encoding="binary")
+    with pytest.raises(ValueError, match=r"include 1\.0 \(keep all\), got \[0\.5\]"):
+        prune(model, x[:1], Untouched(), Untouched(), target=0.5, boundary_widths=(0.5,))
 
 
 

@@ -13,6 +13,7 @@ from pruning.divide import boundary_features, divide
 from pruning.emodir import SearchSettings
 from pruning.models import build_model
 from pruning.search import (
+    BoundaryGene,
     Scorer,
     SearchSpace,
     _Search,
@@ -261,6 +262,14 @@ def test_min_keep_bounds_every_inner_group_from_below(setting):
         SearchSettings(min_keep=1.0)  # the API's settings fail before any work
     with pytest.raises(ValueError, match="binary"):
         SearchSpace(space.groups, encoding="binary", min_keep=0.2)
+
+
+def test_boundary_genes_refuse_binary_encoding():
+    """Boundary genes are width levels: a binary space with boundary genes fails when built, naming both."""
+    gene = BoundaryGene("b", 4, ((0, 1, 2, 3), (0, 1)), reads=1)
+    assert SearchSpace((), boundary=(gene,)).n_var == 1
+    with pytest.raises(ValueError, match="boundary genes need encoding 'levels'"):
+        SearchSpace((), encoding="binary", boundary=(gene,))
 
 
 def test_genes_exclude_groups_reaching_a_boundary_inside_a_stage():
