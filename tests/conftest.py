@@ -99,7 +99,7 @@ def dvc_project(root: Path, params: dict, prefect_url: str) -> dict[str, str]:
 # The longest files, longest first. `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: each file goes
 # whole to one worker, in collection order, so the longest start first and the short ones fill the gaps after
 # (xdist's default order, most tests first, started the two longest files last and left one worker idle at the end).
-LONGEST_FIRST = ("test_pipeline_dvc.py", "test_deploy.py", "test_kill_resume.py", "test_stages.py", "test_runners.py")
+LONGEST_FIRST = ("test_pipeline_dvc.py", "test_kill_resume.py", "test_latency.py", "test_stages.py", "test_deploy.py", "test_runners.py")
 
 
 def pytest_collection_modifyitems(config, items):

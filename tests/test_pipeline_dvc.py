@@ -1,4 +1,5 @@
-"""The pipeline end to end through the real CLI, DVC (tmp git repo), Prefect server and MLflow store."""
+"""The pipeline end to end through the real CLI, DVC (tmp git repo), Prefect server and MLflow store, and then
+through a served deployment whose runs the Prefect scheduler starts."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 
 from flows.stages import STAGES
 from tests.conftest import dvc_project, tiny_params, write_params
+from tests.prefect_runs import flow_run_logs, free_port, scheduled_runs, wait_for_deployment
 
 pytestmark = pytest.mark.slow
 
@@ -187,3 +189,60 @@ def _records(tree) -> list[dict]:
         return [r for v in tree for r in _records(v)]
     return []
 
+
+def test_scheduled_runs_fire_then_ctrl_c_stops_the_runner_and_its_server(repo, tmp_path):
+    """`emoprune serve --interval 15` with no server configured (cron schedules take the same path through the
+    scheduler; `make serve CRON="* * * * *"` was checked by hand): it starts a real Prefect server (scheduler
+    service included), the scheduler creates the runs and the served process executes them; the first runs the
+    stages a params change put out of date, the next finds nothing changed; Ctrl-C then stops the runner and the
+    server it started. Last in this module: it serves the project the tests above ran, so only finetune, export and
+    report run here (a whole pipeline through DVC is the first test's)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serving import answers
+
+    root, env = repo
+    _run(root, env)  # after the tests above: nothing to do; run alone (-k), this runs the whole pipeline first
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"]["epochs"] = 1 if params["finetune"]["epochs"] != 1 else 2  # any change: finetune and after rerun
+    write_params(root / "params.yaml", params)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("emoprune")
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "15", "--name", "test-serve",
+                                  "--server-port", str(port), "--project", str(root)], cwd=root, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            deployment = wait_for_deployment("emoprune-pipeline/test-serve", serve, timeout=240)
+            assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [15] and deployment.schedules[0].active
+            assert deployment.parameters["project_dir"] == str(root)
+            first, second = scheduled_runs(deployment.id, serve, log, want=2, timeout=480)[:2]
+            assert first.auto_scheduled and second.auto_scheduled, "runs not created by the scheduler"
+            assert first.state.is_completed() and second.state.is_completed(), (first.state, second.state)
+            assert any("nothing changed" in m for m in flow_run_logs(second.id, "nothing changed"))
+
+        new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in before]
+        parent = [r for r in new if r.data.tags.get("emoprune.kind") == "pipeline"]
+        assert len(parent) == 1 and parent[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in new]
+        stages = [r for r in new if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+        assert sorted(r.info.run_name for r in stages) == ["export", "finetune", "report"]
+        assert all(r.info.status == "FINISHED" for r in stages)
+        assert len(new) == 4  # the second run logged nothing
+
+        assert (root / ".emoprune" / "prefect-server.log").stat().st_size > 0
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=120) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "Traceback" not in text and text.rstrip().endswith("stopped"), text[-3000:]
+        assert not answers(url), "the Prefect server started by `emoprune serve` is still answering"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
