@@ -176,7 +176,7 @@ def _seeded_table(result: dict) -> list[str]:
     each method's paired difference to EMO-DIR with its bootstrap interval over test images and seeds."""
     lines = [
         "| method | target | seeds | FLOPs removed (gap) | test acc before FT | test acc after FT (sd) | vs emo-dir, points "
-        "[95% interval] | method cost s (selectors/search/constrain/rank) | method images passed (inference + training) "
+        "[95% interval] | method cost s (selectors/search/constrain/rank; mean over the seeds run alone) | method images passed (inference + training) "
         "| finetune images | ONNX latency b64 kept |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -193,6 +193,8 @@ def _seeded_table(result: dict) -> list[str]:
             delta = f"finetuning alone: {r['finetune_gain_points']:+.2f} over the base"
         cost = r.get("method_seconds") or {}
         costs = "/".join(f"{cost[s]:.0f}" if s in cost else "-" for s in ("selectors", "search", "constrain", "rank"))
+        if cost and r.get("timing_disturbed"):
+            costs += " (disturbed)"  # every seed shared the cores or was paused: not a timing
         passed = r.get("method_images")
         passed_s = f"{passed['forwarded']:,.0f} + {passed['trained']:,.0f}" if passed else ""
         gap = f" ({100 * r['target_gap']:+.1f})" if r.get("target_gap") is not None else ""

@@ -175,3 +175,24 @@ def test_the_search_speed_ratio_is_whole_emo_time_per_evaluation_over_emo_dirs(m
     times = {"emo-dir": 800.0, "whole-emo": 400.0}  # EMO-DIR slower: said as such, not as "0.50x faster"
     slower = [{**r, "search_ms_per_evaluation": times[r["method"]]} if r["method"] in times else r for r in rows]
     assert "2.00x more time" in "".join(report._search_speed({"rows": slower}))
+
+
+def test_stage_seconds_are_the_mean_over_the_units_that_ran_alone(monkeypatch):
+    """A unit marked `timing_disturbed` keeps its accuracy in the row but not its seconds; a row whose every seed was
+    disturbed keeps the seconds and is marked."""
+    run = _bench_run()
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # run.py imports bench/stats.py as `stats`, as when run as a script
+    right = np.packbits(np.ones(8, bool)).tobytes().hex()
+
+    def unit(method, seed, seconds, **extra):
+        return {"method": method, "target": 0.5, "seed": seed, "test_acc": 1.0, "test_correct": right, "test_images": 8,
+                "commit": "abcdef0123", "flops_reduction": 0.5, "finetune_seconds": seconds,
+                "method_seconds": {"search": seconds / 10, "rank": 1.0}, **extra}
+
+    shared = "tests ran beside it"
+    units = [unit("emo-dir", 0, 1000.0), unit("emo-dir", 1, 5000.0, timing_disturbed=shared), unit("emo-dir", 2, 2000.0),
+             unit("global-magnitude", 0, 800.0, timing_disturbed=shared)]
+    rows = {r["method"]: r for r in run.aggregate(units)}
+    assert rows["emo-dir"]["finetune_seconds"] == pytest.approx(1500.0) and rows["emo-dir"]["method_seconds"]["search"] == pytest.approx(150.0)
+    assert rows["emo-dir"]["seeds"] == [0, 1, 2] and not rows["emo-dir"].get("timing_disturbed")
+    assert rows["global-magnitude"]["finetune_seconds"] == pytest.approx(800.0) and rows["global-magnitude"]["timing_disturbed"]
