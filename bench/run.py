@@ -554,7 +554,7 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
         accs = [u["test_acc"] for u in mine]
         row: dict = {"method": method, "target": target, "seeds": [u["seed"] for u in mine], "test_accs": accs,
                      "commits": sorted({u["commit"] for u in mine})}
-        # seconds: the mean over the units that ran alone; only when every seed was disturbed over those, and the row says so
+        # seconds: the mean over the units that ran alone; over all of them only when every seed was disturbed (the row says so)
         timed = [u for u in mine if not u.get("timing_disturbed")]
         if not timed:
             row["timing_disturbed"] = True
