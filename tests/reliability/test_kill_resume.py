@@ -39,6 +39,16 @@ def _run(project: Path, stage: str, env: dict) -> str:
     return out.stdout + out.stderr
 
 
+def _run_in_process(project: Path, stage: str) -> None:
+    """The uninterrupted reference run, in this process (what `emoprune stage` calls, without a process start)."""
+    from flows.stages import run_stage
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.delenv("EMOPRUNE_PARENT_RUN_ID", raising=False)
+        run_stage(stage, "params.yaml")
+
+
 def _metrics(project: Path, stage: str, drop=("seconds", "resumed_from_epoch")) -> dict:
     doc = json.loads((project / "metrics" / f"{stage}.json").read_text())
     return {k: v for k, v in doc.items() if k not in drop}
@@ -66,7 +76,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(base_project, prefe
     env = cli_env(prefect_server)
     whole = clone(base_project, tmp_path / "whole", **overrides)
     killed = clone(base_project, tmp_path / "killed", **overrides)
-    _run(whole, stage, env)
+    _run_in_process(whole, stage)
 
     before = _outputs(killed)
     _kill_after_first_checkpoint(killed, stage, f"{stage}_*.pt", env, tmp_path / "killed.log")
@@ -88,7 +98,7 @@ def test_killed_search_resumes_to_the_uninterrupted_fronts(base_project, prefect
     overrides = {"search.generations": 5}
     whole = clone(base_project, tmp_path / "whole", **overrides)
     killed = clone(base_project, tmp_path / "killed", **overrides)
-    _run(whole, "search", env)
+    _run_in_process(whole, "search")
 
     _kill_after_first_checkpoint(killed, "search", "search_*.pkl", env, tmp_path / "killed.log")
     assert not (killed / "metrics/search.json").exists()  # the killed run did not pass for a finished one
