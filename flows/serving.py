@@ -124,7 +124,7 @@ def serve_until_stopped(deployment: Any, limit: int = 1) -> None:
 
 
 def run_until_stopped(cmd: list[str], grace: float = 10.0) -> int:
-    """Run `cmd` (a server with worker processes, such as the MLflow UI) until it exits or this process gets
+    """Run `cmd` (a server, perhaps with worker processes, such as the MLflow UI) until it exits or this process gets
     SIGINT or SIGTERM; then stop its whole process group within `grace` seconds. Returns its exit code."""
     proc = subprocess.Popen(cmd, start_new_session=True)
     stopped = []
