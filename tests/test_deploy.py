@@ -42,8 +42,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_ui_stops_with_its_workers_on_sigterm(tmp_path):
-    """`emoprune ui` runs the MLflow UI (its own process and the server's, with one worker as by default: two made
-    this test 1.6x longer in the fifteenth session's fresh clone); SIGTERM stops all of them."""
+    """`emoprune ui` runs the MLflow UI (its own process and the server's, with one worker as by default: two take
+    longer to start); SIGTERM stops all of them."""
     from flows.serving import answers
 
     params = tiny_params(tmp_path)
