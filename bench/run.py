@@ -558,9 +558,10 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
         timed = [u for u in mine if not u.get("timing_disturbed")]
         if not timed:
             row["timing_disturbed"] = True
+        clocked = timed or mine
         for key in ("test_acc", "test_acc_base", "test_acc_before_finetune", "flops_reduction", "params_reduction",
                     "target_gap", "finetune_seconds", "search_seconds", "rank_seconds", "run_seconds"):
-            values = [u[key] for u in (timed or mine if key.endswith("_seconds") else mine) if u.get(key) is not None]
+            values = [u[key] for u in (clocked if key.endswith("_seconds") else mine) if u.get(key) is not None]
             if values:
                 row[key] = statistics.fmean(values)
         row["test_acc_sd"] = statistics.stdev(accs) if len(accs) > 1 else None
@@ -573,7 +574,7 @@ def aggregate(units: list[dict], profile_units: list[dict] | None = None) -> lis
             if key in mine[0]:
                 row[key] = mine[0][key]  # of the first seed: the model sizes do not depend much on it; see units
         stages = method_stages(method)
-        costs = [u["method_seconds"] for u in timed or mine if "method_seconds" in u]
+        costs = [u["method_seconds"] for u in clocked if "method_seconds" in u]
         if costs:  # mean over seeds, of the stages the method needs (a workspace keeps other methods' metrics files)
             row["method_seconds"] = {s: statistics.fmean(c[s] for c in costs if s in c) for s in stages if any(s in c for c in costs)}
         images = [u["method_images"] for u in mine if "method_images" in u]
