@@ -311,6 +311,10 @@ def main() -> None:
     # before Prefect or MLflow load: no usage reports from an offline machine (each failed one logs an error)
     for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_ENABLE_TELEMETRY", "false"), ("DO_NOT_TRACK", "true")):
         os.environ.setdefault(key, value)
+    # a stage run by bare `dvc repro` starts Prefect's ephemeral server, which must answer within 20 s by default;
+    # its first start on a fresh machine creates and migrates the database (a one-task flow took 31 s on 2 idle
+    # cores, 20 s with the database there), and under load it timed out and failed the stage. Only the wait is longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         app()
