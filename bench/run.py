@@ -142,15 +142,40 @@ def _base_file(name: str) -> str:
     return str(path)
 
 
+# Every committed unit trained and scored under bf16 autocast (params.yaml's default before `precision: auto`): the
+# profiles keep it, so a unit's params (and its digest) are what it ran with on any machine (see bf16_refusal).
+PROTOCOL = {"pretrain": {"precision": "bf16"}, "search": {"precision": "bf16"}, "finetune": {"precision": "bf16"}}
+
+
 def profile_params(profile: str) -> dict:
-    """params.yaml of the profile's work folder: this checkout's params.yaml with the profile's overrides."""
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), PROFILES[profile]["params"])
+    """params.yaml of the profile's work folder: this checkout's params.yaml with the protocol's precision and the
+    profile's overrides."""
+    params = _merge(_merge(yaml.safe_load((REPO / "params.yaml").read_text()), PROTOCOL), PROFILES[profile]["params"])
     if params["data"].get("root") == "{cifar}":
         params["data"]["root"] = _cifar_root(Path("."))
     checkpoint = params["model"].get("checkpoint") or ""
     if checkpoint.startswith("{base:"):
         params["model"]["checkpoint"] = _base_file(checkpoint[len("{base:"):-1])
     return params
+
+
+def bf16_refusal(params: dict, sets: list[str]) -> str | None:
+    """Why the units cannot run here, or None: the profile (or a --set) asks for bf16 autocast and this machine's
+    device has no native bfloat16, where autocast emulates it (training about 12x slower than fp32 on an AVX2 CPU)."""
+    from pruning.train import native_bf16, resolve_device
+
+    given = dict(kv.split("=", 1) for kv in sets)
+    asked = [key for key in ("pretrain.precision", "search.precision", "finetune.precision")
+             if given.get(key, params[key.split(".")[0]].get("precision")) == "bf16"]
+    device = resolve_device(str(given.get("device", params.get("device", "auto"))))
+    if not asked or native_bf16(device):
+        return None
+    import torch
+
+    return (f"{', '.join(asked)} = bf16 (the units' protocol), but this {device.type} has no native bfloat16 (torch reports "
+            f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX): autocast would emulate it, about 12x slower "
+            "than fp32. Run the profile on a machine with native bf16, or as a variant in fp32: --variant fp32 "
+            + " ".join(f"--set {key}=fp32" for key in asked))
 
 
 def _commit() -> str:
@@ -700,6 +725,8 @@ def main() -> None:
     start = time.perf_counter()
     params = profile_params(args.profile)  # before any work: a missing base model stops here
     if not args.aggregate:  # the work folder is another run's while it goes on: left as it is
+        if refusal := bf16_refusal(params, args.sets):
+            ap.error(refusal)
         _clean_code()
         lock = _lock(work)  # noqa: F841 (held until this process ends)
         setup(args.profile, work)

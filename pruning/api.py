@@ -36,7 +36,7 @@ from pruning.gpir import check_capacity_window, rank
 from pruning.latency import DEFAULT_TABLE, LatencyCost, LatencyTable
 from pruning.methods import PruningResult, Target, method_spec, model_cost, unused_switches
 from pruning.search import check_boundary_widths, choose_for_target
-from pruning.train import resolve_device, seed_everything
+from pruning.train import Precision, resolve_device, seed_everything
 
 __all__ = ["PruneResult", "prune"]
 
@@ -83,7 +83,7 @@ def prune(
     round_to: int = 1,
     encoding: Literal["levels", "binary"] = _SEARCH.encoding,
     calib_samples: int = _SEARCH.calib_samples,
-    search_precision: Literal["bf16", "fp32"] = _SEARCH.precision,
+    search_precision: Precision = _SEARCH.precision,
     boundary_widths: tuple[float, ...] = _SEARCH.boundary_widths,
     min_keep: float = _SEARCH.min_keep,
     candidates: int = _CON.candidates,

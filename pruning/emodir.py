@@ -35,7 +35,7 @@ from pruning.search import (
     spread_indices,
 )
 from pruning.selectors import train_selector
-from pruning.train import TrainConfig, fit, seed_everything
+from pruning.train import Precision, TrainConfig, fit, seed_everything
 
 __all__ = [
     "ConstrainSettings",
@@ -79,7 +79,7 @@ class SearchSettings:
     encoding: Literal["levels", "binary"] = "levels"
     error: Literal["ce", "acc"] = "ce"
     calib_samples: int = 256
-    precision: Literal["bf16", "fp32"] = "bf16"  # of the scoring pass (BatchNorm re-estimation stays fp32)
+    precision: Precision = "auto"  # of the scoring pass (BatchNorm re-estimation stays fp32); auto: bf16 where native
     channels_last: bool = True  # the scoring pass's layout (NHWC): 1.4x faster evaluations here (bench/notes/search_cost.md)
     # keep fractions a boundary feature X_k may take (its channels chosen by whole-network importance); (1.0,) freezes them
     boundary_widths: tuple[float, ...] = (1.0, 0.75, 0.5)
@@ -138,7 +138,7 @@ class FinetuneSettings:
     kd: Literal["none", "kd", "dynamickd"] = "kd"
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Precision = "auto"  # auto: bf16 autocast where the device has it natively, else fp32
     channels_last: bool | Literal["auto"] = "auto"  # auto: NHWC only where it trains faster (pruning/train.py: training_layout)
 
 

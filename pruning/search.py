@@ -46,7 +46,7 @@ from pruning.channels import (
 from pruning.counting import ImageCount, count, counting
 from pruning.methods import Metric, model_cost
 from pruning.selectors import folded
-from pruning.train import autocast
+from pruning.train import Precision, autocast, resolve_precision
 
 __all__ = [
     "BoundaryGene",
@@ -351,17 +351,16 @@ class Scorer:
         error: Literal["ce", "acc"] = "ce",
         batch_size: int = 256,
         device: torch.device | str = "cpu",
-        precision: Literal["bf16", "fp32"] = "fp32",
+        precision: Precision = "fp32",
         channels_last: bool = True,
     ) -> None:
-        if precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision {precision!r} is not supported; allowed: bf16, fp32")
         # channels_last: the layout pretrain and finetune train in by default. The selector is a copy (a model's
         # own head is shared with the model), with a FeatureSelector's BatchNorm folded into its convolution
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.selector = copy.deepcopy(folded(selector.eval())).to(device).to(memory_format=self.layout)
         self.calib, self.val_x, self.val_y = calib_inputs, val_inputs, val_labels
-        self.error, self.batch_size, self.device, self.precision = error, batch_size, torch.device(device), precision
+        self.error, self.batch_size, self.device = error, batch_size, torch.device(device)
+        self.precision = resolve_precision(precision, self.device)  # auto: bf16 where the device has it natively
 
     @torch.no_grad()
     def __call__(self, module: nn.Module) -> float:

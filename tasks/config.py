@@ -82,7 +82,9 @@ class TrainParams(_Section):
     lr: float = Field(0.1, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
-    precision: Literal["bf16", "fp32"] = Field(FINETUNE.precision, description="bf16: bfloat16 autocast (fp32 weights)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        FINETUNE.precision, description="bf16: bfloat16 autocast (fp32 weights); auto: bf16 where the device has it natively, else fp32"
+    )
     channels_last: Literal[True, False, "auto"] = Field(
         FINETUNE.channels_last, description="NHWC layout while training; auto: where it trains faster (every conv's width a multiple of 16)"
     )
@@ -107,7 +109,9 @@ class SearchParams(_Section):
     encoding: Literal["levels", "binary"] = SEARCH.encoding
     error: Literal["ce", "acc"] = SEARCH.error
     calib_samples: int = Field(SEARCH.calib_samples, ge=8, description="cached train samples that re-estimate BatchNorm statistics")
-    precision: Literal["bf16", "fp32"] = Field(SEARCH.precision, description="of the scoring pass: bf16 autocast or fp32")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        SEARCH.precision, description="of the scoring pass: bf16 autocast or fp32; auto: bf16 where the device has it natively"
+    )
     channels_last: bool = Field(SEARCH.channels_last, description="the scoring pass in NHWC layout")
     boundary_widths: list[float] = Field(
         default_factory=lambda: list(SEARCH.boundary_widths),

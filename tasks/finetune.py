@@ -10,7 +10,7 @@ import time
 import mlflow
 
 from pruning.emodir import FinetuneSettings, finetune
-from pruning.train import layout_name, resolve_device, seed_everything, training_layout
+from pruning.train import layout_name, resolve_device, resolve_precision, seed_everything, training_layout
 from tasks import paths
 from tasks.checkpoints import load_model, save_model
 from tasks.common import Data, accuracy, fit_resumable, log_epoch, log_metrics_flat, write_history
@@ -55,6 +55,7 @@ def run(params: Params) -> dict:
             "epochs": p.epochs,
             "kd": p.kd,
             "layout": layout_name(training_layout(model, p.channels_last)),  # NHWC or NCHW, as `fit` trained it
+            "precision": resolve_precision(p.precision, device),  # bf16 or fp32, as `fit` trained (auto resolved)
             "resumed_from_epoch": resumed,
             "seconds": time.perf_counter() - start,
         }

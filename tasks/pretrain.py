@@ -12,7 +12,7 @@ import mlflow
 
 from pruning.channels import count_flops_params
 from pruning.models import build_model
-from pruning.train import TrainConfig, fit, layout_name, resolve_device, seed_everything, training_layout
+from pruning.train import TrainConfig, fit, layout_name, resolve_device, resolve_precision, seed_everything, training_layout
 from tasks import paths
 from tasks.checkpoints import load_user_weights, save_model
 from tasks.common import Data, accuracy, fit_resumable, log_epoch, log_metrics_flat, write_history
@@ -61,6 +61,7 @@ def run(params: Params) -> dict:
             "seconds": time.perf_counter() - start,
             "from_checkpoint": bool(params.model.checkpoint),
             "layout": None if params.model.checkpoint else layout_name(training_layout(model, params.pretrain.channels_last)),
+            "precision": None if params.model.checkpoint else resolve_precision(params.pretrain.precision, device),  # auto resolved
         }
         save_model(model.cpu(), paths.BASE, name=params.model.name, num_classes=nc, image_size=data.meta["image_size"])
         write_history("pretrain", history)

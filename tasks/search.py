@@ -19,7 +19,7 @@ from pruning.emodir import SearchSettings, require_searchable, search_network, s
 from pruning.methods import Metric, method_spec
 from pruning.search import Evaluation, ParetoFront
 from pruning.selectors import FeatureSelector
-from pruning.train import resolve_device
+from pruning.train import resolve_device, resolve_precision
 from tasks import paths
 from tasks.common import cost_metric, log_metrics_flat
 from tasks.config import Params
@@ -309,6 +309,8 @@ def run(params: Params, mapper: Mapper | None = None) -> dict:
             # what the method costs in work, on any machine (pruning/counting.py); each search counts its own
             "images_forwarded": int(sum(r["images_forwarded"] for r in results)),
             "images_trained": 0,
+            # the scoring pass's precision, `search.precision` with auto resolved (bf16 where the device has it natively)
+            "precision": resolve_precision(params.search.precision, resolve_device(params.device)),
             "subnetworks": results,
         }
         fresh = {f"front_{r['tag']}.json" for r in results}

@@ -139,6 +139,24 @@ def test_a_unit_goes_stale_only_when_params_its_method_reads_change():
     assert digest(other, "global-magnitude") != digest(params, "global-magnitude")
 
 
+def test_the_profiles_keep_their_bf16_protocol_and_refuse_to_emulate_it(monkeypatch):
+    """Every committed unit trained and scored under bf16 autocast: the profiles keep it whatever params.yaml's
+    default (`auto`), and where the device has no native bf16 the benchmark stops before any work, naming the
+    keys and the fp32 variant that would run."""
+    import pruning.train as train
+
+    run = _bench_run()
+    params = run.profile_params("digits")
+    assert [params[s]["precision"] for s in ("pretrain", "search", "finetune")] == ["bf16"] * 3
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert run.bf16_refusal(params, []) is None
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    why = run.bf16_refusal(params, ["search.precision=fp32"])
+    assert why.startswith("pretrain.precision, finetune.precision = bf16 (the units' protocol)"), why
+    assert why.endswith("--variant fp32 --set pretrain.precision=fp32 --set finetune.precision=fp32"), why
+    assert run.bf16_refusal(params, [f"{s}.precision=fp32" for s in ("pretrain", "search", "finetune")]) is None
+
+
 def test_a_latency_variant_runs_every_method_but_the_flops_only_rows():
     run = _bench_run()
     r20 = run.PROFILES["r20"]

@@ -38,6 +38,7 @@ def test_params_yaml_holds_exactly_the_code_defaults():
         ({"bogus_section": {}}, "bogus_section", "unknown key"),
         ({"prune": {"metric": "latency"}, "latency": {"precision": "int8"}}, "latency", "export.quantize int8, or latency.precision fp32"),
         ({"latency": {"precision": "fp16"}}, "latency.precision", "'fp32' or 'int8'"),
+        ({"finetune": {"precision": "fp16"}}, "finetune.precision", "'auto', 'bf16' or 'fp32'"),
         ({"pretrain": {"epochs": True}}, "pretrain.epochs = True", "not a boolean"),
         ({"pretrain": {"lr": float("nan")}}, "pretrain.lr = nan", "finite number"),
         ({"constrain": {"lam": float("inf")}}, "constrain.lam = inf", "finite number"),

@@ -138,7 +138,7 @@ def test_bf16_scoring_ranks_like_fp32(setting):
     exact, rounded = [scorer(m) for m in modules], [fast(m) for m in modules]
     assert exact != rounded and max(abs(a - b) for a, b in zip(exact, rounded)) < 0.02 * max(exact)
     assert sorted(range(3), key=exact.__getitem__) == sorted(range(3), key=rounded.__getitem__)
-    with pytest.raises(ValueError, match="precision 'fp16' is not supported; allowed: bf16, fp32"):
+    with pytest.raises(ValueError, match="precision 'fp16' is not supported; allowed: auto, bf16, fp32"):
         Scorer(scorer.selector, scorer.calib, scorer.val_x, scorer.val_y, precision="fp16")
 
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +13,7 @@ from mlflow import MlflowClient
 from flows.stages import STAGES, stage_flow
 from pruning.channels import count_flops_params
 from pruning.exact import TOLERANCE
+from pruning.train import native_bf16
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.io import read_json
@@ -158,6 +158,8 @@ def test_finetune_and_export(project):
     # finetune.channels_last auto: NHWC only if every pruned convolution keeps whole 16-channel blocks
     whole = all(m.out_channels % 16 == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
     assert results["finetune"]["layout"] == ("channels_last" if whole else "contiguous")
+    # finetune.precision auto: bf16 autocast only where the CPU has bfloat16 natively, and the metrics say which ran
+    assert results["finetune"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     onnx = results["export"]
     assert onnx["top1_agreement"] >= 0.999 and onnx["max_abs_diff"] < 1e-3
     assert onnx["latency_ms_base_b8"] > 0 and onnx["latency_ms_pruned_b8"] > 0

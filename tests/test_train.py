@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.train import TrainConfig, evaluate, fit, training_layout
+from pruning import train
+from pruning.train import TrainConfig, evaluate, fit, resolve_precision, training_layout
 
 
 def _task(n: int, seed: int):
@@ -31,8 +32,33 @@ def test_fit_learns_a_task_the_untrained_network_cannot(precision, channels_last
 
 
 def test_a_bad_precision_is_named():
-    with pytest.raises(ValueError, match="'fp8'.*bf16, fp32"):
+    with pytest.raises(ValueError, match="'fp8'.*auto, bf16, fp32"):
         TrainConfig(epochs=1, lr=0.1, precision="fp8")
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatch, caplog):
+    """Autocast emulates bf16 on a CPU without AVX512-BF16 or AMX (12x slower than fp32 on an AVX2 EPYC): `auto`,
+    the default, takes fp32 there; bf16 asked for by name is taken, with one warning naming the cost and the fix."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(train, "_warned", set())
+    with caplog.at_level("WARNING", logger="pruning.train"):
+        assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("fp32", cpu) == "fp32"
+        assert not caplog.records  # nothing asked for that runs slowly
+        assert resolve_precision("bf16", cpu) == resolve_precision("bf16", cpu) == "bf16"
+    assert len(caplog.records) == 1 and "without native bfloat16" in caplog.text and "precision: auto takes fp32" in caplog.text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fit_under_auto_precision_autocasts_only_where_bf16_is_native(monkeypatch, native):
+    monkeypatch.setattr(train, "native_bf16", lambda device: native)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    dtypes = set()
+    model[0].register_forward_hook(lambda m, inp, out: dtypes.add(out.dtype))
+    fit(model, _task(64, 0), TrainConfig(epochs=1, lr=0.1), torch.device("cpu"), progress=False)
+    assert dtypes == {torch.bfloat16 if native else torch.float32}
 
 
 def test_fit_reports_each_epoch_when_not_on_a_terminal(capsys):
