@@ -144,15 +144,26 @@ def layer_shapes(module: nn.Module, example_input: torch.Tensor) -> tuple[list[L
     return shapes, isinstance(out, torch.Tensor) and out.dim() == 2
 
 
-def machine() -> dict[str, str]:
-    """What a latency table is only valid on: the CPU model and the onnxruntime version."""
+def machine(cpuinfo: str | None = None) -> dict[str, str]:
+    """What a latency table is only valid on: the CPU model, the vector instructions onnxruntime's kernels
+    dispatch on, and the onnxruntime version. A virtual machine names its CPU "AMD EPYC" with AVX-512 and
+    without it, and the two time the same layer differently (16- or 8-channel blocks, VNNI INT8 kernels or not).
+    `cpuinfo`: the text of /proc/cpuinfo (read from there when None)."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
     except OSError:
         pass
-    return {"cpu": cpu, "onnxruntime": ort.__version__}
+    if flags:
+        isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+        isa += "+vnni" if flags & {"avx512_vnni", "avx_vnni"} else ""
+        isa += "+amx" if "amx_tile" in flags else ""
+    else:  # no /proc/cpuinfo: what torch found
+        isa = torch.backends.cpu.get_cpu_capability().lower()
+    return {"cpu": f"{cpu} [{isa}]", "onnxruntime": ort.__version__}
 
 
 def _layer_model(shape: LayerShape, batch: int) -> bytes:

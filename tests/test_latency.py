@@ -110,6 +110,15 @@ def test_a_layer_pays_the_reorders_of_its_sides_that_are_not_whole_blocks():
     assert LatencyTable(None, batch_size=4, timer=parts, block=0).ms(shapes) == [1.0] * 5  # no blocked layout
 
 
+def test_the_key_tells_apart_cpus_of_one_name_with_other_vector_instructions():
+    """A virtual machine names an AVX2 and an AVX-512 EPYC alike; their tables must not be shared."""
+    from pruning.latency import machine
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma{}\n"
+    keys = [machine(info.format(extra))["cpu"] for extra in ("", " avx512f avx512bw avx512_vnni avx512_bf16", " avx512f amx_tile")]
+    assert keys == ["AMD EPYC [avx2]", "AMD EPYC [avx512+vnni]", "AMD EPYC [avx512+amx]"]
+
+
 def test_an_int8_table_times_the_quantized_layer_alone_under_a_key_of_its_own(tmp_path):
     import onnx
 
