@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -56,8 +55,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from pruning.cpu import cpu_info, u8s8_saturates
 from pruning.onnx_export import export_onnx, latency_ms, session
-from pruning.quantize import INT8_FORMAT, quantize_int8
+from pruning.quantize import int8_format, quantize_int8
 
 __all__ = ["DEFAULT_TABLE", "PRECISIONS", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
 
@@ -149,14 +149,7 @@ def machine(cpuinfo: str | None = None) -> dict[str, str]:
     dispatch on, and the onnxruntime version. A virtual machine names its CPU "AMD EPYC" with AVX-512 and
     without it, and the two time the same layer differently (16- or 8-channel blocks, VNNI INT8 kernels or not).
     `cpuinfo`: the text of /proc/cpuinfo (read from there when None)."""
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        lines = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
-    except OSError:
-        pass
+    cpu, flags = cpu_info(cpuinfo)
     if flags:
         isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
         isa += "+vnni" if flags & {"avx512_vnni", "avx_vnni"} else ""
@@ -251,7 +244,7 @@ class LatencyTable:
         the table it fills ("timer <name>" in place of the machine): for code that must not depend on how busy
         the machine is. `block` is the blocked layout's channel block (None: onnxruntime's, found once on this
         machine; 0 with a timer: no reorders). `precision` "int8" times the static INT8 model instead of the FP32
-        one (a table of its own, keyed `| int8` and the quantization format, `INT8_FORMAT`)."""
+        one (a table of its own, keyed `| int8` and the quantization format, `int8_format`)."""
         if batch_size < 1 or threads < 0 or repeats < 1 or (block is not None and block < 0) or precision not in PRECISIONS:
             raise ValueError(
                 f"latency table: batch_size {batch_size}, threads {threads}, repeats {repeats}, block {block}, precision "
@@ -264,7 +257,7 @@ class LatencyTable:
         m = machine() if timer is None else {"cpu": f"timer {getattr(timer, '__name__', 'custom')}", "onnxruntime": "-"}
         self.key = f"{m['cpu']} | onnxruntime {m['onnxruntime']} | threads {threads or 'default'} | batch {batch_size}"
         # the FP32 tables keep the keys they were saved under; an INT8 table names how its layers are quantized
-        self.key += f" | int8 {INT8_FORMAT}" if precision == "int8" else ""
+        self.key += f" | int8 {int8_format(u8s8_saturates())}" if precision == "int8" else ""
         self.timer = timer
         self.measured = 0
         self._lock = threading.Lock()

@@ -22,10 +22,17 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-__all__ = ["INT8_FORMAT", "calibration_batches", "check_int8_drop", "evaluate_onnx", "int8_slower", "quantize_int8"]
+from pruning.cpu import u8s8_saturates
+
+__all__ = ["INT8_FORMAT", "calibration_batches", "check_int8_drop", "evaluate_onnx", "int8_format", "int8_slower", "quantize_int8"]
 
 # how `quantize_int8` quantizes, named in the key of an INT8 latency table (a change here must not reuse old timings)
 INT8_FORMAT = "qdq u8s8 per-channel minmax"
+
+
+def int8_format(reduce_range: bool) -> str:
+    """`INT8_FORMAT`, and the 7-bit weights `quantize_int8` takes where U8S8 kernels saturate."""
+    return INT8_FORMAT + (" reduce-range" if reduce_range else "")
 
 
 class _Batches(CalibrationDataReader):
@@ -48,9 +55,12 @@ def calibration_batches(loader: Iterable, images: int) -> Iterator[np.ndarray]:
         n += len(x)
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[np.ndarray]) -> int:
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[np.ndarray], reduce_range: bool | None = None) -> int:
     """Write the static INT8 (QDQ) version of the ONNX model at `fp32_path` to `int8_path`, its activation ranges
-    calibrated (min-max) on `calibration` batches of inputs; returns how many images calibrated it."""
+    calibrated (min-max) on `calibration` batches of inputs; returns how many images calibrated it. `reduce_range`:
+    7-bit weights, onnxruntime's remedy where its U8S8 kernels saturate (None: there, `u8s8_saturates`)."""
+    if reduce_range is None:
+        reduce_range = u8s8_saturates()
     batches = iter(calibration)
     first = next(batches, None)
     if first is None or len(first) == 0:
@@ -76,6 +86,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            reduce_range=reduce_range,
         )
     return sum(counted)
 

@@ -7,9 +7,10 @@ import shutil
 import mlflow
 import onnxruntime as ort
 
+from pruning.cpu import u8s8_saturates
 from pruning.latency import LatencyCost
 from pruning.onnx_export import compare_with_torch, export_onnx, latency_pair_ms, session
-from pruning.quantize import calibration_batches, check_int8_drop, evaluate_onnx, int8_slower, quantize_int8
+from pruning.quantize import calibration_batches, check_int8_drop, evaluate_onnx, int8_format, int8_slower, quantize_int8
 from tasks import paths
 from tasks.checkpoints import load_model
 from tasks.common import Data, cost_metric, log_metrics_flat
@@ -103,13 +104,21 @@ def quantized(params: Params, data: Data, fp32: ort.InferenceSession) -> dict:
         return {"quantize": "none"}
     target = paths.INT8 / "pruned.onnx"
 
-    images = quantize_int8(paths.PRUNED_ONNX, target, calibration_batches(data.loader("val"), p.calibration_images))
+    reduce_range = u8s8_saturates()  # x86 without VNNI: 7-bit weights, or the INT8 kernels saturate (pruning/cpu.py)
+    if reduce_range:
+        print(
+            "export: this CPU has no VNNI: INT8 weights take 7 bits (onnxruntime's reduce_range), as full 8-bit weights "
+            "saturate its U8S8 kernels here",
+            flush=True,
+        )
+    images = quantize_int8(paths.PRUNED_ONNX, target, calibration_batches(data.loader("val"), p.calibration_images), reduce_range)
     int8 = session(target)
     fp32_eval = evaluate_onnx(fp32, data.loader("test"))
     int8_eval = evaluate_onnx(int8, data.loader("test"), reference=fp32)
     out: dict = {
         "quantize": "int8",
         "int8_calibration_images": images,
+        "int8_format": int8_format(reduce_range),
         "int8_test_acc": int8_eval["accuracy"],
         "fp32_onnx_test_acc": fp32_eval["accuracy"],
         "int8_drop_points": 100.0 * (fp32_eval["accuracy"] - int8_eval["accuracy"]),

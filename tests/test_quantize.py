@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
+from pruning.cpu import u8s8_saturates
 from pruning.onnx_export import export_onnx, session
 from pruning.quantize import check_int8_drop, evaluate_onnx, quantize_int8
 from tests.conftest import self_labelled
@@ -31,6 +33,24 @@ def test_int8_model_is_qdq_with_per_channel_weights_and_follows_fp32(tmp_path):
     assert fp32_eval["accuracy"] == 1.0  # self-labelled: FP32 is right by definition
     assert int8_eval["top1_agreement"] == int8_eval["accuracy"] and int8_eval["accuracy"] >= 0.9
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
+
+
+def test_weights_take_7_bits_where_the_u8s8_kernels_saturate(tmp_path):
+    """x86 without VNNI (VPMADDUBSW's 16-bit sums overflow with full int8 weights): onnxruntime's reduce_range."""
+    info = "model name\t: AMD EPYC\nflags\t\t: sse2 avx avx2 fma{}\n"
+    assert u8s8_saturates(info.format(""))  # AVX2 alone
+    assert not u8s8_saturates(info.format(" avx512f avx512_vnni")) and not u8s8_saturates(info.format(" avx_vnni"))
+    assert not u8s8_saturates("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # Arm: dot-product kernels
+    model, x, _ = self_labelled(32, name="vgg16_bn")
+    fp32 = tmp_path / "m.onnx"
+    export_onnx(model, x[:1], fp32)
+    widest = {}
+    for reduce_range in (False, True):
+        int8 = tmp_path / f"m8-{reduce_range}.onnx"
+        quantize_int8(fp32, int8, [x.numpy()], reduce_range=reduce_range)
+        weights = [numpy_helper.to_array(i) for i in onnx.load(str(int8)).graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        widest[reduce_range] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert widest == {False: 127, True: 64}
 
 
 def test_int8_that_loses_more_than_allowed_fails_naming_both_accuracies():

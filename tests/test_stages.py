@@ -12,7 +12,9 @@ from mlflow import MlflowClient
 
 from flows.stages import STAGES, stage_flow
 from pruning.channels import count_flops_params
+from pruning.cpu import u8s8_saturates
 from pruning.exact import TOLERANCE
+from pruning.quantize import int8_format
 from pruning.train import native_bf16
 from tasks import paths
 from tasks.checkpoints import load_model
@@ -167,6 +169,7 @@ def test_finetune_and_export(project):
     # export.quantize: int8: calibrated on the asked val images, measured on the test split against FP32
     int8 = root / paths.INT8 / "pruned.onnx"
     assert onnx["quantize"] == "int8" and onnx["int8_calibration_images"] == 40 and int8.is_file()
+    assert onnx["int8_format"] == int8_format(u8s8_saturates())  # 7-bit weights on an x86 CPU without VNNI
     assert onnx["int8_size_bytes"] == int8.stat().st_size < 0.5 * onnx["fp32_size_bytes"]
     assert onnx["fp32_onnx_test_acc"] == pytest.approx(results["finetune"]["test_acc"], abs=0.01)
     assert onnx["int8_drop_points"] == pytest.approx(100 * (onnx["fp32_onnx_test_acc"] - onnx["int8_test_acc"]))
