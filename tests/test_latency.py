@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pruning.api import prune
+from pruning.cpu import u8s8_saturates
 from pruning.exact import TOLERANCE
 from pruning.latency import LatencyCost, LatencyTable, layer_shapes
-from pruning.quantize import INT8_FORMAT
+from pruning.quantize import int8_format
 
 
 def _chain() -> nn.Module:
@@ -149,7 +150,7 @@ def test_an_int8_table_times_the_quantized_layer_alone_under_a_key_of_its_own(tm
         assert LatencyTable(None, batch_size=2, threads=1, repeats=1).parts([other]) == [[9.0, 0.5, 0.0]]
     fp32.parts([layer])
     tables = json.loads(path.read_text())["tables"]
-    assert sorted(tables) == [fp32.key, int8.key] and int8.key == fp32.key + f" | int8 {INT8_FORMAT}"
+    assert sorted(tables) == [fp32.key, int8.key] and int8.key == fp32.key + f" | int8 {int8_format(u8s8_saturates())}"
     assert LatencyTable(path, batch_size=2, threads=1, repeats=2, precision="int8").parts([layer]) == [[conv, 0.0, 0.0]]
     with pytest.raises(ValueError, match="precision 'fp16'; allowed: .*precision one of fp32, int8"):
         LatencyTable(None, precision="fp16")
@@ -260,7 +261,7 @@ def test_latency_precision_int8_prices_and_times_the_int8_models(latency_project
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in timed_base.graph.node}
     tables = json.loads(table.read_text())["tables"]
     [int8_key] = [k for k in tables if k not in fp32_tables]
-    assert int8_key.endswith(f" | int8 {INT8_FORMAT}") and tables[int8_key]["calibrations"]
+    assert int8_key.endswith(f" | int8 {int8_format(u8s8_saturates())}") and tables[int8_key]["calibrations"]
     assert {k: tables[k] for k in fp32_tables} == fp32_tables
     predicted_fp32 = read_json(root / paths.SCHEME)["latency"]["pruned"]  # the scheme was chosen by FP32 time
     assert export["latency_predicted_ms_pruned"] != pytest.approx(predicted_fp32, rel=1e-6)
