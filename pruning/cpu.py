@@ -19,10 +19,27 @@ def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
     return name, set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
 
 
+# instructions that multiply uint8 by int8 into 32-bit sums (onnxruntime's VNNI INT8 kernels)
+VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def isa(cpuinfo: str | None = None) -> str:
+    """The vector instructions onnxruntime's kernels dispatch on, in short: "avx2", "avx512+vnni", "avx512+amx"...
+    (without /proc/cpuinfo: what torch found)."""
+    _, flags = cpu_info(cpuinfo)
+    if not flags:
+        import torch
+
+        return torch.backends.cpu.get_cpu_capability().lower()
+    out = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    out += "+vnni" if flags & VNNI else ""
+    return out + ("+amx" if "amx_tile" in flags else "")
+
+
 def u8s8_saturates(cpuinfo: str | None = None) -> bool:
     """Whether onnxruntime's U8S8 INT8 kernels can saturate here: an x86 CPU with AVX2 or AVX-512 but no VNNI
     (AVX512-VNNI, AVX-VNNI or AMX) multiplies uint8 by int8 with VPMADDUBSW, whose 16-bit sums overflow with
     full 8-bit weights. Measured on a 2-core AVX2 EPYC: ResNet-56 INT8 agreed with FP32 on 92.7% of 3,000 test
     images and lost 2.2 points; with 7-bit weights (reduce_range) 98.7% and 0.07 points."""
     _, flags = cpu_info(cpuinfo)
-    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return "avx2" in flags and not flags & VNNI

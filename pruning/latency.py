@@ -55,7 +55,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from pruning.cpu import cpu_info, u8s8_saturates
+from pruning.cpu import cpu_info, isa, u8s8_saturates
 from pruning.onnx_export import export_onnx, latency_ms, session
 from pruning.quantize import int8_format, quantize_int8
 
@@ -149,14 +149,7 @@ def machine(cpuinfo: str | None = None) -> dict[str, str]:
     dispatch on, and the onnxruntime version. A virtual machine names its CPU "AMD EPYC" with AVX-512 and
     without it, and the two time the same layer differently (16- or 8-channel blocks, VNNI INT8 kernels or not).
     `cpuinfo`: the text of /proc/cpuinfo (read from there when None)."""
-    cpu, flags = cpu_info(cpuinfo)
-    if flags:
-        isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
-        isa += "+vnni" if flags & {"avx512_vnni", "avx_vnni"} else ""
-        isa += "+amx" if "amx_tile" in flags else ""
-    else:  # no /proc/cpuinfo: what torch found
-        isa = torch.backends.cpu.get_cpu_capability().lower()
-    return {"cpu": f"{cpu} [{isa}]", "onnxruntime": ort.__version__}
+    return {"cpu": f"{cpu_info(cpuinfo)[0]} [{isa(cpuinfo)}]", "onnxruntime": ort.__version__}
 
 
 def _layer_model(shape: LayerShape, batch: int) -> bytes:

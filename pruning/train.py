@@ -172,8 +172,10 @@ class TrainConfig:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context for `precision` on `device` (bf16 or nothing; auto as `resolve_precision` takes it)."""
-    precision = resolve_precision(precision, device)
+    """The autocast context for `precision` on `device`: bf16, or nothing for fp32 (`resolve_precision` first: it
+    runs once per loop, not per batch)."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"autocast takes a resolved precision, bf16 or fp32 (resolve_precision), not {precision!r}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision 'bf16' asked for, but {torch.cuda.get_device_name(device)} has no bfloat16; use precision: fp32")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
