@@ -34,7 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pruning.latency import CALIBRATION_WIDTHS  # noqa: E402
+from pruning.latency import CALIBRATION_WIDTHS, machine  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "latency_targets.json"
 BASES = REPO / "bench" / "bases"
@@ -56,12 +56,18 @@ def _digest(name: str, target: float) -> str:
     return hashlib.sha256(json.dumps({"settings": SETTINGS, "unit": [name, target]}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _key(name: str, target: float) -> str:
+# The CPU the first units were timed on: their keys name no machine. Every other CPU's units say which it is
+# ("... on AMD EPYC [avx2]"): a table and its timings hold on one kind of CPU only (pruning.latency.machine).
+HOME_CPU = "AMD EPYC [avx512+vnni]"
+
+
+def _key(name: str, target: float, cpu: str) -> str:
     """ResNet-20's units at the default batch 64 on every core keep their plain keys; others say their model, batch
-    and threads."""
+    and threads, and units timed on another CPU than HOME_CPU say which."""
     b, t = SETTINGS["batch_size"], SETTINGS["threads"]
     model = SETTINGS.get("model", "resnet20")  # units recorded before --model existed are ResNet-20's
-    return ("" if model == "resnet20" else f"{model} ") + f"{name}@{target}" + ("" if (b, t) == (64, 0) else f" b{b} t{t or 'default'}")
+    return (("" if model == "resnet20" else f"{model} ") + f"{name}@{target}" + ("" if (b, t) == (64, 0) else f" b{b} t{t or 'default'}")
+            + ("" if cpu == HOME_CPU else f" on {cpu}"))
 
 
 def run_unit(name: str, method: str, round_to: int, target: float) -> dict:
@@ -133,18 +139,19 @@ def main() -> None:
     # the file's settings are ResNet-20's (every unit's digest covers its own settings)
     results.update({"settings" if args.model == "resnet20" else f"settings_{args.model}": SETTINGS},
                    machine={"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__})
+    cpu = machine()["cpu"]
     for name, method, round_to in METHODS:
         if name not in args.methods:
             continue
         for target in args.targets:
-            key, digest = _key(name, target), _digest(name, target)
+            key, digest = _key(name, target, cpu), _digest(name, target)
             old = results["units"].get(key, {})
             if old.get("digest") == digest and not args.again:
                 print(f"{key}: done before", flush=True)
                 continue
             print(f"{key}: running", flush=True)
             row = run_unit(name, method, round_to, target)
-            row.update(digest=digest, commit=_commit())
+            row.update(digest=digest, commit=_commit(), cpu=cpu)
             if "measured_ratio" in old:
                 row["earlier"] = [*old.get("earlier", []), {k: old[k] for k in ("measured_ratio", "prediction_error", "commit")}]
             print(json.dumps(row), flush=True)

@@ -304,7 +304,7 @@ def _latency_targets() -> list[str]:
         return []
     r = json.loads(path.read_text())
     s = r["settings"]
-    rows = sorted(r["units"].values(), key=lambda u: (u.get("model", "resnet20"), u.get("batch_size", 64), u["target"], u["name"]))
+    rows = sorted(r["units"].values(), key=lambda u: (u["cpu"], u.get("model", "resnet20"), u.get("batch_size", 64), u["target"], u["name"]))
     out = ["## Pruning for latency (`metric: latency`, converged bases: ResNet-20, and ResNet-56 where the row says)", "",
            f"- command: `python bench/latency_targets.py`; commits: `{', '.join(sorted({u['commit'][:8] for u in rows}))}`; "
            f"{r['machine']['platform']}; a table per batch size and thread count (median of {s['table_repeats']} calls per "
@@ -312,10 +312,10 @@ def _latency_targets() -> list[str]:
            f"{s['timing_repeats']} calls; no finetuning (accuracy before finetuning)", "",
            "\"asked\" is 1 - target, the time ratio asked for; \"measured / asked\" within 0.90-1.10 meets the latency "
            "issue's ±10%. Prediction error: predicted / measured pruned time - 1.", "",
-           "| batch, threads | method | target | predicted ratio | measured ratio | measured / asked | prediction error "
-           "| FLOPs removed | val acc | test acc | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| CPU | batch, threads | method | target | predicted ratio | measured ratio | measured / asked | prediction error "
+           "| FLOPs removed | val acc | test acc | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in rows:
-        where = ("ResNet-56, " if u.get("model") == "resnet56" else "") + f"{u.get('batch_size', 64)}, {u.get('threads') or 'all'}"
+        where = f"{u['cpu']} | " + ("ResNet-56, " if u.get("model") == "resnet56" else "") + f"{u.get('batch_size', 64)}, {u.get('threads') or 'all'}"
         if u.get("status") == "refused":
             out.append(f"| {where} | {u['name']} | {u['target']} | refused: {u['error'][:160]} | | | | | | | {u['seconds']:.0f} |")
             continue
