@@ -5,12 +5,14 @@ timed at a few uniform widths. A pruned model outside the calibrated span is ext
 of the time at batch 64 keeps 3-7% of the FLOPs, about width 0.15-0.25, below the narrowest calibration width
 (0.3), and the one-shot methods overshot their latency target there by 15-20% (bench/notes/latency_targets.md).
 
-This study times, side by side in alternating rounds, the base, the calibration models at every width of
-`--widths`, and test models the pruning methods build: uniform, global-magnitude and random at several FLOPs
-targets (no training, the structure alone sets the time), and models whose residual chains stay whole and whose
-inner convolutions are thinned (the shape EMO-DIR without boundary genes leaves). For each way of calibrating
-(which widths, ordinary or relative least squares) it reports the error of the predicted time ratio (pruned over
-base) against the measured one: a pruner aiming at a ratio r lands at about r / (1 + error).
+This study times each of these models against the base in alternating blocks (as the export stage and
+bench/latency_targets.py measure a pruned model), three times, and keeps the median ratio: the calibration
+widths (`WIDTHS`), test models the pruning methods build (uniform, global-magnitude and random at several FLOPs
+targets; no training, the structure alone sets the time), models whose residual chains stay whole and whose inner
+convolutions are thinned (the shape EMO-DIR without boundary genes leaves), and the models bench/latency_targets.py
+pruned for latency on this CPU. For each way of calibrating (as built; which widths, ordinary or relative least
+squares, fitted on the paired ratios) it reports the error of the predicted time ratio (pruned over base) against
+the measured one: a pruner aiming at a ratio r lands at about r / (1 + error).
 
     python bench/latency_calibration.py --model resnet56      # batch 64, every core
     python bench/latency_calibration.py --model resnet20 --batch-size 1 --threads 1
@@ -61,21 +63,21 @@ def main() -> None:
     ap.add_argument("--model", choices=["resnet20", "resnet56"], default="resnet56")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default, every core)")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; each model's fastest round is kept")
-    ap.add_argument("--repeats", type=int, default=20, help="calls per model per round (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="times each model is timed against the base (its ratio: the median)")
+    ap.add_argument("--repeats", type=int, default=40, help="calls per model and per base in one paired timing")
     args = ap.parse_args()
 
     from pruning.api import prune
     from pruning.channels import channel_groups, pruned_copy
-    from pruning.latency import LatencyCost, LatencyTable, machine
-    from pruning.onnx_export import export_onnx, latency_ms, session
+    from pruning.latency import CALIBRATION_WIDTHS, LatencyCost, LatencyTable, machine
+    from pruning.onnx_export import export_onnx, latency_pair_ms, session
     from tasks.checkpoints import load_model
 
     base, meta = load_model(BASES / f"{args.model}.pt")
     x = torch.zeros(1, 3, meta["image_size"], meta["image_size"])
     cost = LatencyCost(LatencyTable(TABLE, batch_size=args.batch_size, threads=args.threads, repeats=10))
     groups = channel_groups(base, x)
-    chains = {g.name for g in groups if len(g.layers) > 2}  # a residual chain couples more than one conv and its BN
+    chains = {g.name for g in groups if len(g.layers) > 3}  # an inner group is conv, BN, next conv; a chain couples more
 
     models: dict[str, torch.nn.Module] = {}
     for w in WIDTHS:
@@ -91,6 +93,16 @@ def main() -> None:
         for t in FLOPS_TARGETS[args.model]:
             models[f"{method} flops {t}"] = prune(base, x, noise, noise, t, method=method, seed=0, bn_samples=64).model
 
+    cpu = machine()["cpu"]
+    units = json.loads((REPO / "bench" / "results" / "latency_targets.json").read_text())["units"]
+    for u in units.values():  # what bench/latency_targets.py pruned for latency on this CPU: the counts set the time
+        if (
+            u.get("cpu") == cpu
+            and u.get("model", "resnet20") == args.model
+            and u["status"] == "pruned"
+            and u["batch_size"] == args.batch_size
+        ):
+            models[f"{u['name']} latency {u['target']}"] = pruned_copy(base, x, {g: list(range(n)) for g, n in u["kept"].items()})
     start = time.perf_counter()
     sums = {name: cost.layers_ms(m, x)[0] for name, m in models.items()}  # measures the table's missing shapes first
     table_seconds = time.perf_counter() - start
@@ -100,21 +112,30 @@ def main() -> None:
             path = Path(tmp) / f"m{i}.onnx"
             export_onnx(m, x, path)
             sessions[name] = session(path, args.threads or None)
-    best = dict.fromkeys(models, float("inf"))
+    # every model timed against the base in alternating blocks (latency_pair_ms, as the export stage and
+    # bench/latency_targets.py measure a pruned model), `rounds` times; its ratio is the median over rounds
+    ratios: dict[str, list[float]] = {name: [] for name in models}
+    base_ms: list[float] = []
     start = time.perf_counter()
     for _ in range(args.rounds):
         for name, sess in sessions.items():
-            best[name] = min(best[name], latency_ms(sess, x, args.batch_size, args.repeats, warmup=2))
+            b, m = latency_pair_ms(sessions["width 1.0"], sess, x, args.batch_size, args.repeats)
+            ratios[name].append(m / b)
+            base_ms.append(b)
     timing_seconds = time.perf_counter() - start
+    ratio = {name: float(np.median(r)) for name, r in ratios.items()}
+    base = float(np.median(base_ms))
+    best = {name: ratio[name] * base for name in models}  # each model's time on the base's median scale
 
     rows, summary = {}, {}
-    for scheme, widths, relative in SCHEMES:
-        a, b = fit([(sums[f"width {w}"], best[f"width {w}"]) for w in widths], relative)
+    built = cost.calibrate(models["width 1.0"], x)  # what pruning/latency.py fits (saved in the table: measured once)
+    fitted = [("as built: " + "/".join(map(str, CALIBRATION_WIDTHS)), (built.scale, built.offset_ms))]
+    fitted += [(scheme, fit([(sums[f"width {w}"], best[f"width {w}"]) for w in widths], relative)) for scheme, widths, relative in SCHEMES]
+    for scheme, (a, b) in fitted:
         errors = {}
         for name in models:
             predicted = (a * sums[name] + b) / (a * sums["width 1.0"] + b)
-            measured = best[name] / best["width 1.0"]
-            errors[name] = round(predicted / measured - 1, 4)
+            errors[name] = round(predicted / ratio[name] - 1, 4)
         rows[scheme] = {"scale": a, "offset_ms": b, "ratio_errors": errors}
         tests = [abs(e) for n, e in errors.items() if not n.startswith("width")]
         summary[scheme] = {
@@ -122,7 +143,6 @@ def main() -> None:
             "mean_abs": round(float(np.mean(tests)), 4),
             "within_10pct": f"{sum(e <= 0.1 for e in tests)}/{len(tests)}",
         }
-    cpu = machine()["cpu"]
     key = f"{args.model} b{args.batch_size} t{args.threads or 'default'} on {cpu}"
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     results[key] = {
@@ -132,7 +152,10 @@ def main() -> None:
         "table_seconds": round(table_seconds, 1),
         "timing_seconds": round(timing_seconds, 1),
         "layers_sum_ms": {k: round(v, 3) for k, v in sums.items()},
+        "measured_ratio": {k: round(v, 4) for k, v in ratio.items()},
+        "ratio_rounds": {k: [round(r, 4) for r in v] for k, v in ratios.items()},
         "measured_ms": {k: round(v, 3) for k, v in best.items()},
+        "base_ms_median": round(base, 3),
         "schemes": rows,
         "summary": summary,
     }
@@ -141,7 +164,7 @@ def main() -> None:
     for name in models:
         print(
             f"  {name:28s} sum {sums[name]:8.2f}  measured {best[name]:8.2f}  ratio {best[name] / best['width 1.0']:.3f}  "
-            + "  ".join(f"{s}: {100 * rows[s]['ratio_errors'][name]:+5.1f}%" for s, _, _ in SCHEMES)
+            + "  ".join(f"{s.split(':')[0]}: {100 * rows[s]['ratio_errors'][name]:+5.1f}%" for s in rows)
         )
     for s, v in summary.items():
         print(
