@@ -22,7 +22,10 @@ network is predicted from what its layers take when run:
   (residual additions and pooling on full-width tensors, layout reorders, the call itself), so
   `LatencyCost.calibrate` fits measured = a * (sum of the table) + b on the whole network at a few widths,
   and the cost of a module that outputs class scores (the whole network, or the head that ends it) adds
-  b / a. Sub-network costs add along the chain; the constant cancels in every difference.
+  b / a. Sub-network costs add along the chain; the constant cancels in every difference. Each width is timed
+  against the unpruned network in alternating blocks, as the export stage times a pruned model, and the line
+  is fitted in relative terms (bench/notes/latency_targets.md: timed apart, a shared machine's slow spells
+  fell on the widths unevenly, and the fit priced ResNet-56's narrowest models 11-22% too slow).
 - INT8 (`precision="int8"`): the same, for the static INT8 model the export stage makes (pruning/quantize.py).
   A layer is quantized alone the same way (QDQ, per-channel weights) and its INT8 convolution timed; alone it
   also quantizes its input, dequantizes its output and transposes to and from the NHWC layout onnxruntime's
@@ -56,7 +59,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from pruning.cpu import cpu_info, isa, u8s8_saturates
-from pruning.onnx_export import export_onnx, latency_ms, session
+from pruning.onnx_export import export_onnx, latency_pair_ms, session
 from pruning.quantize import int8_format, quantize_int8
 
 __all__ = ["DEFAULT_TABLE", "PRECISIONS", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
@@ -66,6 +69,10 @@ DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folde
 # The whole network is timed at these widths of every prunable group to fit measured = a * sum + b: the fit
 # must span the widths pruning reaches (0.25: a 0.7 latency target), or it extrapolates.
 CALIBRATION_WIDTHS = (1.0, 0.7, 0.5, 0.3)
+# 2: each width timed against the unpruned network in alternating blocks, the median ratio of CALIBRATION_ROUNDS,
+# and the line fitted by relative least squares (1: widths timed apart, fastest round, ordinary least squares)
+CALIBRATION_METHOD = 2
+CALIBRATION_ROUNDS = 3
 MEASURE_ROUNDS = 3  # a layer is timed in this many rounds over the missing shapes, the fastest kept
 PRECISIONS = ("fp32", "int8")  # the model whose time a table holds: the FP32 ONNX model, or its static INT8 one
 # onnxruntime's INT8 convolutions compute channels in blocks of 16 on the AVX512-VNNI machines here: narrower
@@ -390,7 +397,7 @@ class LatencyCost:
         if predicted <= 0:
             raise ValueError(
                 f"latency: {type(model).__name__} is predicted to take {predicted:.4f} ms, below what calibration measured: "
-                "its layers are far smaller than the calibration's narrowest model (widths 0.3)"
+                f"its layers are far smaller than the calibration's narrowest model (widths {min(CALIBRATION_WIDTHS)})"
             )
         return predicted
 
@@ -409,20 +416,22 @@ class LatencyCost:
 
     def calibrate(self, model: nn.Module, example_input: torch.Tensor, widths: Sequence[float] = CALIBRATION_WIDTHS) -> LatencyCost:
         """Fit measured = scale * (sum of the table) + offset on `model` and copies of it with every prunable
-        channel group kept at `widths` of its channels: each exported to
-        ONNX and timed whole. Saved in the table under the model's layer shapes, so a rerun times nothing."""
+        channel group kept at `widths` of its channels: each exported to ONNX and timed whole against `model`
+        in alternating blocks (`_time_paired`), the line fitted by relative least squares (a target is a ratio:
+        the narrowest model's error counts as much as the widest's). Saved in the table under the method, the
+        widths and the model's layer shapes, so a rerun times nothing."""
         from pruning.channels import channel_groups, pruned_copy
 
         shapes, ends = layer_shapes(model, example_input)
         if not ends:
             raise ValueError(f"calibrate takes a whole network (class scores out); a {type(model).__name__} outputs feature maps")
-        ident = f"{type(model).__name__} at widths {'/'.join(map(str, widths))}: " + ";".join(s.key for s in shapes)
+        ident = f"{type(model).__name__} at widths {'/'.join(map(str, widths))}, method {CALIBRATION_METHOD}: " + ";".join(
+            s.key for s in shapes
+        )
         if ident not in self.table.calibrations:
             groups = channel_groups(model, example_input)
             variants = [
-                model
-                if width == 1.0
-                else pruned_copy(model, example_input, {g.name: list(range(max(1, round(width * g.channels)))) for g in groups})
+                pruned_copy(model, example_input, {g.name: list(range(max(1, round(width * g.channels)))) for g in groups})
                 for width in widths
             ]
             # the table's layers first: timed right after other sessions ran, a model shares the cores with their
@@ -430,19 +439,19 @@ class LatencyCost:
             totals = [self.layers_ms(v, example_input)[0] for v in variants]
             with tempfile.TemporaryDirectory() as tmp:
                 sessions = []
-                for i, v in enumerate(variants):
+                for i, v in enumerate([model, *variants]):  # the unpruned model first: every width is timed against it
                     path = Path(tmp) / f"model{i}.onnx"
                     export_onnx(v, example_input, path)
                     if self.table.precision == "int8":
                         batch = np.random.default_rng(0).standard_normal((2, *example_input.shape[1:]), dtype=np.float32)
                         path.write_bytes(_int8(path.read_bytes(), batch))
                     sessions.append(session(path, self.table.threads))
-            points = list(zip(totals, self._time_whole(sessions, example_input)))
+            points = list(zip(totals, self._time_paired(sessions[0], sessions[1:], example_input)))
             del sessions
             xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
             if xs.min() <= 0:
                 raise ValueError(f"latency: {type(model).__name__} runs no convolution or linear layer to time")
-            scale, offset = (float(v) for v in np.polyfit(xs, ys, 1)) if len(set(xs.tolist())) > 1 else (0.0, 0.0)
+            scale, offset = (float(v) for v in np.polyfit(xs, ys, 1, w=1 / ys)) if len(set(xs.tolist())) > 1 else (0.0, 0.0)
             # the offset may be negative: a layer timed alone pays a call's overhead it does not pay inside the
             # network (batch 1 on one thread: -0.04 of 0.39 ms on this machine's ResNet-20)
             if scale <= 0 or scale * xs.min() + offset <= 0:  # noise beat the fit: proportions only
@@ -468,11 +477,21 @@ class LatencyCost:
         self.scale, self.offset_ms = self.calibration["scale"], self.calibration["offset_ms"]
         return self
 
-    def _time_whole(self, sessions: Sequence[ort.InferenceSession], example_input: torch.Tensor, rounds: int = 3) -> list[float]:
-        """Each session's time, in `rounds` rounds one after another, the fastest round's median each (a whole
-        model timed just after the table's profiled layers once read 13.5 instead of 11.7 ms, batch 64)."""
-        best = [float("inf")] * len(sessions)
-        for _ in range(rounds):
+    def _time_paired(
+        self, reference: ort.InferenceSession, sessions: Sequence[ort.InferenceSession], example_input: torch.Tensor
+    ) -> list[float]:
+        """Each session's time (ms), as its median ratio to `reference` over CALIBRATION_ROUNDS timings in
+        alternating blocks (latency_pair_ms), times the reference's median. A slow spell of a shared machine
+        falls on both models of a pair alike: timed apart (fastest of three rounds each), one ResNet-56 width
+        read 38 ms in one run and 54 in another, and the same network 106 and 120 ms in one run."""
+        batch, repeats = self.table.batch_size, 4 * self.table.repeats
+        ratios: list[list[float]] = [[] for _ in sessions]
+        ref_ms: list[float] = []
+        for _ in range(CALIBRATION_ROUNDS):
             for i, sess in enumerate(sessions):
-                best[i] = min(best[i], latency_ms(sess, example_input, self.table.batch_size, self.table.repeats, warmup=2))
-        return best
+                ref, ms = latency_pair_ms(reference, sess, example_input, batch, repeats, warmup=2)
+                assert ms is not None
+                ratios[i].append(ms / ref)
+                ref_ms.append(ref)
+        base = float(np.median(ref_ms))
+        return [float(np.median(r)) * base for r in ratios]

@@ -98,6 +98,51 @@ def test_sub_network_latencies_add_up_along_the_chain(tmp_path):
     assert cost(model, x) == sum(round(ms * 1e6) for ms in cost.table.ms(shapes)) + 500_000
 
 
+def test_calibration_times_each_width_against_the_unpruned_model_and_fits_relative_errors(tmp_path, monkeypatch):
+    """A shared machine has slow spells: each calibration width is timed in alternating blocks with the unpruned
+    model, so the fit sees their ratios, not the spells; and the line is fitted in relative terms, so the
+    narrowest width (where a 0.7 latency target lands) is priced as well as the widest. Timings are stand-ins:
+    a curve of the table's sum, not a line, scaled by a machine that slows down from one timing to the next."""
+    import numpy as np
+
+    import pruning.latency as lat
+    from pruning.channels import channel_groups, pruned_copy
+
+    def macs_ms(shape, batch: int) -> float:  # no blocks: every width has a sum of its own
+        return batch * shape.h * shape.w * shape.rows * shape.c_in * shape.c_out * shape.kernel[0] * shape.kernel[1] / 1e6
+
+    model, x = _chain(), torch.zeros(1, 3, 16, 16)
+    cost = LatencyCost(LatencyTable(tmp_path / "latency.json", batch_size=2, timer=macs_ms))
+    groups = channel_groups(model, x)
+    widths = [pruned_copy(model, x, {g.name: list(range(max(1, round(w * g.channels)))) for g in groups}) for w in lat.CALIBRATION_WIDTHS]
+    sums = np.array([cost.layers_ms(m, x)[0] for m in (model, *widths)])  # in the order calibrate builds them
+    true_ms = 0.05 + sums**0.8
+    created, calls = [], []
+    real_session = lat.session
+
+    def session(*args, **kwargs):
+        created.append(real_session(*args, **kwargs))
+        return created[-1]
+
+    def pair(first, second, example_input, batch_size, repeats=50, warmup=5, blocks=4):
+        spell = 1.0 + 0.2 * len(calls)  # the machine slows down from one timing to the next
+        calls.append((first, second))
+        return true_ms[created.index(first)] * spell, true_ms[created.index(second)] * spell
+
+    monkeypatch.setattr(lat, "session", session)
+    monkeypatch.setattr(lat, "latency_pair_ms", pair)
+    cost.calibrate(model, x)
+    assert len(calls) == lat.CALIBRATION_ROUNDS * len(widths) and all(first is created[0] for first, _ in calls)
+    predicted = cost.scale * sums + cost.offset_ms
+    # the relative least-squares line through the true times (any common scale: a target is a ratio)
+    a, b = np.linalg.lstsq(np.stack([sums[1:] / true_ms[1:], 1 / true_ms[1:]], axis=1), np.ones(len(widths)), rcond=None)[0]
+    expected = a * sums + b
+    assert np.allclose(predicted / predicted[0], expected / expected[0], rtol=1e-9)
+    ordinary = np.polyval(np.polyfit(sums[1:], true_ms[1:], 1), sums)  # what ordinary least squares would predict
+    assert abs(ordinary[-1] / ordinary[0] - expected[-1] / expected[0]) > 0.01  # the curve tells the two fits apart
+    assert abs((predicted[-1] / predicted[0]) / (true_ms[-1] / true_ms[0]) - 1) < abs((ordinary[-1] / ordinary[0]) / (true_ms[-1] / true_ms[0]) - 1)
+
+
 def test_a_layer_pays_the_reorders_of_its_sides_that_are_not_whole_blocks():
     from pruning.latency import LayerShape
 
