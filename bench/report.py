@@ -336,7 +336,7 @@ def main() -> None:
            "percentage points (negative: EMO-DIR is better). ONNX latency is onnxruntime on the CPU, median of",
            "repeated runs, pruned over unpruned (timed in alternating blocks since commit 099566f; the `full` and",
            "`digits` profiles were timed before, one model after the other); compare it with the FLOPs kept.", ""]
-    paths = [p for p in RESULTS.glob("*.json") if p.stem not in EXTRA | {"train_speed", "train_layout"} and not p.stem.endswith(".partial")
+    paths = [p for p in RESULTS.glob("*.json") if p.stem not in EXTRA | {"train_speed", "train_layout", "latency_calibration"} and not p.stem.endswith(".partial")
              and not p.stem.startswith("int8_weights-")]  # per instruction set, read in bench/notes/int8.md
     # (studies, and runs still in progress, are left out); a profile first, then its variants
     results = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: (r["profile"], r.get("variant", "")))
