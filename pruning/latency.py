@@ -48,7 +48,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,7 +446,8 @@ class LatencyCost:
                         batch = np.random.default_rng(0).standard_normal((2, *example_input.shape[1:]), dtype=np.float32)
                         path.write_bytes(_int8(path.read_bytes(), batch))
                     sessions.append(session(path, self.table.threads))
-            points = list(zip(totals, self._time_paired(sessions[0], sessions[1:], example_input)))
+            same = [i for i, width in enumerate(widths) if width == 1.0]
+            points = list(zip(totals, self._time_paired(sessions[0], sessions[1:], example_input, same)))
             del sessions
             xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
             if xs.min() <= 0:
@@ -478,17 +479,24 @@ class LatencyCost:
         return self
 
     def _time_paired(
-        self, reference: ort.InferenceSession, sessions: Sequence[ort.InferenceSession], example_input: torch.Tensor
+        self,
+        reference: ort.InferenceSession,
+        sessions: Sequence[ort.InferenceSession],
+        example_input: torch.Tensor,
+        same: Collection[int] = (),
     ) -> list[float]:
         """Each session's time (ms), as its median ratio to `reference` over CALIBRATION_ROUNDS timings in
-        alternating blocks (latency_pair_ms), times the reference's median. A slow spell of a shared machine
+        alternating blocks (latency_pair_ms), times the reference's median; a session in `same` (a width of
+        1.0: the reference's own network) is not timed, its ratio is 1. A slow spell of a shared machine
         falls on both models of a pair alike: timed apart (fastest of three rounds each), one ResNet-56 width
         read 38 ms in one run and 54 in another, and the same network 106 and 120 ms in one run."""
         batch, repeats = self.table.batch_size, 4 * self.table.repeats
-        ratios: list[list[float]] = [[] for _ in sessions]
+        ratios: list[list[float]] = [[1.0] if i in same else [] for i in range(len(sessions))]
         ref_ms: list[float] = []
         for _ in range(CALIBRATION_ROUNDS):
             for i, sess in enumerate(sessions):
+                if i in same:
+                    continue
                 ref, ms = latency_pair_ms(reference, sess, example_input, batch, repeats, warmup=2)
                 assert ms is not None
                 ratios[i].append(ms / ref)
