@@ -40,7 +40,8 @@ OUT = REPO / "bench" / "results" / "latency_calibration.json"
 BASES = REPO / "bench" / "bases"
 TABLE = REPO / "latency" / "table.json"
 WIDTHS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.15)
-# (name, widths it fits on, relative least squares): the first is what pruning/latency.py did before this study
+# (name, widths it fits on, relative least squares), each fitted on the paired ratios measured here; "as built" beside
+# them is the calibration pruning/latency.py stores (timed apart until commit d8f245e, paired and relative since)
 SCHEMES = [
     ("ols 1-0.3", (1.0, 0.7, 0.5, 0.3), False),
     ("rel 1-0.3", (1.0, 0.7, 0.5, 0.3), True),
