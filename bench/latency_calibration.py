@@ -70,7 +70,7 @@ def main() -> None:
 
     from pruning.api import prune
     from pruning.channels import channel_groups, pruned_copy
-    from pruning.latency import CALIBRATION_WIDTHS, LatencyCost, LatencyTable, machine
+    from pruning.latency import CALIBRATION_WIDTHS, LatencyCost, LatencyTable, at_width, machine
     from pruning.onnx_export import export_onnx, latency_pair_ms, session
     from tasks.checkpoints import load_model
 
@@ -82,9 +82,7 @@ def main() -> None:
 
     models: dict[str, torch.nn.Module] = {}
     for w in WIDTHS:
-        models[f"width {w}"] = (
-            base if w == 1.0 else pruned_copy(base, x, {g.name: list(range(max(1, round(w * g.channels)))) for g in groups})
-        )
+        models[f"width {w}"] = base if w == 1.0 else at_width(base, x, w, groups)
     for w in INNER_WIDTHS:  # chains whole, inner convolutions thinned
         models[f"inner {w}"] = pruned_copy(
             base, x, {g.name: list(range(g.channels if g.name in chains else max(1, round(w * g.channels)))) for g in groups}
@@ -126,12 +124,14 @@ def main() -> None:
     timing_seconds = time.perf_counter() - start
     ratio = {name: float(np.median(r)) for name, r in ratios.items()}
     base = float(np.median(base_ms))
-    best = {name: ratio[name] * base for name in models}  # each model's time on the base's median scale
+    measured = {name: ratio[name] * base for name in models}  # each model's time on the base's median scale
 
     rows, summary = {}, {}
     built = cost.calibrate(models["width 1.0"], x)  # what pruning/latency.py fits (saved in the table: measured once)
     fitted = [("as built: " + "/".join(map(str, CALIBRATION_WIDTHS)), (built.scale, built.offset_ms))]
-    fitted += [(scheme, fit([(sums[f"width {w}"], best[f"width {w}"]) for w in widths], relative)) for scheme, widths, relative in SCHEMES]
+    fitted += [
+        (scheme, fit([(sums[f"width {w}"], measured[f"width {w}"]) for w in widths], relative)) for scheme, widths, relative in SCHEMES
+    ]
     for scheme, (a, b) in fitted:
         errors = {}
         for name in models:
@@ -155,7 +155,7 @@ def main() -> None:
         "layers_sum_ms": {k: round(v, 3) for k, v in sums.items()},
         "measured_ratio": {k: round(v, 4) for k, v in ratio.items()},
         "ratio_rounds": {k: [round(r, 4) for r in v] for k, v in ratios.items()},
-        "measured_ms": {k: round(v, 3) for k, v in best.items()},
+        "measured_ms": {k: round(v, 3) for k, v in measured.items()},
         "base_ms_median": round(base, 3),
         "schemes": rows,
         "summary": summary,
@@ -164,7 +164,7 @@ def main() -> None:
     print(f"{key}: layer sums and measured ms")
     for name in models:
         print(
-            f"  {name:28s} sum {sums[name]:8.2f}  measured {best[name]:8.2f}  ratio {best[name] / best['width 1.0']:.3f}  "
+            f"  {name:28s} sum {sums[name]:8.2f}  measured {measured[name]:8.2f}  ratio {measured[name] / measured['width 1.0']:.3f}  "
             + "  ".join(f"{s.split(':')[0]}: {100 * rows[s]['ratio_errors'][name]:+5.1f}%" for s in rows)
         )
     for s, v in summary.items():

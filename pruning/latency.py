@@ -62,7 +62,7 @@ from pruning.cpu import cpu_info, isa, u8s8_saturates
 from pruning.onnx_export import export_onnx, latency_pair_ms, session
 from pruning.quantize import int8_format, quantize_int8
 
-__all__ = ["DEFAULT_TABLE", "PRECISIONS", "LatencyCost", "LatencyTable", "LayerShape", "layer_shapes", "machine"]
+__all__ = ["DEFAULT_TABLE", "PRECISIONS", "LatencyCost", "LatencyTable", "LayerShape", "at_width", "layer_shapes", "machine"]
 
 TABLE_SCHEMA = 2  # 2: each layer is [convolution, reorder in, reorder out] (ms)
 DEFAULT_TABLE = Path(".emoprune/latency.json")  # the Python API's, in the folder it runs in
@@ -157,6 +157,15 @@ def machine(cpuinfo: str | None = None) -> dict[str, str]:
     without it, and the two time the same layer differently (16- or 8-channel blocks, VNNI INT8 kernels or not).
     `cpuinfo`: the text of /proc/cpuinfo (read from there when None)."""
     return {"cpu": f"{cpu_info(cpuinfo)[0]} [{isa(cpuinfo)}]", "onnxruntime": ort.__version__}
+
+
+def at_width(model: nn.Module, example_input: torch.Tensor, width: float, groups: Sequence | None = None) -> nn.Module:
+    """A copy of `model` with every prunable channel group keeping its first `width` of its channels (at least one):
+    the networks the calibration times. `groups`: `channel_groups(model, example_input)`, when the caller has them."""
+    from pruning.channels import channel_groups, pruned_copy
+
+    groups = channel_groups(model, example_input) if groups is None else groups
+    return pruned_copy(model, example_input, {g.name: list(range(max(1, round(width * g.channels)))) for g in groups})
 
 
 def _layer_model(shape: LayerShape, batch: int) -> bytes:
@@ -420,7 +429,7 @@ class LatencyCost:
         in alternating blocks (`_time_paired`), the line fitted by relative least squares (a target is a ratio:
         the narrowest model's error counts as much as the widest's). Saved in the table under the method, the
         widths and the model's layer shapes, so a rerun times nothing."""
-        from pruning.channels import channel_groups, pruned_copy
+        from pruning.channels import channel_groups
 
         shapes, ends = layer_shapes(model, example_input)
         if not ends:
@@ -430,10 +439,7 @@ class LatencyCost:
         )
         if ident not in self.table.calibrations:
             groups = channel_groups(model, example_input)
-            variants = [
-                pruned_copy(model, example_input, {g.name: list(range(max(1, round(width * g.channels)))) for g in groups})
-                for width in widths
-            ]
+            variants = [at_width(model, example_input, width, groups) for width in widths]
             # the table's layers first: timed right after other sessions ran, a model shares the cores with their
             # pool threads, which busy-wait a moment after a call (a 0.7-width ResNet-20 read 13 instead of 12 ms)
             totals = [self.layers_ms(v, example_input)[0] for v in variants]

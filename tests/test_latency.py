@@ -106,15 +106,13 @@ def test_calibration_times_each_width_against_the_unpruned_model_and_fits_relati
     import numpy as np
 
     import pruning.latency as lat
-    from pruning.channels import channel_groups, pruned_copy
 
     def macs_ms(shape, batch: int) -> float:  # no blocks: every width has a sum of its own
         return batch * shape.h * shape.w * shape.rows * shape.c_in * shape.c_out * shape.kernel[0] * shape.kernel[1] / 1e6
 
     model, x = _chain(), torch.zeros(1, 3, 16, 16)
     cost = LatencyCost(LatencyTable(tmp_path / "latency.json", batch_size=2, timer=macs_ms))
-    groups = channel_groups(model, x)
-    widths = [pruned_copy(model, x, {g.name: list(range(max(1, round(w * g.channels)))) for g in groups}) for w in lat.CALIBRATION_WIDTHS]
+    widths = [lat.at_width(model, x, w) for w in lat.CALIBRATION_WIDTHS]
     sums = np.array([cost.layers_ms(m, x)[0] for m in (model, *widths)])  # in the order calibrate builds them
     true_ms = 0.05 + sums**0.8
     created, calls = [], []
